@@ -1,0 +1,16 @@
+//! # sage-conformance
+//!
+//! The one suite every backend of [`sage_core`] runs: golden trajectories recorded from the
+//! authors' code, differential tests against a float64 reference, fused == composed,
+//! multi-tensor == one at a time, resume == uninterrupted, quickcheck properties, non-finite
+//! inputs and bad inputs. Every check is a plain public function generic over a [`Harness`];
+//! [`conformance_tests!`] turns them all into `#[test]`s for a backend with one line.
+
+pub mod failure;
+pub mod harness;
+pub mod model;
+pub mod vectors;
+
+pub use failure::{Failure, Worst};
+pub use harness::Harness;
+pub use model::Model;

@@ -1,0 +1,131 @@
+//! A small model on a backend: owned parameter and state buffers for a list of tensors, stepped
+//! through the [`Optimizer`] exactly as an embedder would.
+
+use sage_core::{Config, Element, Error, Optimizer, ParamGroup, ParamTensor, StepReport};
+
+use crate::failure::Failure;
+use crate::harness::Harness;
+
+/// Owned buffers of every tensor of a model.
+pub struct Model<B: Harness, P: Element, S: Element> {
+    /// Parameters.
+    pub params: Vec<B::Owned<P>>,
+    /// State buffers `m`, `v`, `ibar` of each tensor (absent where the layout has none).
+    pub state: Vec<[Option<B::Owned<S>>; 3]>,
+    /// Group of each tensor.
+    pub group_of: Vec<usize>,
+    /// Names of the tensors (`t0`, `t1`, ...).
+    pub names: Vec<String>,
+}
+
+/// Maps a backend error to a failure of `check`.
+pub fn backend_failure<E: std::fmt::Display>(check: &str, e: E) -> Failure {
+    Failure::new(check, format!("backend error: {e}"))
+}
+
+impl<B: Harness, P: Element, S: Element> Model<B, P, S> {
+    /// Uploads `init` (one vector per tensor) and zeroed state laid out for `cfg` and `groups`.
+    pub fn new(
+        b: &mut B,
+        cfg: &Config,
+        groups: &[ParamGroup],
+        init: &[Vec<f32>],
+        group_of: &[usize],
+    ) -> Result<Self, Failure> {
+        let fail = |e| backend_failure("setup", e);
+        let mut params = Vec::new();
+        let mut state = Vec::new();
+        for (i, x) in init.iter().enumerate() {
+            let host: Vec<P> = x.iter().map(|&v| P::from_f32(v)).collect();
+            params.push(b.upload(&host).map_err(fail)?);
+            let sage = groups.get(group_of[i]).is_some_and(|g| g.sage);
+            let layout = cfg.state_layout(sage);
+            let zeros = vec![S::default(); x.len()];
+            let mut mk = |on: bool| -> Result<Option<B::Owned<S>>, Failure> {
+                if on {
+                    Ok(Some(b.upload(&zeros).map_err(fail)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            state.push([mk(layout.m)?, mk(layout.v)?, mk(layout.ibar)?]);
+        }
+        Ok(Model {
+            params,
+            state,
+            group_of: group_of.to_vec(),
+            names: (0..init.len()).map(|i| format!("t{i}")).collect(),
+        })
+    }
+
+    /// Uploads `grads` and takes one optimizer step over all tensors (one multi-tensor call).
+    pub fn step<G: AsRef<[ParamGroup]>>(
+        &mut self,
+        opt: &mut Optimizer<B, G>,
+        grads: &[Vec<f32>],
+    ) -> Result<StepReport, Error<B::Error>> {
+        let mut g_bufs = Vec::with_capacity(grads.len());
+        for g in grads {
+            let host: Vec<P> = g.iter().map(|&v| P::from_f32(v)).collect();
+            g_bufs.push(opt.backend_mut().upload(&host).map_err(Error::Backend)?);
+        }
+        self.step_with(opt, &g_bufs, None)
+    }
+
+    /// One step over the tensors listed in `only` (all when `None`), with gradients already
+    /// on the backend.
+    pub fn step_with<G: AsRef<[ParamGroup]>>(
+        &mut self,
+        opt: &mut Optimizer<B, G>,
+        grads: &[B::Owned<P>],
+        only: Option<&[usize]>,
+    ) -> Result<StepReport, Error<B::Error>> {
+        let mut tensors: Vec<ParamTensor<'_, B, P, S>> = Vec::new();
+        for (i, ((p, st), g)) in self
+            .params
+            .iter_mut()
+            .zip(self.state.iter_mut())
+            .zip(grads)
+            .enumerate()
+        {
+            if only.is_some_and(|o| !o.contains(&i)) {
+                continue;
+            }
+            let [m, v, ib] = st;
+            tensors.push(
+                ParamTensor::new(B::buf_mut(p), B::buf(g))
+                    .name(&self.names[i])
+                    .group(self.group_of[i])
+                    .state(
+                        m.as_mut().map(B::buf_mut),
+                        v.as_mut().map(B::buf_mut),
+                        ib.as_mut().map(B::buf_mut),
+                    ),
+            );
+        }
+        opt.step(&mut tensors)
+    }
+
+    /// The parameters, widened to f32.
+    pub fn read_params(&self, b: &mut B) -> Result<Vec<Vec<f32>>, B::Error> {
+        self.params
+            .iter()
+            .map(|p| Ok(b.download(p)?.iter().map(|x| x.to_f32()).collect()))
+            .collect()
+    }
+
+    /// The state buffers (`[m, v, ibar]` per tensor, empty where absent), widened to f32.
+    pub fn read_state(&self, b: &mut B) -> Result<Vec<[Vec<f32>; 3]>, B::Error> {
+        let mut out = Vec::new();
+        for st in &self.state {
+            let mut one: [Vec<f32>; 3] = Default::default();
+            for (k, s) in st.iter().enumerate() {
+                if let Some(s) = s {
+                    one[k] = b.download(s)?.iter().map(|x| x.to_f32()).collect();
+                }
+            }
+            out.push(one);
+        }
+        Ok(out)
+    }
+}

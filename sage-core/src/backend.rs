@@ -1,0 +1,284 @@
+//! The `Backend` trait: where the update runs.
+//!
+//! Required: buffer length, a squared-norm reduction (it yields both the clipping coefficient
+//! and the non-finite check), and two elementwise primitives — [`Backend::accumulate`] (an EMA
+//! pass over one state buffer) and [`Backend::apply`] (the parameter update). That is enough:
+//! the provided [`Backend::fused_step`] composes them, so a new backend is correct once the
+//! primitives are. A fast backend overrides `fused_step` (one pass, every buffer read once and
+//! written once) and [`Backend::step_tensors`] (many tensors per launch).
+
+use crate::coeffs::{kind, Coeffs};
+use crate::element::Element;
+use crate::error::BackendError;
+pub use crate::formula::Accumulate;
+
+/// A place SAGE's update can run: a CPU, a GPU through CUDA or OpenCL, ...
+pub trait Backend {
+    /// This backend's error (maps to the shared [`ErrorKind`](crate::ErrorKind)).
+    type Error: BackendError;
+    /// A buffer of `E` on this backend: `[E]` for the CPU, a device buffer for GPUs.
+    type Buf<E: Element>: ?Sized;
+
+    /// Number of elements in `buf`.
+    fn len<E: Element>(&self, buf: &Self::Buf<E>) -> usize;
+
+    /// `Σ x²` over `buf`, accumulated in at least f32 (f64 where cheap). Any NaN or ±Inf in
+    /// `buf` must make the result non-finite: the non-finite guard relies on it.
+    fn sq_norm<E: Element>(&mut self, buf: &Self::Buf<E>) -> Result<f64, Self::Error>;
+
+    /// One EMA pass: `acc[i] = accumulate(k, which, acc[i], param[i], grad[i])`
+    /// ([`formula::accumulate`](crate::formula::accumulate)), rounded to `S` once.
+    fn accumulate<P: Element, S: Element>(
+        &mut self,
+        which: Accumulate,
+        acc: &mut Self::Buf<S>,
+        param: &Self::Buf<P>,
+        grad: &Self::Buf<P>,
+        k: &Coeffs,
+    ) -> Result<(), Self::Error>;
+
+    /// The parameter update: `param[i] = apply(k, param[i], grad[i], m[i], v[i], ibar[i])`
+    /// ([`formula::apply`](crate::formula::apply)), reading state already advanced this step;
+    /// an absent buffer reads as 0.
+    fn apply<P: Element, S: Element>(
+        &mut self,
+        t: ApplyArgs<'_, Self, P, S>,
+        k: &Coeffs,
+    ) -> Result<(), Self::Error>;
+
+    /// One tensor's whole step. The default composes the primitives (three or four passes);
+    /// override it with a single fused pass.
+    fn fused_step<P: Element, S: Element>(
+        &mut self,
+        t: TensorMut<'_, Self, P, S>,
+        k: &Coeffs,
+    ) -> Result<(), Self::Error> {
+        composed_step(self, t, k)
+    }
+
+    /// Squared gradient norms of many tensors, written into each tensor's slot
+    /// ([`ParamTensor::grad_sq_norm`]). Override to reduce them all in one launch.
+    fn grad_sq_norms<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), Self::Error> {
+        for t in tensors.iter_mut() {
+            t.sq_norm = self.sq_norm(t.grad)?;
+        }
+        Ok(())
+    }
+
+    /// Steps many tensors, each with its own coefficients ([`ParamTensor::coeffs`]).
+    /// Override to step them in one launch or across threads.
+    fn step_tensors<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), Self::Error> {
+        for t in tensors.iter_mut() {
+            let k = t.coeffs;
+            self.fused_step(t.view(), &k)?;
+        }
+        Ok(())
+    }
+}
+
+/// The buffers of one tensor's step.
+pub struct TensorMut<'a, B: Backend + ?Sized, P: Element, S: Element> {
+    /// Parameter θ, updated in place.
+    pub param: &'a mut B::Buf<P>,
+    /// Gradient (read only).
+    pub grad: &'a B::Buf<P>,
+    /// First moment / momentum buffer.
+    pub m: Option<&'a mut B::Buf<S>>,
+    /// Second moment / Adamax infinity norm.
+    pub v: Option<&'a mut B::Buf<S>>,
+    /// SAGE's smoothed sensitivity Ī.
+    pub ibar: Option<&'a mut B::Buf<S>>,
+}
+
+/// The buffers [`Backend::apply`] reads and writes.
+pub struct ApplyArgs<'a, B: Backend + ?Sized, P: Element, S: Element> {
+    /// Parameter θ, updated in place.
+    pub param: &'a mut B::Buf<P>,
+    /// Gradient.
+    pub grad: &'a B::Buf<P>,
+    /// First moment, already advanced.
+    pub m: Option<&'a B::Buf<S>>,
+    /// Second moment / infinity norm, already advanced.
+    pub v: Option<&'a B::Buf<S>>,
+    /// Ī, already advanced.
+    pub ibar: Option<&'a B::Buf<S>>,
+}
+
+/// The composed step: each present state buffer advanced by [`Backend::accumulate`], then
+/// [`Backend::apply`]. The default body of [`Backend::fused_step`], public so that the
+/// conformance suite can compare a backend's fused step with it.
+pub fn composed_step<B: Backend + ?Sized, P: Element, S: Element>(
+    b: &mut B,
+    t: TensorMut<'_, B, P, S>,
+    k: &Coeffs,
+) -> Result<(), B::Error> {
+    let TensorMut {
+        param,
+        grad,
+        mut m,
+        mut v,
+        mut ibar,
+    } = t;
+    // Ī first: every pass reads θ before the update, which only `apply` writes.
+    if let Some(ib) = ibar.as_deref_mut() {
+        b.accumulate(Accumulate::Sensitivity, ib, param, grad, k)?;
+    }
+    if let Some(m) = m.as_deref_mut() {
+        b.accumulate(Accumulate::Moment, m, param, grad, k)?;
+    }
+    if let Some(v) = v.as_deref_mut() {
+        let which = if k.kind == kind::ADAMAX {
+            Accumulate::InfNorm
+        } else {
+            Accumulate::SecondMoment
+        };
+        b.accumulate(which, v, param, grad, k)?;
+    }
+    b.apply(
+        ApplyArgs {
+            param,
+            grad,
+            m: m.map(|x| &*x),
+            v: v.map(|x| &*x),
+            ibar: ibar.map(|x| &*x),
+        },
+        k,
+    )
+}
+
+/// One parameter tensor of a step: its buffers, its group, an optional name for errors, and
+/// the per-step slots the optimizer fills ([`coeffs`](Self::coeffs), the gradient norm).
+///
+/// ```
+/// use sage_core::ParamTensor;
+/// # use sage_core::{Backend, Coeffs, Accumulate, ApplyArgs, Element, Infallible};
+/// # struct Cpu;
+/// # impl Backend for Cpu {
+/// #   type Error = Infallible; type Buf<E: Element> = [E];
+/// #   fn len<E: Element>(&self, b: &[E]) -> usize { b.len() }
+/// #   fn sq_norm<E: Element>(&mut self, b: &[E]) -> Result<f64, Infallible> { Ok(0.0) }
+/// #   fn accumulate<P: Element, S: Element>(&mut self, _: Accumulate, _: &mut [S], _: &[P], _: &[P], _: &Coeffs) -> Result<(), Infallible> { Ok(()) }
+/// #   fn apply<P: Element, S: Element>(&mut self, _: ApplyArgs<'_, Self, P, S>, _: &Coeffs) -> Result<(), Infallible> { Ok(()) }
+/// # }
+/// let (mut w, g) = (vec![0.5f32; 4], vec![0.1f32; 4]);
+/// let (mut m, mut v, mut ibar) = (vec![0f32; 4], vec![0f32; 4], vec![0f32; 4]);
+/// let t = ParamTensor::<Cpu, f32, f32>::new(&mut w[..], &g[..])
+///     .name("layer0.weight")
+///     .group(1)
+///     .m(&mut m[..])
+///     .v(&mut v[..])
+///     .ibar(&mut ibar[..]);
+/// assert_eq!(t.group_index(), 1);
+/// ```
+pub struct ParamTensor<'a, B: Backend + ?Sized, P: Element, S: Element> {
+    pub(crate) name: Option<&'a str>,
+    pub(crate) group: usize,
+    pub(crate) param: &'a mut B::Buf<P>,
+    pub(crate) grad: &'a B::Buf<P>,
+    pub(crate) m: Option<&'a mut B::Buf<S>>,
+    pub(crate) v: Option<&'a mut B::Buf<S>>,
+    pub(crate) ibar: Option<&'a mut B::Buf<S>>,
+    pub(crate) coeffs: Coeffs,
+    pub(crate) sq_norm: f64,
+}
+
+impl<'a, B: Backend + ?Sized, P: Element, S: Element> ParamTensor<'a, B, P, S> {
+    /// A parameter of group 0 with no state buffers yet.
+    pub fn new(param: &'a mut B::Buf<P>, grad: &'a B::Buf<P>) -> Self {
+        ParamTensor {
+            name: None,
+            group: 0,
+            param,
+            grad,
+            m: None,
+            v: None,
+            ibar: None,
+            coeffs: Coeffs::default(),
+            sq_norm: 0.0,
+        }
+    }
+    /// Names it (errors quote the name).
+    pub fn name(mut self, name: &'a str) -> Self {
+        self.name = Some(name);
+        self
+    }
+    /// Puts it in group `g`.
+    pub fn group(mut self, g: usize) -> Self {
+        self.group = g;
+        self
+    }
+    /// Its first-moment (or momentum) buffer.
+    pub fn m(mut self, m: &'a mut B::Buf<S>) -> Self {
+        self.m = Some(m);
+        self
+    }
+    /// Its second-moment (or Adamax infinity-norm) buffer.
+    pub fn v(mut self, v: &'a mut B::Buf<S>) -> Self {
+        self.v = Some(v);
+        self
+    }
+    /// Its Ī buffer.
+    pub fn ibar(mut self, ibar: &'a mut B::Buf<S>) -> Self {
+        self.ibar = Some(ibar);
+        self
+    }
+    /// Sets all three state buffers at once (each may be absent).
+    pub fn state(
+        mut self,
+        m: Option<&'a mut B::Buf<S>>,
+        v: Option<&'a mut B::Buf<S>>,
+        ibar: Option<&'a mut B::Buf<S>>,
+    ) -> Self {
+        (self.m, self.v, self.ibar) = (m, v, ibar);
+        self
+    }
+
+    /// The group index.
+    pub fn group_index(&self) -> usize {
+        self.group
+    }
+    /// The name, if one was given.
+    pub fn name_str(&self) -> Option<&'a str> {
+        self.name
+    }
+    /// This step's coefficients (set by the optimizer before it calls the backend).
+    pub fn coeffs(&self) -> &Coeffs {
+        &self.coeffs
+    }
+    /// Sets this tensor's coefficients (for backends and tests that drive steps directly).
+    pub fn set_coeffs(&mut self, k: Coeffs) {
+        self.coeffs = k;
+    }
+    /// The gradient's squared norm, once [`Backend::grad_sq_norms`] filled it.
+    pub fn grad_sq_norm(&self) -> f64 {
+        self.sq_norm
+    }
+    /// Records the gradient's squared norm (for [`Backend::grad_sq_norms`] overrides).
+    pub fn set_grad_sq_norm(&mut self, x: f64) {
+        self.sq_norm = x;
+    }
+    /// The parameter buffer.
+    pub fn param(&self) -> &B::Buf<P> {
+        self.param
+    }
+    /// The gradient buffer.
+    pub fn grad(&self) -> &'a B::Buf<P> {
+        self.grad
+    }
+    /// Reborrows the buffers for one step.
+    pub fn view(&mut self) -> TensorMut<'_, B, P, S> {
+        TensorMut {
+            param: self.param,
+            grad: self.grad,
+            m: self.m.as_deref_mut(),
+            v: self.v.as_deref_mut(),
+            ibar: self.ibar.as_deref_mut(),
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The portable backend: scalar loops over [`sage_core::formula`]. `no_std`, no allocator.
+
+use sage_core::formula::{self, Accumulate};
+use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, TensorMut};
+
+/// The portable CPU backend.
+///
+/// ```
+/// use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
+/// use sage_cpu::Cpu;
+///
+/// let cfg = Config::reference(Algorithm::adamw(), 1e-3).beta0(0.8);
+/// let mut opt = Optimizer::new(Cpu, cfg, [ParamGroup::sage().weight_decay(0.01)]).unwrap();
+/// let (mut w, g) = ([0.5f32, -0.25, 0.0], [0.1f32, 0.2, 0.3]);
+/// let (mut m, mut v, mut ibar) = ([0f32; 3], [0f32; 3], [0f32; 3]);
+/// let report = opt
+///     .step(&mut [ParamTensor::new(&mut w[..], &g[..]).m(&mut m[..]).v(&mut v[..]).ibar(&mut ibar[..])])
+///     .unwrap();
+/// assert!(report.applied());
+/// assert!(w[0] < 0.5 && w[1] < -0.25);
+/// assert_eq!(w[2], 0.0); // reference preset: θ = 0 has zero sensitivity, so s = 0
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cpu;
+
+/// `Σ x²` in f64: NaN and ±Inf propagate; f32 squares cannot overflow it.
+pub fn sq_norm<E: Element>(x: &[E]) -> f64 {
+    x.iter()
+        .map(|v| {
+            let f = v.to_f32() as f64;
+            f * f
+        })
+        .sum()
+}
+
+/// The fused step over slices of equal length (checked by the caller).
+pub fn fused<P: Element, S: Element>(t: TensorMut<'_, Cpu, P, S>, k: &Coeffs) {
+    let TensorMut {
+        param,
+        grad,
+        mut m,
+        mut v,
+        mut ibar,
+    } = t;
+    for (i, (p, g)) in param.iter_mut().zip(grad.iter()).enumerate() {
+        formula::step::<P, S>(
+            k,
+            p,
+            *g,
+            m.as_deref_mut().map(|b| &mut b[i]),
+            v.as_deref_mut().map(|b| &mut b[i]),
+            ibar.as_deref_mut().map(|b| &mut b[i]),
+        );
+    }
+}
+
+impl Backend for Cpu {
+    type Error = Infallible;
+    type Buf<E: Element> = [E];
+
+    fn len<E: Element>(&self, buf: &[E]) -> usize {
+        buf.len()
+    }
+
+    fn sq_norm<E: Element>(&mut self, buf: &[E]) -> Result<f64, Infallible> {
+        Ok(sq_norm(buf))
+    }
+
+    fn accumulate<P: Element, S: Element>(
+        &mut self,
+        which: Accumulate,
+        acc: &mut [S],
+        param: &[P],
+        grad: &[P],
+        k: &Coeffs,
+    ) -> Result<(), Infallible> {
+        for ((a, p), g) in acc.iter_mut().zip(param).zip(grad) {
+            *a = S::from_f32(formula::accumulate(
+                k,
+                which,
+                a.to_f32(),
+                p.to_f32(),
+                g.to_f32(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn apply<P: Element, S: Element>(
+        &mut self,
+        t: ApplyArgs<'_, Self, P, S>,
+        k: &Coeffs,
+    ) -> Result<(), Infallible> {
+        let read = |b: Option<&[S]>, i: usize| b.map_or(0.0, |b| b[i].to_f32());
+        for (i, (p, g)) in t.param.iter_mut().zip(t.grad).enumerate() {
+            let new = formula::apply(
+                k,
+                p.to_f32(),
+                g.to_f32(),
+                read(t.m, i),
+                read(t.v, i),
+                read(t.ibar, i),
+            );
+            *p = P::from_f32(new);
+        }
+        Ok(())
+    }
+
+    fn fused_step<P: Element, S: Element>(
+        &mut self,
+        t: TensorMut<'_, Self, P, S>,
+        k: &Coeffs,
+    ) -> Result<(), Infallible> {
+        fused(t, k);
+        Ok(())
+    }
+}
