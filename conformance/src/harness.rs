@@ -1,7 +1,6 @@
 //! What the suite needs from a backend beyond [`Backend`]: owned buffers, upload and download.
 
 use sage_core::{Backend, DType, Element};
-use sage_cpu::Cpu;
 
 /// A backend the suite can drive: it can make buffers from host data and read them back.
 /// `Clone` hands the optimizer under test its own handle to the same device.
@@ -26,23 +25,4 @@ pub trait Harness: Backend + Clone {
     fn buf<E: Element>(o: &Self::Owned<E>) -> &Self::Buf<E>;
     /// Borrow an owned buffer mutably.
     fn buf_mut<E: Element>(o: &mut Self::Owned<E>) -> &mut Self::Buf<E>;
-}
-
-impl Harness for Cpu {
-    type Owned<E: Element> = Vec<E>;
-    fn name(&self) -> String {
-        "cpu".into()
-    }
-    fn upload<E: Element>(&mut self, data: &[E]) -> Result<Vec<E>, Self::Error> {
-        Ok(data.to_vec())
-    }
-    fn download<E: Element>(&mut self, buf: &Vec<E>) -> Result<Vec<E>, Self::Error> {
-        Ok(buf.clone())
-    }
-    fn buf<E: Element>(o: &Vec<E>) -> &[E] {
-        o
-    }
-    fn buf_mut<E: Element>(o: &mut Vec<E>) -> &mut [E] {
-        o
-    }
 }

@@ -6,11 +6,15 @@
 //! inputs and bad inputs. Every check is a plain public function generic over a [`Harness`];
 //! [`conformance_tests!`] turns them all into `#[test]`s for a backend with one line.
 
+pub mod backends;
+pub mod checks;
 pub mod failure;
 pub mod harness;
 pub mod model;
+pub mod suite;
 pub mod vectors;
 
 pub use failure::{Failure, Worst};
 pub use harness::Harness;
 pub use model::Model;
+pub use suite::{run_suite, Options, Row, Status};
