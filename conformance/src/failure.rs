@@ -9,6 +9,9 @@ pub struct Failure {
     pub check: String,
     /// What went wrong and where (the worst element when values differ).
     pub detail: String,
+    /// The check could not run here (e.g. the backend lacks a storage type): reported as
+    /// `not available`, never as a pass.
+    pub not_available: bool,
 }
 
 impl Failure {
@@ -17,6 +20,15 @@ impl Failure {
         Failure {
             check: check.into(),
             detail: detail.into(),
+            not_available: false,
+        }
+    }
+
+    /// The check cannot run on this backend, and why.
+    pub fn not_available(check: impl Into<String>, why: impl Into<String>) -> Self {
+        Failure {
+            not_available: true,
+            ..Failure::new(check, why)
         }
     }
 }

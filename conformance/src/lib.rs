@@ -11,6 +11,7 @@ pub mod checks;
 pub mod failure;
 pub mod harness;
 pub mod model;
+pub mod reference;
 pub mod suite;
 pub mod vectors;
 

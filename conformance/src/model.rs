@@ -129,3 +129,44 @@ impl<B: Harness, P: Element, S: Element> Model<B, P, S> {
         Ok(out)
     }
 }
+
+impl<B: Harness, P: Element, S: Element> Model<B, P, S> {
+    /// A model restored from host copies of its parameters and state (as read by
+    /// [`read_params`](Self::read_params) and [`read_state`](Self::read_state)).
+    pub fn restore(
+        b: &mut B,
+        params: &[Vec<f32>],
+        state: &[[Vec<f32>; 3]],
+        group_of: &[usize],
+        layouts: &[[bool; 3]],
+    ) -> Result<Self, Failure> {
+        let fail = |e| backend_failure("restore", e);
+        let mut model = Model {
+            params: Vec::new(),
+            state: Vec::new(),
+            group_of: group_of.to_vec(),
+            names: (0..params.len()).map(|i| format!("t{i}")).collect(),
+        };
+        for (i, p) in params.iter().enumerate() {
+            let host: Vec<P> = p.iter().map(|&v| P::from_f32(v)).collect();
+            model.params.push(b.upload(&host).map_err(fail)?);
+            let mut one: [Option<B::Owned<S>>; 3] = [None, None, None];
+            for k in 0..3 {
+                if layouts[i][k] {
+                    let host: Vec<S> = state[i][k].iter().map(|&v| S::from_f32(v)).collect();
+                    one[k] = Some(b.upload(&host).map_err(fail)?);
+                }
+            }
+            model.state.push(one);
+        }
+        Ok(model)
+    }
+
+    /// Which state buffers each tensor holds (`[m, v, ibar]`).
+    pub fn layouts(&self) -> Vec<[bool; 3]> {
+        self.state
+            .iter()
+            .map(|s| [s[0].is_some(), s[1].is_some(), s[2].is_some()])
+            .collect()
+    }
+}

@@ -70,12 +70,12 @@ impl fmt::Display for Row {
 pub type Check<B> = fn(&mut B) -> Result<(), Failure>;
 
 /// Every check except the vector files, by name.
-pub fn checks<B: Harness>() -> Vec<(&'static str, Check<B>)> {
+pub fn checks<B: Harness + 'static>() -> Vec<(&'static str, Check<B>)> {
     checks::all::<B>()
 }
 
 /// Runs every check and every vector file of `opts` on `b`.
-pub fn run_suite<B: Harness>(mut b: B, opts: &Options) -> Vec<Row> {
+pub fn run_suite<B: Harness + 'static>(mut b: B, opts: &Options) -> Vec<Row> {
     let backend = b.name();
     let mut rows = Vec::new();
     let mut push = |check: String, r: Result<(), Failure>| {
@@ -84,6 +84,7 @@ pub fn run_suite<B: Harness>(mut b: B, opts: &Options) -> Vec<Row> {
             check,
             status: match r {
                 Ok(()) => Status::Pass,
+                Err(f) if f.not_available => Status::NotAvailable(f.detail),
                 Err(f) => Status::Fail(f.detail),
             },
         })

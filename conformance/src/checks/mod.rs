@@ -1,9 +1,88 @@
 //! The checks, each a plain public function generic over a [`Harness`].
 
+pub mod common;
+pub mod equivalence;
+pub mod guards;
+pub mod properties;
+
+use sage_core::{bf16, f16, DType};
+
+use crate::failure::Failure;
 use crate::harness::Harness;
 use crate::suite::Check;
+use common::{cases, differential};
+use equivalence::need;
 
 /// Every check, by name, in report order.
-pub fn all<B: Harness>() -> Vec<(&'static str, Check<B>)> {
-    vec![]
+pub fn all<B: Harness + 'static>() -> Vec<(&'static str, Check<B>)> {
+    vec![
+        (
+            "differential f32 vs float64 reference",
+            differential_f32::<B>,
+        ),
+        (
+            "differential bf16/f16 vs float64 reference",
+            differential_half::<B>,
+        ),
+        (
+            "fused == composed",
+            equivalence::fused_matches_composed::<B>,
+        ),
+        (
+            "fused == composed (bf16)",
+            equivalence::fused_matches_composed_bf16::<B>,
+        ),
+        (
+            "multi-tensor == one at a time",
+            equivalence::multi_matches_single::<B>,
+        ),
+        (
+            "resume == uninterrupted",
+            equivalence::resume_matches_uninterrupted::<B>,
+        ),
+        (
+            "property: SAGE off == base optimizer",
+            properties::sage_off_is_base::<B>,
+        ),
+        (
+            "property: zero gradient decays Ī",
+            properties::zero_gradient_decays_ibar::<B>,
+        ),
+        (
+            "property: reference never moves θ = 0",
+            properties::reference_zero_stays::<B>,
+        ),
+        (
+            "property: skipped steps change nothing",
+            properties::skipped_step_changes_nothing::<B>,
+        ),
+        ("non-finite gradients", guards::non_finite::<B>),
+        ("bad inputs give errors", guards::bad_inputs::<B>),
+    ]
+}
+
+/// Every configuration of [`cases`], f32 parameters and state, 4 steps, against the float64
+/// oracle at lengths that hit every SIMD tail.
+pub fn differential_f32<B: Harness>(b: &mut B) -> Result<(), Failure> {
+    let check = "differential f32 vs float64 reference";
+    for (i, c) in cases().iter().enumerate() {
+        differential::<B, f32, f32>(b, check, c, 4, 1000 + i as u64)?;
+    }
+    Ok(())
+}
+
+/// Half-precision storage: bf16 and f16 parameters with f32 state, f32 parameters with bf16
+/// state, and bf16 for both, against the oracle rounding the same way.
+pub fn differential_half<B: Harness>(b: &mut B) -> Result<(), Failure> {
+    let check = "differential bf16/f16 vs float64 reference";
+    need(b, DType::Bf16, check)?;
+    need(b, DType::F16, check)?;
+    for (i, c) in cases().iter().enumerate().step_by(3) {
+        let seed = 2000 + i as u64;
+        differential::<B, bf16, f32>(b, check, c, 3, seed)?;
+        differential::<B, f16, f32>(b, check, c, 3, seed)?;
+        differential::<B, f32, bf16>(b, check, c, 3, seed)?;
+        differential::<B, bf16, bf16>(b, check, c, 3, seed)?;
+    }
+    Ok(())
 }
