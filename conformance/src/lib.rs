@@ -13,6 +13,7 @@ pub mod harness;
 pub mod model;
 pub mod reference;
 pub mod suite;
+pub mod testing;
 pub mod vectors;
 
 pub use failure::{Failure, Worst};
