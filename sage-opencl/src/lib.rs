@@ -1,1 +1,33 @@
-//! Skeleton; see its issue.
+//! # sage-opencl
+//!
+//! The OpenCL backend of [`sage_core`]: SAGE's update on any OpenCL 1.2 device — GPUs from
+//! every vendor, edge boards (Mali, Adreno, Intel integrated graphics) and CPUs through PoCL.
+//!
+//! - Buffers are [`ClBuffer`]s: device memory stepped in place. A framework that keeps its
+//!   tensors in `ocl::Buffer`s wraps them without a copy ([`ClBuffer::from_ocl`]);
+//!   [`OpenCl::upload`] and [`OpenCl::download`] serve everyone else.
+//! - The per-element math is `sage_core`'s shared GPU kernel body (the one the CUDA backend
+//!   uses), compiled behind a small OpenCL prelude, with FMA contraction off and correctly
+//!   rounded division and square root where the device offers them, so results match the CPU.
+//! - One fused pass per tensor; [`Backend::step_tensors`](sage_core::Backend::step_tensors)
+//!   and gradient norms take up to 16 tensors per launch.
+//! - Storage: f32, f16 and bf16 parameters and state, computed in f32. f16 goes through
+//!   `vload_half`/`vstore_half_rte`, which are core OpenCL, so it works without `cl_khr_fp16`.
+//! - Device choice by index or name ([`Select`], or `SAGE_OPENCL_DEVICE=P:D|name` for
+//!   [`OpenCl::new`]); no platform is [`Error::NotAvailable`], never a panic. Programs are built
+//!   on first use, once per device, and a build failure returns the compiler's log.
+//!
+//! Linking needs the OpenCL ICD loader (`libOpenCL.so`, Debian `ocl-icd-opencl-dev`); a machine
+//! with the loader but no driver builds, runs, and reports the backend as not available.
+#![deny(missing_docs)]
+
+mod backend;
+mod buffer;
+mod device;
+mod error;
+pub mod source;
+
+pub use backend::{Builder, OpenCl};
+pub use buffer::ClBuffer;
+pub use device::{devices, DeviceDesc, Select};
+pub use error::Error;

@@ -1,0 +1,796 @@
+//! [`OpenCl`]: the [`Backend`] implementation.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::sync::{Arc, Mutex};
+
+use ocl::core::{
+    self, ArgVal, CommandQueue, Context, Kernel, KernelWorkGroupInfo, KernelWorkGroupInfoResult,
+    Mem, MemFlags, Program, ProgramBuildInfo, ProgramBuildInfoResult,
+};
+use sage_core::{Accumulate, ApplyArgs, Backend, Coeffs, DType, Element, ParamTensor, TensorMut};
+
+use crate::buffer::{bytes, bytes_mut, ClBuffer};
+use crate::device::{devices, DeviceDesc, Select};
+use crate::{source, Error};
+
+/// Work-items per work-group for the elementwise kernels (lowered where a kernel allows less).
+const LOCAL: usize = 256;
+/// Elements each work-item of the reduction sums before the tree.
+const NORM_PER_ITEM: usize = 16;
+/// Most tensors one launch takes (the device's parameter size may lower it).
+const MAX_SLOTS: usize = 16;
+
+/// One tensor of a launch, laid out as `sage_cl_slot` in the kernel source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Slot {
+    k: Coeffs,
+    len: u64,
+    end_group: u64,
+    present: u32,
+    pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<Slot>() == 120);
+
+fn slot_bytes(s: &[Slot]) -> &[u8] {
+    // SAFETY: `Slot` is repr(C) of 4- and 8-byte plain fields with no padding (size asserted).
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+}
+
+fn u64_bytes(s: &[u64]) -> &[u8] {
+    // SAFETY: u64 has no padding and any alignment of u8 is fine.
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum ProgramKey {
+    Step(DType, DType),
+    Norm(DType),
+}
+
+impl ProgramKey {
+    fn name(self) -> String {
+        match self {
+            ProgramKey::Step(p, s) => format!("step {p}/{s}"),
+            ProgramKey::Norm(e) => format!("sq_norm {e}"),
+        }
+    }
+}
+
+/// What every clone of a backend shares: the device, its queue and the built programs.
+struct Shared {
+    desc: DeviceDesc,
+    context: Context,
+    queue: CommandQueue,
+    options: CString,
+    slots: usize,
+    max_alloc: u64,
+    programs: Mutex<HashMap<ProgramKey, Program>>,
+}
+
+/// How to open an [`OpenCl`] backend: which device, extra compiler options.
+#[derive(Clone, Debug, Default)]
+pub struct Builder {
+    select: Select,
+    extra_options: String,
+    max_slots: Option<usize>,
+}
+
+impl Builder {
+    /// Chooses the device (default: [`Select::Default`]).
+    pub fn device(mut self, select: Select) -> Self {
+        self.select = select;
+        self
+    }
+
+    /// Appends options to the OpenCL C compiler's command line. Options that relax floating
+    /// point (`-cl-fast-relaxed-math`, `-cl-mad-enable`) move results away from the reference.
+    pub fn build_options(mut self, options: &str) -> Self {
+        self.extra_options = options.to_string();
+        self
+    }
+
+    /// Caps the tensors one multi-tensor launch takes (at least 1; default up to 16, as the
+    /// device's kernel parameter size allows).
+    pub fn max_tensors_per_launch(mut self, n: usize) -> Self {
+        self.max_slots = Some(n.max(1));
+        self
+    }
+
+    /// Opens the device: a context and an in-order queue. Kernels are built on first use.
+    pub fn build(self) -> Result<OpenCl, Error> {
+        let list = devices()?;
+        let desc = self.select.pick(&list)?.clone();
+        OpenCl::open(desc, &self.extra_options, self.max_slots)
+    }
+}
+
+/// SAGE on one OpenCL device.
+///
+/// Buffers are [`ClBuffer`]s: device memory the caller owns (or wraps from its framework's
+/// `ocl::Buffer`), stepped in place. Clones share the device, the queue and the compiled
+/// programs; each clone keeps its own kernel objects, so clones may live on different threads.
+///
+/// ```no_run
+/// use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
+/// use sage_opencl::OpenCl;
+///
+/// let cl = OpenCl::new()?;
+/// let mut w = cl.upload(&[0.5f32, -0.25, 0.0])?;
+/// let g = cl.upload(&[0.1f32, 0.2, 0.3])?;
+/// let (mut m, mut v, mut ibar) = (cl.zeros::<f32>(3)?, cl.zeros::<f32>(3)?, cl.zeros::<f32>(3)?);
+/// let cfg = Config::reference(Algorithm::adamw(), 1e-3).beta0(0.8);
+/// let mut opt = Optimizer::new(cl.clone(), cfg, [ParamGroup::sage()]).unwrap();
+/// opt.step(&mut [ParamTensor::new(&mut w, &g).m(&mut m).v(&mut v).ibar(&mut ibar)]).unwrap();
+/// println!("{:?}", cl.download(&w)?);
+/// # Ok::<(), sage_opencl::Error>(())
+/// ```
+pub struct OpenCl {
+    shared: Arc<Shared>,
+    kernels: HashMap<(ProgramKey, &'static str), (Kernel, usize)>,
+}
+
+impl Clone for OpenCl {
+    fn clone(&self) -> Self {
+        OpenCl {
+            shared: self.shared.clone(),
+            kernels: HashMap::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for OpenCl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OpenCl({})", self.shared.desc)
+    }
+}
+
+/// One tensor of a fused step, validated.
+struct Item<'a> {
+    k: Coeffs,
+    len: usize,
+    p: &'a Mem,
+    g: &'a Mem,
+    m: Option<&'a Mem>,
+    v: Option<&'a Mem>,
+    b: Option<&'a Mem>,
+}
+
+fn check_len(buffer: &'static str, expected: usize, got: usize) -> Result<(), Error> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            buffer,
+            expected,
+            got,
+        })
+    }
+}
+
+/// The memory object of a buffer that has `len > 0` elements.
+fn mem_of<E: Element>(b: &ClBuffer<E>) -> &Mem {
+    b.mem
+        .as_ref()
+        .expect("non-empty ClBuffer has a memory object")
+}
+
+/// Validates one tensor's buffers; `None` when it is empty (nothing to do).
+fn item<'a, P: Element, S: Element>(
+    k: Coeffs,
+    param: &'a ClBuffer<P>,
+    grad: &'a ClBuffer<P>,
+    m: Option<&'a ClBuffer<S>>,
+    v: Option<&'a ClBuffer<S>>,
+    b: Option<&'a ClBuffer<S>>,
+) -> Result<Option<Item<'a>>, Error> {
+    let n = param.len;
+    check_len("grad", n, grad.len)?;
+    for (name, s) in [("m", m), ("v", v), ("ibar", b)] {
+        if let Some(s) = s {
+            check_len(name, n, s.len)?;
+        }
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Item {
+        k,
+        len: n,
+        p: mem_of(param),
+        g: mem_of(grad),
+        m: m.map(mem_of),
+        v: v.map(mem_of),
+        b: b.map(mem_of),
+    }))
+}
+
+/// A buffer argument, or NULL for an absent state buffer.
+fn opt_mem(m: Option<&Mem>) -> ArgVal<'_> {
+    m.map_or_else(ArgVal::mem_null, ArgVal::mem)
+}
+
+fn present(m: bool, v: bool, b: bool) -> u32 {
+    m as u32 | (v as u32) << 1 | (b as u32) << 2
+}
+
+impl OpenCl {
+    /// The default device ([`Select::Default`]), or the one `SAGE_OPENCL_DEVICE` names
+    /// (`P:D` indices or part of a name).
+    pub fn new() -> Result<Self, Error> {
+        let select = std::env::var("SAGE_OPENCL_DEVICE")
+            .map(|s| Select::parse(&s))
+            .unwrap_or_default();
+        Self::builder().device(select).build()
+    }
+
+    /// A backend on the device `select` chooses.
+    pub fn with_device(select: Select) -> Result<Self, Error> {
+        Self::builder().device(select).build()
+    }
+
+    /// Options for opening a backend.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    fn open(desc: DeviceDesc, extra: &str, max_slots: Option<usize>) -> Result<Self, Error> {
+        let context = core::create_context(None, &[desc.id], None, None)
+            .map_err(|e| Error::cl("creating a context", e))?;
+        let queue = core::create_command_queue(&context, desc.id, None)
+            .map_err(|e| Error::cl("creating a queue", e))?;
+        let mut options = String::new();
+        if desc.correctly_rounded_div_sqrt {
+            // Matches the CPU's IEEE division and square root (OpenCL allows 2.5 and 3 ulp).
+            options.push_str("-cl-fp32-correctly-rounded-divide-sqrt ");
+        }
+        options.push_str(extra);
+        let options = CString::new(options)
+            .map_err(|_| Error::NotAvailable("build options contain a NUL byte".into()))?;
+        // Kernel arguments: 3 scalars and 5 pointers per tensor, 8 bytes each at most.
+        let fit = desc.max_parameter_size.saturating_sub(3 * 8) / (5 * 8);
+        let slots = fit.clamp(1, max_slots.unwrap_or(MAX_SLOTS).min(MAX_SLOTS));
+        let max_alloc = match core::get_device_info(desc.id, core::DeviceInfo::MaxMemAllocSize) {
+            Ok(core::DeviceInfoResult::MaxMemAllocSize(n)) => n,
+            _ => u64::MAX,
+        };
+        Ok(OpenCl {
+            shared: Arc::new(Shared {
+                desc,
+                context,
+                queue,
+                options,
+                slots,
+                max_alloc,
+                programs: Mutex::new(HashMap::new()),
+            }),
+            kernels: HashMap::new(),
+        })
+    }
+
+    /// The device this backend runs on.
+    pub fn device(&self) -> &DeviceDesc {
+        &self.shared.desc
+    }
+
+    /// The OpenCL context (to create buffers with other OpenCL code).
+    pub fn context(&self) -> &Context {
+        &self.shared.context
+    }
+
+    /// The in-order queue every operation of this backend (and its clones) goes through.
+    pub fn queue(&self) -> &CommandQueue {
+        &self.shared.queue
+    }
+
+    /// Tensors one multi-tensor launch takes on this device.
+    pub fn tensors_per_launch(&self) -> usize {
+        self.shared.slots
+    }
+
+    /// Waits until every queued operation has finished.
+    pub fn finish(&self) -> Result<(), Error> {
+        core::finish(&self.shared.queue).map_err(|e| Error::cl("waiting for the queue", e))
+    }
+
+    /// Builds the kernels of parameter storage `P` and state storage `S` now rather than at
+    /// the first step (a build takes from milliseconds to seconds).
+    pub fn prepare<P: Element, S: Element>(&mut self) -> Result<(), Error> {
+        self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), "sage_cl_step")?;
+        self.kernel(ProgramKey::Norm(P::DTYPE), "sage_cl_sq_norm")?;
+        Ok(())
+    }
+
+    fn mem(&self, len: usize, size: usize, init: Option<&[u8]>) -> Result<Option<Mem>, Error> {
+        if len == 0 {
+            return Ok(None);
+        }
+        let n = len
+            .checked_mul(size)
+            .filter(|&n| n as u64 <= self.shared.max_alloc)
+            .ok_or_else(|| {
+                Error::TooLarge(format!(
+                    "{len} elements of {size} bytes exceed the device's largest allocation ({} bytes)",
+                    self.shared.max_alloc
+                ))
+            })?;
+        let flags = match init {
+            Some(_) => MemFlags::new().read_write().copy_host_ptr(),
+            None => MemFlags::new().read_write(),
+        };
+        // SAFETY: with COPY_HOST_PTR the data is copied before create_buffer returns; without
+        // it no host pointer is passed.
+        let mem = unsafe { core::create_buffer(&self.shared.context, flags, n, init) }
+            .map_err(|e| Error::cl("allocating a buffer", e))?;
+        Ok(Some(mem))
+    }
+
+    /// A new device buffer holding a copy of `data`.
+    pub fn upload<E: Element>(&self, data: &[E]) -> Result<ClBuffer<E>, Error> {
+        let mem = self.mem(data.len(), E::DTYPE.size(), Some(bytes(data)))?;
+        Ok(ClBuffer::from_parts(mem, data.len()))
+    }
+
+    /// A new device buffer of `len` zeros (what fresh optimizer state holds).
+    pub fn zeros<E: Element>(&self, len: usize) -> Result<ClBuffer<E>, Error> {
+        let mem = self.mem(len, E::DTYPE.size(), None)?;
+        let mut buf = ClBuffer::from_parts(mem, len);
+        if let Some(m) = &buf.mem {
+            let filled = core::enqueue_fill_buffer(
+                &self.shared.queue,
+                m,
+                0u8,
+                0,
+                len * E::DTYPE.size(),
+                None::<()>,
+                None::<()>,
+                None,
+            );
+            if filled.is_err() {
+                // OpenCL 1.1 has no fill: write zeros from the host.
+                self.write(&mut buf, &vec![E::default(); len])?;
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Copies `data` into `buf` (same length), after every operation queued before.
+    pub fn write<E: Element>(&self, buf: &mut ClBuffer<E>, data: &[E]) -> Result<(), Error> {
+        check_len("host slice", buf.len, data.len())?;
+        if let Some(m) = &buf.mem {
+            // SAFETY: blocking write: `data` outlives the copy.
+            unsafe {
+                core::enqueue_write_buffer(
+                    &self.shared.queue,
+                    m,
+                    true,
+                    0,
+                    bytes(data),
+                    None::<()>,
+                    None::<()>,
+                )
+            }
+            .map_err(|e| Error::cl("writing a buffer", e))?;
+        }
+        Ok(())
+    }
+
+    /// Copies `buf` into `out` (same length), after every operation queued before.
+    pub fn read<E: Element>(&self, buf: &ClBuffer<E>, out: &mut [E]) -> Result<(), Error> {
+        check_len("host slice", buf.len, out.len())?;
+        if let Some(m) = &buf.mem {
+            // SAFETY: blocking read: `out` outlives the copy.
+            unsafe {
+                core::enqueue_read_buffer(
+                    &self.shared.queue,
+                    m,
+                    true,
+                    0,
+                    bytes_mut(out),
+                    None::<()>,
+                    None::<()>,
+                )
+            }
+            .map_err(|e| Error::cl("reading a buffer", e))?;
+        }
+        Ok(())
+    }
+
+    /// The contents of `buf`, after every operation queued before.
+    pub fn download<E: Element>(&self, buf: &ClBuffer<E>) -> Result<Vec<E>, Error> {
+        let mut out = vec![E::default(); buf.len];
+        self.read(buf, &mut out)?;
+        Ok(out)
+    }
+
+    fn program(&self, key: ProgramKey) -> Result<Program, Error> {
+        let sh = &self.shared;
+        let mut programs = sh.programs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = programs.get(&key) {
+            return Ok(p.clone());
+        }
+        let src = match key {
+            ProgramKey::Step(p, s) => source::step_program(p, s, sh.slots),
+            ProgramKey::Norm(e) => source::norm_program(e, sh.slots, sh.desc.fp64),
+        };
+        let src = CString::new(src).expect("generated source has no NUL");
+        let program = core::create_program_with_source(&sh.context, &[src])
+            .map_err(|e| Error::cl("creating a program", e))?;
+        if let Err(e) = core::build_program(&program, Some(&[sh.desc.id]), &sh.options, None, None)
+        {
+            let log = match core::get_program_build_info(
+                &program,
+                sh.desc.id,
+                ProgramBuildInfo::BuildLog,
+            ) {
+                Ok(ProgramBuildInfoResult::BuildLog(l)) if !l.trim().is_empty() => l,
+                _ => e.to_string(),
+            };
+            return Err(Error::Build {
+                program: key.name(),
+                log,
+            });
+        }
+        programs.insert(key, program.clone());
+        Ok(program)
+    }
+
+    /// Kernel `name` of program `key` and the work-group size to launch it with.
+    fn kernel(&mut self, key: ProgramKey, name: &'static str) -> Result<(Kernel, usize), Error> {
+        if let Some(k) = self.kernels.get(&(key, name)) {
+            return Ok(k.clone());
+        }
+        let program = self.program(key)?;
+        let k =
+            core::create_kernel(&program, name).map_err(|e| Error::cl("creating a kernel", e))?;
+        let max = match core::get_kernel_work_group_info(
+            &k,
+            self.shared.desc.id,
+            KernelWorkGroupInfo::WorkGroupSize,
+        ) {
+            Ok(KernelWorkGroupInfoResult::WorkGroupSize(n)) if n > 0 => n,
+            _ => 1,
+        };
+        let mut wg = max.min(LOCAL);
+        if name == "sage_cl_sq_norm" {
+            // The tree reduction halves: a power of two.
+            wg = 1 << (usize::BITS - 1 - wg.leading_zeros());
+        }
+        self.kernels.insert((key, name), (k.clone(), wg));
+        Ok((k, wg))
+    }
+
+    /// A read-only buffer holding `data`, for per-launch tables.
+    fn table(&self, data: &[u8]) -> Result<Mem, Error> {
+        // SAFETY: COPY_HOST_PTR copies `data` before returning.
+        unsafe {
+            core::create_buffer(
+                &self.shared.context,
+                MemFlags::new().read_only().copy_host_ptr(),
+                data.len(),
+                Some(data),
+            )
+        }
+        .map_err(|e| Error::cl("uploading a launch table", e))
+    }
+
+    fn enqueue(&self, k: &Kernel, groups: usize, wg: usize) -> Result<(), Error> {
+        let gws = groups
+            .checked_mul(wg)
+            .ok_or_else(|| Error::TooLarge(format!("{groups} work-groups")))?;
+        // SAFETY: every argument was set and every buffer is at least as long as the
+        // lengths in the launch table, which the kernels check each index against.
+        unsafe {
+            core::enqueue_kernel(
+                &self.shared.queue,
+                k,
+                1,
+                None,
+                &[gws, 1, 1],
+                Some([wg, 1, 1]),
+                None::<()>,
+                None::<()>,
+            )
+        }
+        .map_err(|e| Error::cl("launching a kernel", e))
+    }
+
+    /// The fused step of `items`, `slots` tensors per launch.
+    fn step_items<P: Element, S: Element>(&mut self, items: &[Item<'_>]) -> Result<(), Error> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let (k, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), "sage_cl_step")?;
+        let per = self.shared.slots;
+        let mut slots = Vec::with_capacity(items.len());
+        for chunk in items.chunks(per) {
+            let mut end = 0u64;
+            for it in chunk {
+                end += it.len.div_ceil(wg) as u64;
+                slots.push(Slot {
+                    k: it.k,
+                    len: it.len as u64,
+                    end_group: end,
+                    present: present(it.m.is_some(), it.v.is_some(), it.b.is_some()),
+                    pad: 0,
+                });
+            }
+        }
+        let table = self.table(slot_bytes(&slots))?;
+        let set = |i: u32, a: ArgVal| {
+            core::set_kernel_arg(&k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
+        };
+        for (ci, chunk) in items.chunks(per).enumerate() {
+            let base = (ci * per) as u32;
+            let count = chunk.len() as u32;
+            set(0, ArgVal::mem(&table))?;
+            set(1, ArgVal::scalar(&base))?;
+            set(2, ArgVal::scalar(&count))?;
+            for s in 0..per {
+                let a = 3 + 5 * s as u32;
+                match chunk.get(s) {
+                    Some(it) => {
+                        set(a, ArgVal::mem(it.p))?;
+                        set(a + 1, ArgVal::mem(it.g))?;
+                        set(a + 2, opt_mem(it.m))?;
+                        set(a + 3, opt_mem(it.v))?;
+                        set(a + 4, opt_mem(it.b))?;
+                    }
+                    None => {
+                        for j in 0..5 {
+                            set(a + j, ArgVal::mem_null())?;
+                        }
+                    }
+                }
+            }
+            let groups = slots[ci * per + chunk.len() - 1].end_group as usize;
+            self.enqueue(&k, groups, wg)?;
+        }
+        Ok(())
+    }
+
+    /// `Σ x²` of each buffer: one launch per `slots` buffers, one read for all.
+    pub fn sq_norms<E: Element>(&mut self, bufs: &[&ClBuffer<E>]) -> Result<Vec<f64>, Error> {
+        let mut out = vec![0.0; bufs.len()];
+        let nonempty: Vec<(usize, &ClBuffer<E>)> = bufs
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.len > 0)
+            .map(|(i, b)| (i, *b))
+            .collect();
+        if nonempty.is_empty() {
+            return Ok(out);
+        }
+        let (k, wg) = self.kernel(ProgramKey::Norm(E::DTYPE), "sage_cl_sq_norm")?;
+        let per = self.shared.slots;
+        let chunk_elems = wg * NORM_PER_ITEM;
+        // tab[2s] = len, tab[2s+1] = groups of the launch so far; each tensor's partial sums
+        // sit at [first, last) of the partials buffer.
+        let mut tab = Vec::with_capacity(2 * nonempty.len());
+        let mut ranges = Vec::with_capacity(nonempty.len());
+        let mut launches = Vec::new();
+        let mut total = 0usize;
+        for chunk in nonempty.chunks(per) {
+            let pbase = total;
+            let mut end = 0usize;
+            for (_, b) in chunk {
+                let groups = b.len.div_ceil(chunk_elems);
+                ranges.push((pbase + end, pbase + end + groups));
+                end += groups;
+                tab.extend([b.len as u64, end as u64]);
+            }
+            launches.push((pbase, end));
+            total += end;
+        }
+        let table = self.table(u64_bytes(&tab))?;
+        let acc_size = if self.shared.desc.fp64 { 8 } else { 4 };
+        let partials = self
+            .mem(total, acc_size, None)?
+            .expect("at least one work-group");
+        let set = |i: u32, a: ArgVal| {
+            core::set_kernel_arg(&k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
+        };
+        for (ci, (chunk, &(pbase, groups))) in nonempty.chunks(per).zip(&launches).enumerate() {
+            let (base, count) = ((ci * per) as u32, chunk.len() as u32);
+            set(0, ArgVal::mem(&table))?;
+            set(1, ArgVal::scalar(&base))?;
+            set(2, ArgVal::scalar(&count))?;
+            set(3, ArgVal::scalar(&(NORM_PER_ITEM as u32)))?;
+            set(4, ArgVal::mem(&partials))?;
+            set(5, ArgVal::scalar(&(pbase as u32)))?;
+            set(
+                6,
+                if acc_size == 8 {
+                    ArgVal::local::<f64>(&wg)
+                } else {
+                    ArgVal::local::<f32>(&wg)
+                },
+            )?;
+            for s in 0..per {
+                let a = match chunk.get(s) {
+                    Some((_, b)) => ArgVal::mem(mem_of(b)),
+                    None => ArgVal::mem_null(),
+                };
+                set(7 + s as u32, a)?;
+            }
+            self.enqueue(&k, groups, wg)?;
+        }
+        let sums: Vec<f64> = if acc_size == 8 {
+            let mut host = vec![0f64; total];
+            self.read_raw(&partials, &mut host)?;
+            host
+        } else {
+            let mut host = vec![0f32; total];
+            self.read_raw(&partials, &mut host)?;
+            host.into_iter().map(f64::from).collect()
+        };
+        for ((i, _), (a, b)) in nonempty.iter().zip(&ranges) {
+            out[*i] = sums[*a..*b].iter().sum();
+        }
+        Ok(out)
+    }
+
+    fn read_raw<T: core::OclPrm>(&self, mem: &Mem, out: &mut [T]) -> Result<(), Error> {
+        // SAFETY: blocking read into `out`, which outlives it.
+        unsafe {
+            core::enqueue_read_buffer(
+                &self.shared.queue,
+                mem,
+                true,
+                0,
+                out,
+                None::<()>,
+                None::<()>,
+            )
+        }
+        .map_err(|e| Error::cl("reading partial sums", e))
+    }
+
+    /// A one-slot launch table for the primitives.
+    fn single_table(&self, k: &Coeffs, len: usize, present: u32) -> Result<Mem, Error> {
+        self.table(slot_bytes(&[Slot {
+            k: *k,
+            len: len as u64,
+            end_group: 0,
+            present,
+            pad: 0,
+        }]))
+    }
+}
+
+impl Backend for OpenCl {
+    type Error = Error;
+    type Buf<E: Element> = ClBuffer<E>;
+
+    fn len<E: Element>(&self, buf: &ClBuffer<E>) -> usize {
+        buf.len
+    }
+
+    fn sq_norm<E: Element>(&mut self, buf: &ClBuffer<E>) -> Result<f64, Error> {
+        Ok(self.sq_norms(&[buf])?[0])
+    }
+
+    fn accumulate<P: Element, S: Element>(
+        &mut self,
+        which: Accumulate,
+        acc: &mut ClBuffer<S>,
+        param: &ClBuffer<P>,
+        grad: &ClBuffer<P>,
+        k: &Coeffs,
+    ) -> Result<(), Error> {
+        let n = param.len;
+        check_len("grad", n, grad.len)?;
+        check_len("state", n, acc.len)?;
+        if n == 0 {
+            return Ok(());
+        }
+        // sage_core::Accumulate in the shared body's SAGE_ACC_* numbering.
+        let which: i32 = match which {
+            Accumulate::Moment => 0,
+            Accumulate::SecondMoment => 1,
+            Accumulate::InfNorm => 2,
+            Accumulate::Sensitivity => 3,
+        };
+        let (kern, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), "sage_cl_accumulate")?;
+        let table = self.single_table(k, n, 0)?;
+        let args = [
+            ArgVal::mem(&table),
+            ArgVal::scalar(&0u32),
+            ArgVal::scalar(&which),
+            ArgVal::mem(mem_of(acc)),
+            ArgVal::mem(mem_of(param)),
+            ArgVal::mem(mem_of(grad)),
+        ];
+        for (i, a) in args.into_iter().enumerate() {
+            core::set_kernel_arg(&kern, i as u32, a)
+                .map_err(|e| Error::cl("setting a kernel argument", e))?;
+        }
+        self.enqueue(&kern, n.div_ceil(wg), wg)
+    }
+
+    fn apply<P: Element, S: Element>(
+        &mut self,
+        t: ApplyArgs<'_, Self, P, S>,
+        k: &Coeffs,
+    ) -> Result<(), Error> {
+        let Some(it) = item(*k, t.param, t.grad, t.m, t.v, t.ibar)? else {
+            return Ok(());
+        };
+        let n = it.len;
+        let (kern, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), "sage_cl_apply")?;
+        let table = self.single_table(
+            k,
+            n,
+            present(t.m.is_some(), t.v.is_some(), t.ibar.is_some()),
+        )?;
+        let args = [
+            ArgVal::mem(&table),
+            ArgVal::scalar(&0u32),
+            ArgVal::mem(it.p),
+            ArgVal::mem(it.g),
+            opt_mem(it.m),
+            opt_mem(it.v),
+            opt_mem(it.b),
+        ];
+        for (i, a) in args.into_iter().enumerate() {
+            core::set_kernel_arg(&kern, i as u32, a)
+                .map_err(|e| Error::cl("setting a kernel argument", e))?;
+        }
+        self.enqueue(&kern, n.div_ceil(wg), wg)
+    }
+
+    fn fused_step<P: Element, S: Element>(
+        &mut self,
+        t: TensorMut<'_, Self, P, S>,
+        k: &Coeffs,
+    ) -> Result<(), Error> {
+        let it = item(
+            *k,
+            t.param,
+            t.grad,
+            t.m.as_deref(),
+            t.v.as_deref(),
+            t.ibar.as_deref(),
+        )?;
+        let items: Vec<Item<'_>> = it.into_iter().collect();
+        self.step_items::<P, S>(&items)
+    }
+
+    fn grad_sq_norms<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), Error> {
+        let grads: Vec<&ClBuffer<P>> = tensors.iter().map(|t| t.grad()).collect();
+        let norms = self.sq_norms(&grads)?;
+        for (t, n) in tensors.iter_mut().zip(norms) {
+            t.set_grad_sq_norm(n);
+        }
+        Ok(())
+    }
+
+    fn step_tensors<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), Error> {
+        // Every tensor is checked before any is launched: a bad one changes nothing.
+        let views: Vec<(Coeffs, TensorMut<'_, Self, P, S>)> = tensors
+            .iter_mut()
+            .map(|t| (*t.coeffs(), t.view()))
+            .collect();
+        let mut items = Vec::with_capacity(views.len());
+        for (k, t) in &views {
+            if let Some(it) = item(
+                *k,
+                &*t.param,
+                t.grad,
+                t.m.as_deref(),
+                t.v.as_deref(),
+                t.ibar.as_deref(),
+            )? {
+                items.push(it);
+            }
+        }
+        self.step_items::<P, S>(&items)
+    }
+}

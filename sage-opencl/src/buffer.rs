@@ -1,0 +1,100 @@
+//! [`ClBuffer`]: an OpenCL buffer of `f32`, `f16` or `bf16` elements, the backend's `Buf<E>`.
+
+use std::marker::PhantomData;
+
+use ocl::core::{self, Mem, MemInfo, MemInfoResult, OclPrm};
+use sage_core::Element;
+
+use crate::Error;
+
+/// A device buffer of `len` elements of `E`: a handle to an OpenCL memory object (cheap to
+/// clone: OpenCL reference counting), which may be shared with a framework that owns it.
+///
+/// f16 and bf16 are 16-bit storage on the device; kernels compute in f32.
+#[derive(Debug)]
+pub struct ClBuffer<E: Element> {
+    /// `None` for an empty buffer: OpenCL has no zero-sized memory objects.
+    pub(crate) mem: Option<Mem>,
+    pub(crate) len: usize,
+    _e: PhantomData<E>,
+}
+
+impl<E: Element> Clone for ClBuffer<E> {
+    fn clone(&self) -> Self {
+        ClBuffer {
+            mem: self.mem.clone(),
+            len: self.len,
+            _e: PhantomData,
+        }
+    }
+}
+
+impl<E: Element> ClBuffer<E> {
+    pub(crate) fn from_parts(mem: Option<Mem>, len: usize) -> Self {
+        ClBuffer {
+            mem,
+            len,
+            _e: PhantomData,
+        }
+    }
+
+    /// Views an existing OpenCL memory object as elements of `E` (no copy: both handles
+    /// refer to the same device memory). Its size must be a whole number of elements.
+    pub fn from_mem(mem: &Mem) -> Result<Self, Error> {
+        let bytes = match core::get_mem_object_info(mem, MemInfo::Size) {
+            Ok(MemInfoResult::Size(n)) => n,
+            Ok(_) => 0,
+            Err(e) => return Err(Error::cl("querying a buffer's size", e)),
+        };
+        let size = E::DTYPE.size();
+        if bytes % size != 0 {
+            return Err(Error::TooLarge(format!(
+                "a buffer of {bytes} bytes is not a whole number of {} elements",
+                E::DTYPE
+            )));
+        }
+        Ok(Self::from_parts(Some(mem.clone()), bytes / size))
+    }
+
+    /// Views a framework's `ocl::Buffer<T>` as elements of `E`, without copying: e.g.
+    /// `ClBuffer::<f32>::from_ocl(&buf_f32)` or `ClBuffer::<bf16>::from_ocl(&bits_u16)`.
+    /// The element sizes must agree.
+    pub fn from_ocl<T: OclPrm>(buf: &ocl::Buffer<T>) -> Result<Self, Error> {
+        if std::mem::size_of::<T>() != E::DTYPE.size() {
+            return Err(Error::TooLarge(format!(
+                "an ocl::Buffer of {}-byte elements cannot hold {}",
+                std::mem::size_of::<T>(),
+                E::DTYPE
+            )));
+        }
+        Self::from_mem(buf.as_core())
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The OpenCL memory object (`None` when empty), to hand to other OpenCL code.
+    pub fn as_mem(&self) -> Option<&Mem> {
+        self.mem.as_ref()
+    }
+}
+
+/// `x` as bytes. `E` is f32, f16 or bf16 (sealed): plain bits, no padding.
+pub(crate) fn bytes<E: Element>(x: &[E]) -> &[u8] {
+    debug_assert_eq!(std::mem::size_of::<E>(), E::DTYPE.size());
+    // SAFETY: every Element is a plain-old-data float type of DTYPE.size() bytes.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}
+
+/// `x` as mutable bytes; every bit pattern is a valid `E`.
+pub(crate) fn bytes_mut<E: Element>(x: &mut [E]) -> &mut [u8] {
+    // SAFETY: as in `bytes`, and any bytes written form a valid f32/f16/bf16.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}

@@ -1,0 +1,257 @@
+//! OpenCL C program text: the OpenCL prelude, the shared kernel body
+//! ([`sage_core::gpu::KERNEL_BODY`], the device form of `sage_core::formula`) and this
+//! backend's entry kernels. Programs are generated per storage pair and built lazily.
+
+use std::fmt::Write;
+
+use sage_core::DType;
+
+/// Defines what `sage_step.h` expects from its including language.
+const PRELUDE: &str = r#"
+/* The CPU formula rounds after every f32 mul and add: no contraction into FMAs. */
+#pragma OPENCL FP_CONTRACT OFF
+#define SAGE_FN static inline
+#define SAGE_U32 uint
+#define SAGE_U16 ushort
+#define sage_bits_to_f32(u) as_float(u)
+#define sage_f32_to_bits(x) as_uint(x)
+#define sqrtf(x) sqrt(x)
+#define fabsf(x) fabs(x)
+#define fmaxf(a, b) fmax(a, b)
+"#;
+
+/// One tensor of a launch, as the kernels read it. Must match [`crate::backend::Slot`].
+const SLOT: &str = r#"
+typedef struct {
+    sage_coeffs k;
+    ulong len;        /* elements */
+    ulong end_group;  /* work-groups of this launch up to and including this tensor */
+    uint present;     /* bit 0: m, bit 1: v, bit 2: ibar */
+    uint pad;
+} sage_cl_slot;
+
+/* The slot of work-group `grp`: slots are few, so a linear scan is cheapest. */
+static inline uint sage_cl_find(__global const sage_cl_slot* slots, uint count, size_t grp) {
+    uint s = 0;
+    while (s + 1u < count && grp >= slots[s].end_group) s++;
+    return s;
+}
+"#;
+
+/// Loads, stores and the pointer type of one storage type, as macros named `{prefix}_T`,
+/// `{prefix}_LD(p, i)`, `{prefix}_ST(p, i, x)`. f16 goes through `vload_half` /
+/// `vstore_half_rte`, which are core OpenCL (no `cl_khr_fp16` needed); bf16 is stored as
+/// `ushort` bits and converted by the shared body's helpers.
+fn storage_macros(prefix: &str, d: DType) -> String {
+    let (t, ld, st) = match d {
+        DType::F32 => ("float", "((p)[i])", "((p)[i] = (x))"),
+        DType::F16 => (
+            "half",
+            "vload_half((i), (p))",
+            "vstore_half_rte((x), (i), (p))",
+        ),
+        DType::Bf16 => (
+            "ushort",
+            "sage_bf16_to_f32((p)[i])",
+            "((p)[i] = sage_f32_to_bf16(x))",
+        ),
+    };
+    format!(
+        "#define {prefix}_T {t}\n#define {prefix}_LD(p, i) {ld}\n#define {prefix}_ST(p, i, x) {st}\n"
+    )
+}
+
+fn header() -> String {
+    let mut s = String::from(PRELUDE);
+    s.push_str(sage_core::gpu::KERNEL_BODY);
+    s.push_str(SLOT);
+    s
+}
+
+/// Pointer arguments of `slots` tensors: `{ty} {name}{i}` for each name, comma separated.
+fn slot_args(slots: usize, per: &[(&str, &str)]) -> String {
+    let mut s = String::new();
+    for i in 0..slots {
+        for (ty, name) in per {
+            let _ = write!(s, ",\n    {ty} {name}{i}");
+        }
+    }
+    s
+}
+
+/// `case i: a = a{i}; b = b{i}; break;` for each slot.
+fn slot_switch(slots: usize, names: &[&str]) -> String {
+    let mut s = String::from("switch (s) {\n");
+    for i in 0..slots {
+        let _ = write!(s, "    case {i}:");
+        for n in names {
+            let _ = write!(s, " {n} = {n}{i};");
+        }
+        s.push_str(" break;\n");
+    }
+    s.push_str("    default: return;\n    }\n");
+    s
+}
+
+/// The program of parameter storage `p` and state storage `s`: the multi-tensor fused step
+/// (`sage_cl_step`, up to `slots` tensors per launch) and the primitives `sage_cl_accumulate` and
+/// `sage_cl_apply`.
+pub fn step_program(p: DType, s: DType, slots: usize) -> String {
+    let mut src = header();
+    src.push_str(&storage_macros("P", p));
+    src.push_str(&storage_macros("S", s));
+    src.push_str(
+        r#"
+/* One element's whole step, in the order of sage_core::formula::step: each present state
+ * value advanced and rounded to storage (the update reads the stored value), then θ. */
+static inline void sage_cl_elem(__global const sage_cl_slot* slot, __global P_T* p,
+                                __global const P_T* g, __global S_T* m, __global S_T* v,
+                                __global S_T* b, size_t i) {
+    const sage_coeffs k = slot->k;
+    const uint present = slot->present;
+    float th = P_LD(p, i);
+    float gr = P_LD(g, i);
+    float mv = 0.0f, vv = 0.0f, bv = 0.0f;
+    if (present & 1u) {
+        S_ST(m, i, sage_accumulate(k, SAGE_ACC_MOMENT, S_LD(m, i), th, gr));
+        mv = S_LD(m, i);
+    }
+    if (present & 2u) {
+        S_ST(v, i, sage_accumulate(k, sage_second_kind(k), S_LD(v, i), th, gr));
+        vv = S_LD(v, i);
+    }
+    if (present & 4u) {
+        S_ST(b, i, sage_accumulate(k, SAGE_ACC_SENSITIVITY, S_LD(b, i), th, gr));
+        bv = S_LD(b, i);
+    }
+    P_ST(p, i, sage_apply(k, th, gr, mv, vv, bv));
+}
+
+/* Up to SLOTS tensors in one launch; each work-group steps local_size elements of one
+ * tensor, so the tensor (and its pointers) are uniform across a group. */
+__kernel void sage_cl_step(__global const sage_cl_slot* slots, uint base, uint count"#,
+    );
+    src.push_str(&slot_args(
+        slots,
+        &[
+            ("__global P_T*", "p"),
+            ("__global const P_T*", "g"),
+            ("__global S_T*", "m"),
+            ("__global S_T*", "v"),
+            ("__global S_T*", "b"),
+        ],
+    ));
+    src.push_str(
+        r#") {
+    slots += base;
+    size_t grp = get_group_id(0);
+    uint s = sage_cl_find(slots, count, grp);
+    size_t first = s ? slots[s - 1].end_group : 0;
+    size_t i = (grp - first) * get_local_size(0) + get_local_id(0);
+    if (i >= slots[s].len) return;
+    __global P_T* p; __global const P_T* g; __global S_T* m; __global S_T* v; __global S_T* b;
+    "#,
+    );
+    src.push_str(&slot_switch(slots, &["p", "g", "m", "v", "b"]));
+    src.push_str(
+        r#"    sage_cl_elem(slots + s, p, g, m, v, b, i);
+}
+
+/* One EMA pass over one state buffer (Backend::accumulate). */
+__kernel void sage_cl_accumulate(__global const sage_cl_slot* slots, uint base, int which,
+                              __global S_T* acc, __global const P_T* p, __global const P_T* g) {
+    slots += base;
+    size_t i = get_global_id(0);
+    if (i >= slots->len) return;
+    S_ST(acc, i, sage_accumulate(slots->k, which, S_LD(acc, i), P_LD(p, i), P_LD(g, i)));
+}
+
+/* The parameter update from advanced state (Backend::apply); absent buffers read as 0. */
+__kernel void sage_cl_apply(__global const sage_cl_slot* slots, uint base, __global P_T* p,
+                         __global const P_T* g, __global const S_T* m, __global const S_T* v,
+                         __global const S_T* b) {
+    slots += base;
+    size_t i = get_global_id(0);
+    if (i >= slots->len) return;
+    const uint present = slots->present;
+    float mv = (present & 1u) ? S_LD(m, i) : 0.0f;
+    float vv = (present & 2u) ? S_LD(v, i) : 0.0f;
+    float bv = (present & 4u) ? S_LD(b, i) : 0.0f;
+    P_ST(p, i, sage_apply(slots->k, P_LD(p, i), P_LD(g, i), mv, vv, bv));
+}
+"#,
+    );
+    src
+}
+
+/// The squared-norm program of storage `e`: `sage_cl_sq_norm` reduces up to `slots` buffers per
+/// launch to one partial sum per work-group, accumulated in double where `fp64` (else float).
+pub fn norm_program(e: DType, slots: usize, fp64: bool) -> String {
+    let mut src = String::from(PRELUDE);
+    src.push_str(sage_core::gpu::KERNEL_BODY);
+    if fp64 {
+        src.push_str("#pragma OPENCL EXTENSION cl_khr_fp64 : enable\ntypedef double sage_acc;\n");
+    } else {
+        src.push_str("typedef float sage_acc;\n");
+    }
+    src.push_str(&storage_macros("E", e));
+    src.push_str(
+        r#"
+/* tab[2s] = elements of tensor s, tab[2s+1] = work-groups up to and including it. Each
+ * group sums `per_item * local_size` elements of one tensor; local_size is a power of two. */
+__kernel void sage_cl_sq_norm(__global const ulong* tab, uint base, uint count, uint per_item,
+                           __global sage_acc* partials, uint pbase, __local sage_acc* scratch"#,
+    );
+    src.push_str(&slot_args(slots, &[("__global const E_T*", "x")]));
+    src.push_str(
+        r#") {
+    tab += 2 * (size_t)base;
+    size_t grp = get_group_id(0);
+    size_t lid = get_local_id(0);
+    size_t lsz = get_local_size(0);
+    uint s = 0;
+    while (s + 1u < count && grp >= tab[2 * s + 1]) s++;
+    size_t first = s ? tab[2 * s - 1] : 0;
+    size_t len = tab[2 * s];
+    size_t chunk = lsz * per_item;
+    size_t start = (grp - first) * chunk;
+    size_t end = min(start + chunk, len);
+    __global const E_T* x;
+    "#,
+    );
+    src.push_str(&slot_switch(slots, &["x"]).replace("default: return;", "default: x = x0;"));
+    src.push_str(
+        r#"    sage_acc acc = 0;
+    for (size_t i = start + lid; i < end; i += lsz) {
+        sage_acc e = (sage_acc)E_LD(x, i);
+        acc += e * e;
+    }
+    scratch[lid] = acc;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (size_t off = lsz / 2; off > 0; off >>= 1) {
+        if (lid < off) scratch[lid] += scratch[lid + off];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (lid == 0) partials[pbase + grp] = scratch[0];
+}
+"#,
+    );
+    src
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_name_every_slot() {
+        let src = step_program(DType::F16, DType::Bf16, 3);
+        assert!(src.contains("__global P_T* p2"));
+        assert!(!src.contains("p3"));
+        assert!(src.contains("vload_half"));
+        assert!(src.contains("sage_f32_to_bf16"));
+        let n = norm_program(DType::F32, 2, true);
+        assert!(n.contains("__global const E_T* x1"));
+        assert!(n.contains("cl_khr_fp64"));
+    }
+}
