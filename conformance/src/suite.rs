@@ -42,6 +42,8 @@ pub struct Row {
     pub check: String,
     /// Outcome.
     pub status: Status,
+    /// A note on a pass (e.g. the worst error of a trajectory as a fraction of its tolerance).
+    pub note: String,
 }
 
 impl Row {
@@ -51,6 +53,7 @@ impl Row {
             backend: backend.into(),
             check: "*".into(),
             status: Status::NotAvailable(why.into()),
+            note: String::new(),
         }
     }
 }
@@ -58,7 +61,8 @@ impl Row {
 impl fmt::Display for Row {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let status = match &self.status {
-            Status::Pass => "pass".to_string(),
+            Status::Pass if self.note.is_empty() => "pass".to_string(),
+            Status::Pass => format!("pass  {}", self.note),
             Status::Fail(d) => format!("FAIL  {d}"),
             Status::NotAvailable(d) => format!("not available  {d}"),
         };
@@ -78,15 +82,20 @@ pub fn checks<B: Harness + 'static>() -> Vec<(&'static str, Check<B>)> {
 pub fn run_suite<B: Harness + 'static>(mut b: B, opts: &Options) -> Vec<Row> {
     let backend = b.name();
     let mut rows = Vec::new();
-    let mut push = |check: String, r: Result<(), Failure>| {
+    let mut push = |check: String, r: Result<String, Failure>| {
+        let mut note = String::new();
         rows.push(Row {
             backend: backend.clone(),
             check,
             status: match r {
-                Ok(()) => Status::Pass,
+                Ok(n) => {
+                    note = n;
+                    Status::Pass
+                }
                 Err(f) if f.not_available => Status::NotAvailable(f.detail),
                 Err(f) => Status::Fail(f.detail),
             },
+            note,
         })
     };
     for dir in &opts.vector_dirs {
@@ -98,8 +107,9 @@ pub fn run_suite<B: Harness + 'static>(mut b: B, opts: &Options) -> Vec<Row> {
                         "vectors {}",
                         path.file_name().map_or("?".into(), |n| n.to_string_lossy())
                     );
-                    let r =
-                        vectors::VectorFile::load(&path).and_then(|v| vectors::replay(&mut b, &v));
+                    let r = vectors::VectorFile::load(&path)
+                        .and_then(|v| vectors::replay_worst(&mut b, &v))
+                        .map(|w| format!("worst {:.3}x tolerance", w.ratio));
                     push(name, r);
                 }
             }
@@ -108,7 +118,7 @@ pub fn run_suite<B: Harness + 'static>(mut b: B, opts: &Options) -> Vec<Row> {
     for (name, check) in checks::<B>() {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&mut b)))
             .unwrap_or_else(|_| Err(Failure::new(name, "the check panicked")));
-        push(name.to_string(), r);
+        push(name.to_string(), r.map(|()| String::new()));
     }
     rows
 }

@@ -261,6 +261,11 @@ pub fn files_in(dir: &Path) -> Result<Vec<PathBuf>, Failure> {
 /// Replays one trajectory (f32 parameters and state) on `b`, checking every element after
 /// every step.
 pub fn replay<B: Harness>(b: &mut B, file: &VectorFile) -> Result<(), Failure> {
+    replay_worst(b, file).map(|_| ())
+}
+
+/// [`replay`], returning the worst element seen (its error as a multiple of the tolerance).
+pub fn replay_worst<B: Harness>(b: &mut B, file: &VectorFile) -> Result<Worst, Failure> {
     let check = format!("vectors {}", file.name);
     let cfg = file.config().map_err(|e| Failure::new(&check, e))?;
     let (groups, group_of) = file.groups();
@@ -291,5 +296,9 @@ pub fn replay<B: Harness>(b: &mut B, file: &VectorFile) -> Result<(), Failure> {
             break;
         }
     }
-    worst.into_result(&check)
+    if worst.ok() {
+        Ok(worst)
+    } else {
+        Err(worst.failure(&check))
+    }
 }
