@@ -11,7 +11,7 @@ use ocl::core::{
 use sage_core::{Accumulate, ApplyArgs, Backend, Coeffs, DType, Element, ParamTensor, TensorMut};
 
 use crate::buffer::{bytes, bytes_mut, ClBuffer};
-use crate::device::{devices, DeviceDesc, Select};
+use crate::device::{describe, devices, DeviceDesc, Select};
 use crate::{source, Error};
 
 /// Work-items per work-group for the elementwise kernels (lowered where a kernel allows less).
@@ -73,6 +73,7 @@ struct Shared {
 #[derive(Clone, Debug, Default)]
 pub struct Builder {
     select: Select,
+    queue: Option<ocl::Queue>,
     extra_options: String,
     max_slots: Option<usize>,
 }
@@ -81,6 +82,13 @@ impl Builder {
     /// Chooses the device (default: [`Select::Default`]).
     pub fn device(mut self, select: Select) -> Self {
         self.select = select;
+        self
+    }
+
+    /// Runs on a framework's existing in-order queue (its context and device) instead of
+    /// opening a device: buffers the framework allocates there are stepped without copies.
+    pub fn queue(mut self, queue: ocl::Queue) -> Self {
+        self.queue = Some(queue);
         self
     }
 
@@ -101,8 +109,46 @@ impl Builder {
     /// Opens the device: a context and an in-order queue. Kernels are built on first use.
     pub fn build(self) -> Result<OpenCl, Error> {
         let list = devices()?;
-        let desc = self.select.pick(&list)?.clone();
-        OpenCl::open(desc, &self.extra_options, self.max_slots)
+        let Some(q) = self.queue else {
+            let desc = self.select.pick(&list)?.clone();
+            let context = core::create_context(None, &[desc.id], None, None)
+                .map_err(|e| Error::cl("creating a context", e))?;
+            let queue = core::create_command_queue(&context, desc.id, None)
+                .map_err(|e| Error::cl("creating a queue", e))?;
+            return OpenCl::open(desc, context, queue, &self.extra_options, self.max_slots);
+        };
+        let id = *q.device().as_core();
+        let desc = match list.iter().find(|d| d.id == id) {
+            Some(d) => d.clone(),
+            None => {
+                let pid = match core::get_device_info(id, core::DeviceInfo::Platform) {
+                    Ok(core::DeviceInfoResult::Platform(p)) => p,
+                    _ => {
+                        return Err(Error::NotAvailable(
+                            "the queue's platform is unknown".into(),
+                        ))
+                    }
+                };
+                describe(usize::MAX, usize::MAX, pid, id)
+            }
+        };
+        let props = core::get_command_queue_info(q.as_core(), core::CommandQueueInfo::Properties);
+        if let Ok(core::CommandQueueInfoResult::Properties(p)) = props {
+            if p.contains(core::CommandQueueProperties::OUT_OF_ORDER_EXEC_MODE_ENABLE) {
+                // Steps, norms and copies rely on the queue's order.
+                return Err(Error::NotAvailable(
+                    "an out-of-order queue (sage-opencl needs an in-order one)".into(),
+                ));
+            }
+        }
+        let context = q.context().as_core().clone();
+        OpenCl::open(
+            desc,
+            context,
+            q.as_core().clone(),
+            &self.extra_options,
+            self.max_slots,
+        )
     }
 }
 
@@ -235,11 +281,13 @@ impl OpenCl {
         Builder::default()
     }
 
-    fn open(desc: DeviceDesc, extra: &str, max_slots: Option<usize>) -> Result<Self, Error> {
-        let context = core::create_context(None, &[desc.id], None, None)
-            .map_err(|e| Error::cl("creating a context", e))?;
-        let queue = core::create_command_queue(&context, desc.id, None)
-            .map_err(|e| Error::cl("creating a queue", e))?;
+    fn open(
+        desc: DeviceDesc,
+        context: Context,
+        queue: CommandQueue,
+        extra: &str,
+        max_slots: Option<usize>,
+    ) -> Result<Self, Error> {
         let mut options = String::new();
         if desc.correctly_rounded_div_sqrt {
             // Matches the CPU's IEEE division and square root (OpenCL allows 2.5 and 3 ulp).

@@ -1,6 +1,7 @@
 //! Finding OpenCL devices, and choosing one by index or name.
 
 use std::fmt;
+use std::sync::Mutex;
 
 use ocl::core::{self, DeviceId, DeviceInfo, DeviceInfoResult, DeviceType, PlatformId};
 
@@ -37,6 +38,17 @@ pub struct DeviceDesc {
     pub max_parameter_size: usize,
     pub(crate) id: DeviceId,
     pub(crate) platform_id: PlatformId,
+}
+
+impl DeviceDesc {
+    /// The OpenCL device id (for `ocl::Device::from`).
+    pub fn device_id(&self) -> DeviceId {
+        self.id
+    }
+    /// The OpenCL platform id (for `ocl::Platform::new`).
+    pub fn platform_id(&self) -> PlatformId {
+        self.platform_id
+    }
 }
 
 impl fmt::Display for DeviceDesc {
@@ -153,7 +165,12 @@ fn text(id: DeviceId, what: DeviceInfo) -> String {
         .unwrap_or_default()
 }
 
-fn describe(platform: usize, device: usize, pid: PlatformId, id: DeviceId) -> DeviceDesc {
+pub(crate) fn describe(
+    platform: usize,
+    device: usize,
+    pid: PlatformId,
+    id: DeviceId,
+) -> DeviceDesc {
     let platform_name = core::get_platform_info(pid, core::PlatformInfo::Name)
         .map(|r| r.to_string().trim().to_string())
         .unwrap_or_default();
@@ -206,6 +223,10 @@ fn describe(platform: usize, device: usize, pid: PlatformId, id: DeviceId) -> De
 /// Every OpenCL device on this machine, platform by platform. No platform is
 /// [`Error::NotAvailable`], never a panic.
 pub fn devices() -> Result<Vec<DeviceDesc>, Error> {
+    // Drivers initialise lazily on the first device query, and not all do so thread-safely
+    // (PoCL 3.1 crashes when one thread lists devices while another initialises them).
+    static LISTING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = LISTING.lock().unwrap_or_else(|p| p.into_inner());
     platform_count()?;
     let platforms = core::get_platform_ids().map_err(|e| Error::cl("listing platforms", e))?;
     let mut out = Vec::new();
