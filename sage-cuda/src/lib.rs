@@ -1,1 +1,753 @@
-//! Skeleton; see its issue.
+//! # sage-cuda
+//!
+//! SAGE ([`sage_core`]) on NVIDIA GPUs: one fused pass per step (every buffer read once and
+//! written once), many tensors per launch, the gradient norms of all tensors in one launch.
+//!
+//! The CUDA layer is [`cudarc`]: the driver API and NVRTC are loaded at run time, so this
+//! crate builds with no CUDA toolkit and a program that uses it starts on a machine with no
+//! driver ([`Cuda::new`] then returns a `NotAvailable` error). Its buffers are cudarc's
+//! [`CudaSlice`], the type candle and burn hold their tensors in, so a framework's parameters
+//! are stepped in place: [`Backend::Buf<E>`](sage_core::Backend::Buf) is `CudaSlice<E>`.
+//!
+//! Kernels come from the source shared with the OpenCL backend (`sage_core::gpu`), compiled
+//! by NVRTC for the device's architecture once per process and storage combination
+//! ([`kernels`]). Parameters and gradients may be f32, f16 or bf16, state f32, f16 or bf16;
+//! arithmetic is f32 with no FMA contraction, so results match the CPU formula.
+//!
+//! ```no_run
+//! use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
+//! use sage_cuda::Cuda;
+//!
+//! let mut gpu = Cuda::new(0)?; // Err(NotAvailable) without a driver or device
+//! let (mut w, g) = (gpu.upload(&[0.5f32, -0.25, 1.0])?, gpu.upload(&[0.1f32, 0.2, 0.3])?);
+//! let (mut m, mut v, mut ibar) = (gpu.zeros::<f32>(3)?, gpu.zeros::<f32>(3)?, gpu.zeros::<f32>(3)?);
+//! let cfg = Config::reference(Algorithm::adamw(), 1e-3).beta0(0.8);
+//! let mut opt = Optimizer::new(gpu, cfg, [ParamGroup::sage()]).expect("valid config");
+//! opt.step(&mut [ParamTensor::new(&mut w, &g).m(&mut m).v(&mut v).ibar(&mut ibar)])
+//!     .expect("step");
+//! let w_host = opt.backend_mut().download(&w)?;
+//! # Ok::<(), sage_cuda::CudaError>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod error;
+pub mod kernels;
+pub mod plan;
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+pub use cudarc;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg, SyncOnDrop, ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+use sage_core::{
+    Accumulate, ApplyArgs, Backend, Coeffs, DType, Element, ParamTensor, TensorMut,
+};
+
+pub use error::CudaError;
+use kernels::Program;
+use plan::{TensorEntry, CHUNK, THREADS};
+
+/// Threads per block of the primitive (grid-stride) kernels.
+const PRIMITIVE_THREADS: u32 = 256;
+/// Most blocks of a primitive launch; the kernels loop over the rest.
+const PRIMITIVE_MAX_BLOCKS: u64 = 1 << 16;
+
+/// [`Coeffs`] passed by value as a kernel parameter (`const sage_coeffs k`).
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct KArg(Coeffs);
+// SAFETY: `Coeffs` is `#[repr(C)]` with 24 four-byte fields, the layout of `sage_coeffs`.
+unsafe impl DeviceRepr for KArg {}
+
+/// Kernels of one program loaded on this context.
+struct Loaded {
+    funcs: HashMap<String, CudaFunction>,
+}
+
+/// Device scratch of one handle, grown as needed and reused across steps.
+#[derive(Default)]
+struct Scratch {
+    meta: Option<CudaSlice<u8>>,
+    partials: Option<CudaSlice<f64>>,
+    counters: Option<CudaSlice<u32>>,
+    out: Option<CudaSlice<f64>>,
+}
+
+/// The CUDA backend: a device context, the stream every launch goes to, and the kernels.
+///
+/// `Clone` gives another handle to the same context, stream and loaded kernels, with its own
+/// scratch buffers.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    name: String,
+    loaded: Arc<Mutex<HashMap<Program, Arc<Loaded>>>>,
+    scratch: Scratch,
+}
+
+impl Clone for Cuda {
+    fn clone(&self) -> Self {
+        Cuda {
+            ctx: self.ctx.clone(),
+            stream: self.stream.clone(),
+            arch: self.arch.clone(),
+            name: self.name.clone(),
+            loaded: self.loaded.clone(),
+            scratch: Scratch::default(),
+        }
+    }
+}
+
+impl fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cuda")
+            .field("device", &self.name)
+            .field("arch", &self.arch)
+            .finish()
+    }
+}
+
+fn not_available(op: &str, e: cudarc::driver::DriverError) -> CudaError {
+    let err = CudaError::driver(op, e);
+    match sage_core::BackendError::kind(&err) {
+        sage_core::ErrorKind::NotAvailable => CudaError::NotAvailable(err.to_string()),
+        _ => err,
+    }
+}
+
+/// Whether the driver library (`libcuda.so`) can be loaded here.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library by name and closes it.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Runs `f`, turning a panic inside cudarc (a symbol missing from an old driver) into an error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, CudaError>) -> Result<T, CudaError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(CudaError::NotAvailable(format!("{what}: {msg}")))
+    })
+}
+
+impl Cuda {
+    /// Number of CUDA devices, or `NotAvailable` when there is no driver.
+    pub fn device_count() -> Result<usize, CudaError> {
+        if !driver_present() {
+            return Err(CudaError::NotAvailable(
+                "no NVIDIA driver (libcuda.so not found)".into(),
+            ));
+        }
+        guarded("probing the driver", || {
+            cudarc::driver::result::init().map_err(|e| not_available("cuInit", e))?;
+            let n = CudaContext::device_count().map_err(|e| not_available("cuDeviceGetCount", e))?;
+            Ok(n.max(0) as usize)
+        })
+    }
+
+    /// The backend on device `ordinal`, launching on the device's default stream.
+    /// `NotAvailable` when there is no driver or no such device.
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        let n = Cuda::device_count()?;
+        if ordinal >= n {
+            return Err(CudaError::NotAvailable(format!(
+                "no CUDA device {ordinal} ({n} found)"
+            )));
+        }
+        let ctx = guarded("creating a context", || {
+            CudaContext::new(ordinal).map_err(|e| not_available("cuDevicePrimaryCtxRetain", e))
+        })?;
+        let stream = ctx.default_stream();
+        Cuda::with_stream(stream)
+    }
+
+    /// The backend on an existing stream (a framework's), so that steps are ordered with the
+    /// framework's own work on it.
+    pub fn with_stream(stream: Arc<CudaStream>) -> Result<Self, CudaError> {
+        let ctx = stream.context().clone();
+        guarded("querying the device", || {
+            let (major, minor) = ctx
+                .compute_capability()
+                .map_err(|e| CudaError::driver("compute capability", e))?;
+            let name = ctx
+                .name()
+                .map_err(|e| CudaError::driver("device name", e))?;
+            Ok(Cuda {
+                arch: format!("sm_{major}{minor}"),
+                name: format!("cuda:{} ({name})", ctx.ordinal()),
+                ctx: ctx.clone(),
+                stream,
+                loaded: Arc::default(),
+                scratch: Scratch::default(),
+            })
+        })
+    }
+
+    /// `cuda:N (device name)`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The architecture kernels are compiled for (`sm_90`).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    /// The stream every launch of this backend goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits for everything queued on the stream.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| CudaError::driver("synchronize", e))
+    }
+
+    /// Compiles (or fetches from the process cache) and loads the kernels for parameters of
+    /// `P` and state of `S`, and the norm kernel of `P`, so the first step does not pay for it.
+    pub fn prepare<P: Element, S: Element>(&self) -> Result<(), CudaError> {
+        self.program(Program::Step {
+            p: P::DTYPE,
+            s: S::DTYPE,
+        })?;
+        self.program(Program::SqNorm { e: P::DTYPE })?;
+        Ok(())
+    }
+
+    fn program(&self, p: Program) -> Result<Arc<Loaded>, CudaError> {
+        let mut map = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = map.get(&p) {
+            return Ok(l.clone());
+        }
+        let img = kernels::image(p, &self.arch)?;
+        let ptx = match &img.cubin {
+            Some(c) => Ptx::from_binary(c.clone()),
+            None => Ptx::from_src(img.ptx.clone()),
+        };
+        let module = self
+            .ctx
+            .load_module(ptx)
+            .map_err(|e| CudaError::driver(format!("load module {}", p.name()), e))?;
+        let mut funcs = HashMap::new();
+        for k in p.kernels() {
+            let f = module
+                .load_function(&k)
+                .map_err(|e| CudaError::driver(format!("kernel {k}"), e))?;
+            funcs.insert(k, f);
+        }
+        let l = Arc::new(Loaded { funcs });
+        map.insert(p, l.clone());
+        Ok(l)
+    }
+
+    fn function(&self, p: Program, kernel: &str) -> Result<CudaFunction, CudaError> {
+        let l = self.program(p)?;
+        l.funcs.get(kernel).cloned().ok_or_else(|| CudaError::Compile {
+            program: p.name(),
+            log: format!("kernel {kernel} missing from the program"),
+        })
+    }
+
+    /// A device buffer holding `data`.
+    pub fn upload<E: Element>(&self, data: &[E]) -> Result<CudaSlice<E>, CudaError> {
+        match E::DTYPE {
+            DType::F32 => self.upload_as::<E, f32>(data),
+            DType::F16 => self.upload_as::<E, half::f16>(data),
+            DType::Bf16 => self.upload_as::<E, half::bf16>(data),
+        }
+    }
+
+    /// A device buffer of `n` zeros.
+    pub fn zeros<E: Element>(&self, n: usize) -> Result<CudaSlice<E>, CudaError> {
+        match E::DTYPE {
+            DType::F32 => self.zeros_as::<E, f32>(n),
+            DType::F16 => self.zeros_as::<E, half::f16>(n),
+            DType::Bf16 => self.zeros_as::<E, half::bf16>(n),
+        }
+    }
+
+    /// The contents of `buf` (waits for the stream).
+    pub fn download<E: Element>(&self, buf: &CudaSlice<E>) -> Result<Vec<E>, CudaError> {
+        match E::DTYPE {
+            DType::F32 => self.download_as::<E, f32>(buf),
+            DType::F16 => self.download_as::<E, half::f16>(buf),
+            DType::Bf16 => self.download_as::<E, half::bf16>(buf),
+        }
+    }
+
+    fn upload_as<E: Element, T: DeviceRepr + 'static>(
+        &self,
+        data: &[E],
+    ) -> Result<CudaSlice<E>, CudaError> {
+        let host: &[T] = same_slice(data).ok_or_else(type_confusion)?;
+        let dev = if host.is_empty() {
+            self.stream.null::<T>()
+        } else {
+            self.stream.clone_htod(host)
+        }
+        .map_err(|e| CudaError::driver("upload", e))?;
+        same_owned(dev).ok_or_else(type_confusion)
+    }
+
+    fn zeros_as<E: Element, T: DeviceRepr + ValidAsZeroBits + 'static>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<E>, CudaError> {
+        let dev = if n == 0 {
+            self.stream.null::<T>()
+        } else {
+            self.stream.alloc_zeros::<T>(n)
+        }
+        .map_err(|e| CudaError::driver("alloc", e))?;
+        same_owned(dev).ok_or_else(type_confusion)
+    }
+
+    fn download_as<E: Element, T: DeviceRepr + 'static>(
+        &self,
+        buf: &CudaSlice<E>,
+    ) -> Result<Vec<E>, CudaError> {
+        let typed: &CudaSlice<T> = (buf as &dyn Any).downcast_ref().ok_or_else(type_confusion)?;
+        if typed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let host: Vec<T> = self
+            .stream
+            .clone_dtoh(typed)
+            .map_err(|e| CudaError::driver("download", e))?;
+        same_owned(host).ok_or_else(type_confusion)
+    }
+
+    /// Copies `bytes` into the scratch metadata buffer (one host-to-device copy) and returns
+    /// its device address.
+    fn upload_meta(&mut self, bytes: &[u8]) -> Result<u64, CudaError> {
+        let stream = self.stream.clone();
+        let meta = grow(&stream, &mut self.scratch.meta, bytes.len())?;
+        stream
+            .memcpy_htod(bytes, meta)
+            .map_err(|e| CudaError::driver("upload launch tables", e))?;
+        let (p, _g) = meta.device_ptr(&stream);
+        Ok(p)
+    }
+
+    /// Squared norms of the `grad` buffers (of storage `e`) of `entries`: one launch, one
+    /// read-back.
+    fn sq_norms(&mut self, e: DType, entries: &[TensorEntry]) -> Result<Vec<f64>, CudaError> {
+        let packed = plan::pack(
+            &entries
+                .iter()
+                .map(|t| (*t, Coeffs::default()))
+                .collect::<Vec<_>>(),
+        )?;
+        let n = entries.len();
+        if packed.n_chunks == 0 {
+            return Ok(vec![0.0; n]);
+        }
+        let prog = Program::SqNorm { e };
+        let name = format!("sage_sqnorm_{e}");
+        let f = self.function(prog, &name)?;
+        let meta = self.upload_meta(&packed.bytes)?;
+        let stream = self.stream.clone();
+        let partials = raw(grow(&stream, &mut self.scratch.partials, packed.n_chunks)?, &stream);
+        let counters = raw(grow(&stream, &mut self.scratch.counters, n)?, &stream);
+        let out_buf = grow(&stream, &mut self.scratch.out, n)?;
+        let out = raw(out_buf, &stream);
+        let tensors = meta + packed.tensors_at as u64;
+        let chunks = meta + packed.chunks_at as u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&tensors)
+            .arg(&chunks)
+            .arg(&partials)
+            .arg(&counters)
+            .arg(&out);
+        // SAFETY: the tables describe live buffers of the lengths given; scratch is sized
+        // for the chunk and tensor counts.
+        unsafe { b.launch(grid(packed.n_chunks as u32, THREADS)) }
+            .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
+        let mut host = vec![0f64; n];
+        stream
+            .memcpy_dtoh(&out_buf.slice(0..n), &mut host)
+            .map_err(|e| CudaError::driver("read back norms", e))?;
+        stream
+            .synchronize()
+            .map_err(|e| CudaError::driver(format!("run {name}"), e))?;
+        // Empty tensors have no block, so nothing wrote their slot.
+        for (h, t) in host.iter_mut().zip(entries) {
+            if t.n == 0 {
+                *h = 0.0;
+            }
+        }
+        Ok(host)
+    }
+}
+
+fn type_confusion() -> CudaError {
+    CudaError::TooLarge("internal: storage type does not match its DType".into())
+}
+
+/// `x` as a slice of `B`, when `A` is `B`.
+fn same_slice<A: 'static, B: 'static>(x: &[A]) -> Option<&[B]> {
+    if TypeId::of::<A>() == TypeId::of::<B>() {
+        // SAFETY: A and B are the same type.
+        Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<B>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+/// `x` as a `B`, when `A` is `B`.
+fn same_owned<A: 'static, B: 'static>(x: A) -> Option<B> {
+    let b: Box<dyn Any> = Box::new(x);
+    b.downcast::<B>().ok().map(|b| *b)
+}
+
+/// The scratch buffer in `slot`, reallocated (zeroed) when shorter than `n`.
+fn grow<'s, T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    slot: &'s mut Option<CudaSlice<T>>,
+    n: usize,
+) -> Result<&'s mut CudaSlice<T>, CudaError> {
+    if slot.as_ref().map_or(true, |s| s.len() < n) {
+        *slot = None;
+        let len = n.max(64).next_power_of_two();
+        *slot = Some(
+            stream
+                .alloc_zeros::<T>(len)
+                .map_err(|e| CudaError::driver("alloc scratch", e))?,
+        );
+    }
+    slot.as_mut()
+        .ok_or_else(|| CudaError::TooLarge("internal: scratch".into()))
+}
+
+/// The address of an optional buffer read on `stream` (0 when absent), with the guard that
+/// orders other streams' later writes after this use.
+fn read_ptr<'a, T>(
+    s: Option<&'a CudaSlice<T>>,
+    stream: &'a CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match s {
+        Some(s) => {
+            let (p, g) = s.device_ptr(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+/// [`read_ptr`] for a buffer written on `stream`.
+fn write_ptr<'a, T>(
+    s: Option<&'a mut CudaSlice<T>>,
+    stream: &'a CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match s {
+        Some(s) => {
+            let (p, g) = s.device_ptr_mut(stream);
+            (p, Some(g))
+        }
+        None => (0, None),
+    }
+}
+
+/// The device address of a scratch buffer used only on `stream`.
+fn raw<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    s.device_ptr(stream).0
+}
+
+fn grid(blocks: u32, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn primitive_grid(n: u64) -> LaunchConfig {
+    let blocks = n.div_ceil(PRIMITIVE_THREADS as u64).min(PRIMITIVE_MAX_BLOCKS) as u32;
+    grid(blocks.max(1), PRIMITIVE_THREADS)
+}
+
+fn same_len(what: &'static str, expected: usize, got: usize) -> Result<(), CudaError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(CudaError::LengthMismatch {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+fn acc_code(which: Accumulate) -> i32 {
+    // SAGE_ACC_* in sage_step.h
+    match which {
+        Accumulate::Moment => 0,
+        Accumulate::SecondMoment => 1,
+        Accumulate::InfNorm => 2,
+        Accumulate::Sensitivity => 3,
+    }
+}
+
+fn step_program<P: Element, S: Element>() -> Program {
+    Program::Step {
+        p: P::DTYPE,
+        s: S::DTYPE,
+    }
+}
+
+impl Backend for Cuda {
+    type Error = CudaError;
+    type Buf<E: Element> = CudaSlice<E>;
+
+    fn len<E: Element>(&self, buf: &CudaSlice<E>) -> usize {
+        buf.len()
+    }
+
+    fn sq_norm<E: Element>(&mut self, buf: &CudaSlice<E>) -> Result<f64, CudaError> {
+        let stream = self.stream.clone();
+        let (grad, _g) = buf.device_ptr(&stream);
+        let e = TensorEntry {
+            grad,
+            n: buf.len() as u64,
+            ..TensorEntry::default()
+        };
+        Ok(self.sq_norms(E::DTYPE, &[e])?[0])
+    }
+
+    fn accumulate<P: Element, S: Element>(
+        &mut self,
+        which: Accumulate,
+        acc: &mut CudaSlice<S>,
+        param: &CudaSlice<P>,
+        grad: &CudaSlice<P>,
+        k: &Coeffs,
+    ) -> Result<(), CudaError> {
+        let n = param.len();
+        same_len("grad", n, grad.len())?;
+        same_len("state", n, acc.len())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let name = format!("sage_accumulate_{}_{}", P::DTYPE, S::DTYPE);
+        let f = self.function(step_program::<P, S>(), &name)?;
+        let stream = self.stream.clone();
+        let (a, _ga) = acc.device_ptr_mut(&stream);
+        let (p, _gp) = param.device_ptr(&stream);
+        let (g, _gg) = grad.device_ptr(&stream);
+        let (karg, code, n64) = (KArg(*k), acc_code(which), n as u64);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&karg).arg(&code).arg(&a).arg(&p).arg(&g).arg(&n64);
+        // SAFETY: three live buffers of n elements of the kernel's storage types.
+        unsafe { b.launch(primitive_grid(n64)) }
+            .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
+        Ok(())
+    }
+
+    fn apply<P: Element, S: Element>(
+        &mut self,
+        t: ApplyArgs<'_, Self, P, S>,
+        k: &Coeffs,
+    ) -> Result<(), CudaError> {
+        let ApplyArgs {
+            param,
+            grad,
+            m,
+            v,
+            ibar,
+        } = t;
+        let n = param.len();
+        same_len("grad", n, grad.len())?;
+        for (what, s) in [("m", &m), ("v", &v), ("ibar", &ibar)] {
+            if let Some(s) = s {
+                same_len(what, n, s.len())?;
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let name = format!("sage_apply_{}_{}", P::DTYPE, S::DTYPE);
+        let f = self.function(step_program::<P, S>(), &name)?;
+        let stream = self.stream.clone();
+        let (p, _gp) = param.device_ptr_mut(&stream);
+        let (g, _gg) = grad.device_ptr(&stream);
+        let (pm, _gm) = read_ptr(m, &stream);
+        let (pv, _gv) = read_ptr(v, &stream);
+        let (pi, _gi) = read_ptr(ibar, &stream);
+        let (karg, n64) = (KArg(*k), n as u64);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&karg)
+            .arg(&p)
+            .arg(&g)
+            .arg(&pm)
+            .arg(&pv)
+            .arg(&pi)
+            .arg(&n64);
+        // SAFETY: live buffers of n elements (absent state as null, which the kernel skips).
+        unsafe { b.launch(primitive_grid(n64)) }
+            .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
+        Ok(())
+    }
+
+    fn fused_step<P: Element, S: Element>(
+        &mut self,
+        t: TensorMut<'_, Self, P, S>,
+        k: &Coeffs,
+    ) -> Result<(), CudaError> {
+        let TensorMut {
+            param,
+            grad,
+            m,
+            v,
+            ibar,
+        } = t;
+        let n = param.len();
+        same_len("grad", n, grad.len())?;
+        for (what, s) in [("m", &m), ("v", &v), ("ibar", &ibar)] {
+            if let Some(s) = s {
+                same_len(what, n, s.len())?;
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let blocks = plan::chunks_of(n as u64);
+        if blocks > plan::MAX_CHUNKS as u64 {
+            return Err(CudaError::TooLarge(format!(
+                "{n} elements in one tensor ({blocks} chunks of {CHUNK})"
+            )));
+        }
+        let name = format!("sage_step1_{}_{}", P::DTYPE, S::DTYPE);
+        let f = self.function(step_program::<P, S>(), &name)?;
+        let stream = self.stream.clone();
+        let (p, _gp) = param.device_ptr_mut(&stream);
+        let (g, _gg) = grad.device_ptr(&stream);
+        let (pm, _gm) = write_ptr(m, &stream);
+        let (pv, _gv) = write_ptr(v, &stream);
+        let (pi, _gi) = write_ptr(ibar, &stream);
+        let (karg, n64) = (KArg(*k), n as u64);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&karg)
+            .arg(&p)
+            .arg(&g)
+            .arg(&pm)
+            .arg(&pv)
+            .arg(&pi)
+            .arg(&n64);
+        // SAFETY: live buffers of n elements; one block per chunk of the tensor.
+        unsafe { b.launch(grid(blocks as u32, THREADS)) }
+            .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
+        Ok(())
+    }
+
+    fn grad_sq_norms<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), CudaError> {
+        if tensors.is_empty() {
+            return Ok(());
+        }
+        let stream = self.stream.clone();
+        let norms = {
+            let mut guards = Vec::with_capacity(tensors.len());
+            let mut entries = Vec::with_capacity(tensors.len());
+            for t in tensors.iter() {
+                let g = t.grad();
+                let (grad, guard) = g.device_ptr(&stream);
+                guards.push(guard);
+                entries.push(TensorEntry {
+                    grad,
+                    n: g.len() as u64,
+                    ..TensorEntry::default()
+                });
+            }
+            self.sq_norms(P::DTYPE, &entries)?
+        };
+        for (t, x) in tensors.iter_mut().zip(norms) {
+            t.set_grad_sq_norm(x);
+        }
+        Ok(())
+    }
+
+    fn step_tensors<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), CudaError> {
+        // One non-empty tensor: the single-tensor kernel needs no table upload.
+        let mut live = tensors.iter().filter(|t| t.param().len() > 0);
+        if let (Some(_), None) = (live.next(), live.next()) {
+            for t in tensors.iter_mut() {
+                if t.param().len() > 0 {
+                    let k = *t.coeffs();
+                    return self.fused_step(t.view(), &k);
+                }
+            }
+        }
+        let stream = self.stream.clone();
+        let mut guards = Vec::with_capacity(tensors.len() * 5);
+        let mut entries = Vec::with_capacity(tensors.len());
+        for t in tensors.iter_mut() {
+            let k = *t.coeffs();
+            let TensorMut {
+                param,
+                grad,
+                m,
+                v,
+                ibar,
+            } = t.view();
+            let n = param.len();
+            same_len("grad", n, grad.len())?;
+            for (what, s) in [("m", &m), ("v", &v), ("ibar", &ibar)] {
+                if let Some(s) = s {
+                    same_len(what, n, s.len())?;
+                }
+            }
+            let mut e = TensorEntry {
+                n: n as u64,
+                ..TensorEntry::default()
+            };
+            let (p, g) = param.device_ptr_mut(&stream);
+            e.param = p;
+            guards.push(g);
+            let (p, g) = grad.device_ptr(&stream);
+            e.grad = p;
+            guards.push(g);
+            for (slot, s) in [(&mut e.m, m), (&mut e.v, v), (&mut e.ibar, ibar)] {
+                let (p, g) = write_ptr(s, &stream);
+                *slot = p;
+                guards.extend(g);
+            }
+            entries.push((e, k));
+        }
+        let packed = plan::pack(&entries)?;
+        if packed.n_chunks == 0 {
+            return Ok(());
+        }
+        let name = format!("sage_mt_step_{}_{}", P::DTYPE, S::DTYPE);
+        let f = self.function(step_program::<P, S>(), &name)?;
+        let meta = self.upload_meta(&packed.bytes)?;
+        let coeffs = meta + packed.coeffs_at as u64;
+        let tables = meta + packed.tensors_at as u64;
+        let chunks = meta + packed.chunks_at as u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&coeffs).arg(&tables).arg(&chunks);
+        // SAFETY: the tables describe live buffers of the lengths checked above.
+        unsafe { b.launch(grid(packed.n_chunks as u32, THREADS)) }
+            .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
+        drop(guards);
+        Ok(())
+    }
+}

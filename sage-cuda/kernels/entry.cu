@@ -1,0 +1,295 @@
+/*
+ * sage-cuda's entry kernels, after the prelude and the shared body: storage types, the
+ * chunked multi-tensor step, the single-tensor step, the two primitives and the one-launch
+ * squared-norm reduction. Host-side layouts: sage-cuda/src/plan.rs.
+ */
+#define SAGE_CHUNK 65536u
+#define SAGE_THREADS 512
+
+typedef unsigned long long sage_u64;
+
+/* One tensor of a multi-tensor launch (64 bytes; plan.rs writes it). Absent buffers are 0. */
+typedef struct {
+    sage_u64 param, grad, m, v, ibar, n;
+    SAGE_U32 coeff;       /* index into the launch's coefficient table */
+    SAGE_U32 first_chunk; /* index of this tensor's first chunk in the chunk table */
+    sage_u64 reserved;
+} sage_tensor;
+
+/* One block's work: chunk `chunk` (SAGE_CHUNK elements) of tensor `tensor`. */
+typedef struct {
+    SAGE_U32 tensor, chunk;
+} sage_chunk_desc;
+
+static_assert(sizeof(sage_coeffs) == 96, "sage_coeffs must match sage_core::Coeffs");
+static_assert(sizeof(sage_tensor) == 64, "sage_tensor must match plan.rs");
+static_assert(sizeof(sage_chunk_desc) == 8, "sage_chunk_desc must match plan.rs");
+
+/* Four elements moved by one load: 16 bytes of f32, 8 bytes of a 16-bit type. */
+struct __align__(16) sage_v4f { float x[4]; };
+struct __align__(8) sage_v4h { unsigned short x[4]; };
+
+/* Storage types: T is what a buffer holds, V four of them; ld widens exactly, st rounds
+ * to nearest even once. */
+struct sage_tf32 {
+    typedef float T;
+    typedef sage_v4f V;
+    static __device__ __forceinline__ float ld(T x) { return x; }
+    static __device__ __forceinline__ T st(float x) { return x; }
+};
+struct sage_tf16 {
+    typedef unsigned short T;
+    typedef sage_v4h V;
+    static __device__ __forceinline__ float ld(T h) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+        return f;
+    }
+    static __device__ __forceinline__ T st(float f) {
+        unsigned short h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+        return h;
+    }
+};
+struct sage_tbf16 {
+    typedef unsigned short T;
+    typedef sage_v4h V;
+    static __device__ __forceinline__ float ld(T b) { return sage_bf16_to_f32(b); }
+    static __device__ __forceinline__ T st(float x) { return sage_f32_to_bf16(x); }
+};
+
+template <class E> __device__ __forceinline__ bool sage_aligned(const void* p) {
+    return (((sage_u64)p) % sizeof(typename E::V)) == 0;
+}
+
+/* One element's whole step (formula::step): advances the present state values, rounding each
+ * to storage once, then returns the updated parameter in f32. */
+template <class S>
+__device__ __forceinline__ float sage_elem(const sage_coeffs& k, int second, float th, float gr,
+                                           bool hm, bool hv, bool hi,
+                                           typename S::T& m, typename S::T& v, typename S::T& ib) {
+    float mf = 0.0f, vf = 0.0f, bf = 0.0f;
+    if (hm) {
+        m = S::st(sage_accumulate(k, SAGE_ACC_MOMENT, S::ld(m), th, gr));
+        mf = S::ld(m);
+    }
+    if (hv) {
+        v = S::st(sage_accumulate(k, second, S::ld(v), th, gr));
+        vf = S::ld(v);
+    }
+    if (hi) {
+        ib = S::st(sage_accumulate(k, SAGE_ACC_SENSITIVITY, S::ld(ib), th, gr));
+        bf = S::ld(ib);
+    }
+    return sage_apply(k, th, gr, mf, vf, bf);
+}
+
+/* The fused step over one chunk of `len` (<= SAGE_CHUNK) elements, by the whole block.
+ * 32-bit indices; four elements per load where every buffer is aligned, one at a time for
+ * the tail and for unaligned buffers. */
+template <class P, class S>
+__device__ __forceinline__ void sage_chunk_step(const sage_coeffs& k,
+                                                typename P::T* __restrict__ param,
+                                                const typename P::T* __restrict__ grad,
+                                                typename S::T* __restrict__ m,
+                                                typename S::T* __restrict__ v,
+                                                typename S::T* __restrict__ ib,
+                                                unsigned len) {
+    const int second = sage_second_kind(k);
+    const bool hm = m != 0, hv = v != 0, hi = ib != 0;
+    unsigned start = 0;
+    if (sage_aligned<P>(param) && sage_aligned<P>(grad) && (!hm || sage_aligned<S>(m)) &&
+        (!hv || sage_aligned<S>(v)) && (!hi || sage_aligned<S>(ib))) {
+        const unsigned len4 = len & ~3u;
+        for (unsigned i = threadIdx.x * 4u; i < len4; i += blockDim.x * 4u) {
+            typename P::V pv = *reinterpret_cast<const typename P::V*>(param + i);
+            const typename P::V gv = *reinterpret_cast<const typename P::V*>(grad + i);
+            typename S::V mv = {}, vv = {}, iv = {};
+            if (hm) mv = *reinterpret_cast<const typename S::V*>(m + i);
+            if (hv) vv = *reinterpret_cast<const typename S::V*>(v + i);
+            if (hi) iv = *reinterpret_cast<const typename S::V*>(ib + i);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                pv.x[j] = P::st(sage_elem<S>(k, second, P::ld(pv.x[j]), P::ld(gv.x[j]), hm, hv, hi,
+                                             mv.x[j], vv.x[j], iv.x[j]));
+            }
+            if (hm) *reinterpret_cast<typename S::V*>(m + i) = mv;
+            if (hv) *reinterpret_cast<typename S::V*>(v + i) = vv;
+            if (hi) *reinterpret_cast<typename S::V*>(ib + i) = iv;
+            *reinterpret_cast<typename P::V*>(param + i) = pv;
+        }
+        start = len4;
+    }
+    for (unsigned i = start + threadIdx.x; i < len; i += blockDim.x) {
+        typename S::T ms = hm ? m[i] : (typename S::T)0;
+        typename S::T vs = hv ? v[i] : (typename S::T)0;
+        typename S::T is = hi ? ib[i] : (typename S::T)0;
+        const float out = sage_elem<S>(k, second, P::ld(param[i]), P::ld(grad[i]), hm, hv, hi, ms, vs, is);
+        if (hm) m[i] = ms;
+        if (hv) v[i] = vs;
+        if (hi) ib[i] = is;
+        param[i] = P::st(out);
+    }
+}
+
+template <class E> __device__ __forceinline__ typename E::T* sage_at(sage_u64 p, sage_u64 off) {
+    return p ? reinterpret_cast<typename E::T*>(p) + off : (typename E::T*)0;
+}
+
+/* Multi-tensor step: block b steps chunk b of the chunk table. */
+template <class P, class S>
+__device__ __forceinline__ void sage_mt_step(const sage_coeffs* __restrict__ coeffs,
+                                             const sage_tensor* __restrict__ tensors,
+                                             const sage_chunk_desc* __restrict__ chunks) {
+    const sage_chunk_desc c = chunks[blockIdx.x];
+    const sage_tensor t = tensors[c.tensor];
+    const sage_coeffs k = coeffs[t.coeff];
+    const sage_u64 base = (sage_u64)c.chunk * SAGE_CHUNK;
+    if (base >= t.n) return;
+    const sage_u64 rest = t.n - base;
+    const unsigned len = rest < SAGE_CHUNK ? (unsigned)rest : SAGE_CHUNK;
+    sage_chunk_step<P, S>(k, sage_at<P>(t.param, base), sage_at<P>(t.grad, base), sage_at<S>(t.m, base),
+                          sage_at<S>(t.v, base), sage_at<S>(t.ibar, base), len);
+}
+
+/* One tensor, coefficients and pointers as kernel parameters (no upload): block b steps
+ * elements [b*SAGE_CHUNK, (b+1)*SAGE_CHUNK). */
+template <class P, class S>
+__device__ __forceinline__ void sage_step1(const sage_coeffs& k, sage_u64 param, sage_u64 grad, sage_u64 m,
+                                           sage_u64 v, sage_u64 ibar, sage_u64 n) {
+    const sage_u64 base = (sage_u64)blockIdx.x * SAGE_CHUNK;
+    if (base >= n) return;
+    const sage_u64 rest = n - base;
+    const unsigned len = rest < SAGE_CHUNK ? (unsigned)rest : SAGE_CHUNK;
+    sage_chunk_step<P, S>(k, sage_at<P>(param, base), sage_at<P>(grad, base), sage_at<S>(m, base),
+                          sage_at<S>(v, base), sage_at<S>(ibar, base), len);
+}
+
+/* Primitive: one EMA pass over a state buffer (grid-stride, 64-bit indices). */
+template <class P, class S>
+__device__ __forceinline__ void sage_accumulate_pass(const sage_coeffs& k, int which, sage_u64 acc, sage_u64 param,
+                                                     sage_u64 grad, sage_u64 n) {
+    typename S::T* a = reinterpret_cast<typename S::T*>(acc);
+    const typename P::T* p = reinterpret_cast<const typename P::T*>(param);
+    const typename P::T* g = reinterpret_cast<const typename P::T*>(grad);
+    const sage_u64 stride = (sage_u64)gridDim.x * blockDim.x;
+    for (sage_u64 i = (sage_u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        a[i] = S::st(sage_accumulate(k, which, S::ld(a[i]), P::ld(p[i]), P::ld(g[i])));
+    }
+}
+
+/* Primitive: the parameter update from state already advanced; absent state reads as 0. */
+template <class P, class S>
+__device__ __forceinline__ void sage_apply_pass(const sage_coeffs& k, sage_u64 param, sage_u64 grad, sage_u64 m,
+                                                sage_u64 v, sage_u64 ibar, sage_u64 n) {
+    typename P::T* p = reinterpret_cast<typename P::T*>(param);
+    const typename P::T* g = reinterpret_cast<const typename P::T*>(grad);
+    const typename S::T* ms = reinterpret_cast<const typename S::T*>(m);
+    const typename S::T* vs = reinterpret_cast<const typename S::T*>(v);
+    const typename S::T* is = reinterpret_cast<const typename S::T*>(ibar);
+    const sage_u64 stride = (sage_u64)gridDim.x * blockDim.x;
+    for (sage_u64 i = (sage_u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        p[i] = P::st(sage_apply(k, P::ld(p[i]), P::ld(g[i]), ms ? S::ld(ms[i]) : 0.0f,
+                                vs ? S::ld(vs[i]) : 0.0f, is ? S::ld(is[i]) : 0.0f));
+    }
+}
+
+/* Sum over the block in a fixed order (deterministic); the result is valid in thread 0. */
+__device__ __forceinline__ double sage_block_sum(double x, double* smem) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    if (lane == 0) smem[warp] = x;
+    __syncthreads();
+    const unsigned warps = (blockDim.x + 31u) >> 5;
+    x = threadIdx.x < warps ? smem[threadIdx.x] : 0.0;
+    if (warp == 0) {
+        for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
+    }
+    __syncthreads();
+    return x;
+}
+
+/* Squared norms of many tensors' `grad` buffers in one launch: block b sums chunk b in f64
+ * into partials[b]; the last block of a tensor to finish (counted with an atomic) sums that
+ * tensor's partials in a fixed order into out[tensor] and re-arms the counter to 0.
+ * NaN and +-Inf propagate into the sum. */
+template <class E>
+__device__ __forceinline__ void sage_sqnorm(const sage_tensor* __restrict__ tensors,
+                                            const sage_chunk_desc* __restrict__ chunks,
+                                            double* partials, unsigned* counters, double* out) {
+    __shared__ double smem[32];
+    __shared__ bool last;
+    const sage_chunk_desc c = chunks[blockIdx.x];
+    const sage_tensor t = tensors[c.tensor];
+    const sage_u64 base = (sage_u64)c.chunk * SAGE_CHUNK;
+    const sage_u64 rest = base < t.n ? t.n - base : 0;
+    const unsigned len = rest < SAGE_CHUNK ? (unsigned)rest : SAGE_CHUNK;
+    const typename E::T* g = reinterpret_cast<const typename E::T*>(t.grad) + base;
+    double acc = 0.0;
+    unsigned start = 0;
+    if (sage_aligned<E>(g)) {
+        const unsigned len4 = len & ~3u;
+        for (unsigned i = threadIdx.x * 4u; i < len4; i += blockDim.x * 4u) {
+            const typename E::V gv = *reinterpret_cast<const typename E::V*>(g + i);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const double x = (double)E::ld(gv.x[j]);
+                acc += x * x;
+            }
+        }
+        start = len4;
+    }
+    for (unsigned i = start + threadIdx.x; i < len; i += blockDim.x) {
+        const double x = (double)E::ld(g[i]);
+        acc += x * x;
+    }
+    acc = sage_block_sum(acc, smem);
+    const unsigned nchunks = (unsigned)((t.n + SAGE_CHUNK - 1) / SAGE_CHUNK);
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = acc;
+        __threadfence();
+        last = atomicAdd(&counters[c.tensor], 1u) == nchunks - 1u;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    /* volatile: the other blocks' partials are read from L2, not a stale L1 line. */
+    const volatile double* p = partials + t.first_chunk;
+    double s = 0.0;
+    for (unsigned i = threadIdx.x; i < nchunks; i += blockDim.x) s += p[i];
+    s = sage_block_sum(s, smem);
+    if (threadIdx.x == 0) {
+        out[c.tensor] = s;
+        counters[c.tensor] = 0u;
+    }
+}
+
+/* extern "C" entry points, instantiated per storage combination by the lines kernels.rs
+ * appends (one NVRTC program per combination, compiled when first used): names are
+ * `<kernel>_<P>_<S>` and `sage_sqnorm_<E>`. */
+#define SAGE_ENTRIES(PN, PT, SN, ST)                                                                      \
+    extern "C" __global__ void __launch_bounds__(SAGE_THREADS)                                           \
+        sage_mt_step_##PN##_##SN(const sage_coeffs* coeffs, const sage_tensor* tensors,                  \
+                                 const sage_chunk_desc* chunks) {                                        \
+        sage_mt_step<PT, ST>(coeffs, tensors, chunks);                                                   \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(SAGE_THREADS)                                           \
+        sage_step1_##PN##_##SN(const sage_coeffs k, sage_u64 param, sage_u64 grad, sage_u64 m,           \
+                               sage_u64 v, sage_u64 ibar, sage_u64 n) {                                  \
+        sage_step1<PT, ST>(k, param, grad, m, v, ibar, n);                                               \
+    }                                                                                                    \
+    extern "C" __global__ void sage_accumulate_##PN##_##SN(const sage_coeffs k, int which, sage_u64 acc, \
+                                                            sage_u64 param, sage_u64 grad, sage_u64 n) { \
+        sage_accumulate_pass<PT, ST>(k, which, acc, param, grad, n);                                     \
+    }                                                                                                    \
+    extern "C" __global__ void sage_apply_##PN##_##SN(const sage_coeffs k, sage_u64 param, sage_u64 grad, \
+                                                       sage_u64 m, sage_u64 v, sage_u64 ibar, sage_u64 n) { \
+        sage_apply_pass<PT, ST>(k, param, grad, m, v, ibar, n);                                          \
+    }
+
+#define SAGE_NORM_ENTRY(EN, ET)                                                                     \
+    extern "C" __global__ void __launch_bounds__(SAGE_THREADS)                                     \
+        sage_sqnorm_##EN(const sage_tensor* tensors, const sage_chunk_desc* chunks, double* partials, \
+                         unsigned* counters, double* out) {                                        \
+        sage_sqnorm<ET>(tensors, chunks, partials, counters, out);                                 \
+    }
