@@ -20,3 +20,9 @@ pub use failure::{Failure, Worst};
 pub use harness::Harness;
 pub use model::Model;
 pub use suite::{run_suite, Options, Row, Status};
+
+// The README's examples compile and run as doc tests of this crate (it depends on both
+// sage-core and sage-cpu).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
