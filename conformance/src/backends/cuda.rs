@@ -1,11 +1,58 @@
-//! sage-cuda (not built yet: see its issue).
+//! sage-cuda: the suite on every CUDA device found (or the one `SAGE_CUDA_DEVICE` names by
+//! ordinal). One `not available` row, never a crash, where there is no driver or device.
 
-use crate::suite::{Options, Row};
+use sage_cuda::cudarc::driver::CudaSlice;
+use sage_core::Element;
+use sage_cuda::Cuda;
 
-/// Reports the backend as not available.
-pub fn run(_opts: &Options) -> Vec<Row> {
-    vec![Row::not_available(
-        "cuda",
-        "backend not implemented in this build",
-    )]
+use crate::harness::Harness;
+use crate::suite::{run_suite, Options, Row};
+
+impl Harness for Cuda {
+    type Owned<E: Element> = CudaSlice<E>;
+    fn name(&self) -> String {
+        Cuda::name(self).to_string()
+    }
+    fn upload<E: Element>(&mut self, data: &[E]) -> Result<CudaSlice<E>, Self::Error> {
+        Cuda::upload(self, data)
+    }
+    fn download<E: Element>(&mut self, buf: &CudaSlice<E>) -> Result<Vec<E>, Self::Error> {
+        Cuda::download(self, buf)
+    }
+    fn buf<E: Element>(o: &CudaSlice<E>) -> &CudaSlice<E> {
+        o
+    }
+    fn buf_mut<E: Element>(o: &mut CudaSlice<E>) -> &mut CudaSlice<E> {
+        o
+    }
+}
+
+/// The suite on each CUDA device here (all of them, or only `SAGE_CUDA_DEVICE=N`); one
+/// `not available` row when there is none.
+pub fn run(opts: &Options) -> Vec<Row> {
+    let count = match Cuda::device_count() {
+        Ok(0) => return vec![Row::not_available("cuda", "no CUDA device found")],
+        Ok(n) => n,
+        Err(e) => return vec![Row::not_available("cuda", e.to_string())],
+    };
+    let chosen: Vec<usize> = match std::env::var("SAGE_CUDA_DEVICE") {
+        Ok(s) => match s.trim().parse::<usize>() {
+            Ok(i) if i < count => vec![i],
+            _ => {
+                return vec![Row::not_available(
+                    "cuda",
+                    format!("SAGE_CUDA_DEVICE={s}: not one of the {count} devices (0..{count})"),
+                )]
+            }
+        },
+        Err(_) => (0..count).collect(),
+    };
+    let mut rows = Vec::new();
+    for i in chosen {
+        match Cuda::new(i) {
+            Ok(b) => rows.extend(run_suite(b, opts)),
+            Err(e) => rows.push(Row::not_available(format!("cuda:{i}"), e.to_string())),
+        }
+    }
+    rows
 }
