@@ -32,10 +32,17 @@ pub extern "C" fn _start() -> ! {
     };
     // SAFETY: a valid, aligned pointer into a static.
     unsafe { core::ptr::write_volatile(&mut w[0], if ok { w[1] } else { f32::NAN }) };
-    loop {}
+    halt()
+}
+
+/// Parks the core: there is nothing to return to on bare metal.
+fn halt() -> ! {
+    loop {
+        core::hint::spin_loop();
+    }
 }
 
 #[panic_handler]
 fn panic(_: &PanicInfo) -> ! {
-    loop {}
+    halt()
 }
