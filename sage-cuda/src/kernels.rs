@@ -289,11 +289,7 @@ fn cache() -> &'static Cache {
 /// With `SAGE_CUDA_PTX_DIR` set, `<dir>/<program>.ptx` is used instead of NVRTC.
 pub fn image(program: Program, arch: &str) -> Result<Arc<Image>, CudaError> {
     let key = (program, arch.to_string());
-    if let Some(img) = cache()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&key)
-    {
+    if let Some(img) = cache().lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(img.clone());
     }
     let img = match std::env::var_os(PTX_DIR_ENV) {
@@ -326,8 +322,9 @@ pub fn write_ptx_dir(dir: &Path, arch: &str) -> Result<Vec<PathBuf>, CudaError> 
     for p in Program::all() {
         let img = compile(p, arch)?;
         let path = dir.join(format!("{}.ptx", p.name()));
-        std::fs::write(&path, img.ptx.as_bytes())
-            .map_err(|e| CudaError::NotAvailable(format!("cannot write {}: {e}", path.display())))?;
+        std::fs::write(&path, img.ptx.as_bytes()).map_err(|e| {
+            CudaError::NotAvailable(format!("cannot write {}: {e}", path.display()))
+        })?;
         out.push(path);
     }
     Ok(out)
@@ -344,7 +341,10 @@ mod tests {
         for p in all {
             let src = p.source();
             assert!(src.contains("#define SAGE_FN"), "prelude first");
-            assert!(src.contains("sage_apply(const sage_coeffs k"), "shared body");
+            assert!(
+                src.contains("sage_apply(const sage_coeffs k"),
+                "shared body"
+            );
             let last = src.lines().last().unwrap_or_default();
             assert!(last.starts_with("SAGE_"), "{last}");
             for k in p.kernels() {

@@ -45,9 +45,7 @@ use cudarc::driver::{
     LaunchConfig, PushKernelArg, SyncOnDrop, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
-use sage_core::{
-    Accumulate, ApplyArgs, Backend, Coeffs, DType, Element, ParamTensor, TensorMut,
-};
+use sage_core::{Accumulate, ApplyArgs, Backend, Coeffs, DType, Element, ParamTensor, TensorMut};
 
 pub use error::CudaError;
 use kernels::Program;
@@ -150,7 +148,8 @@ impl Cuda {
         }
         guarded("probing the driver", || {
             cudarc::driver::result::init().map_err(|e| not_available("cuInit", e))?;
-            let n = CudaContext::device_count().map_err(|e| not_available("cuDeviceGetCount", e))?;
+            let n =
+                CudaContext::device_count().map_err(|e| not_available("cuDeviceGetCount", e))?;
             Ok(n.max(0) as usize)
         })
     }
@@ -256,10 +255,13 @@ impl Cuda {
 
     fn function(&self, p: Program, kernel: &str) -> Result<CudaFunction, CudaError> {
         let l = self.program(p)?;
-        l.funcs.get(kernel).cloned().ok_or_else(|| CudaError::Compile {
-            program: p.name(),
-            log: format!("kernel {kernel} missing from the program"),
-        })
+        l.funcs
+            .get(kernel)
+            .cloned()
+            .ok_or_else(|| CudaError::Compile {
+                program: p.name(),
+                log: format!("kernel {kernel} missing from the program"),
+            })
     }
 
     /// A device buffer holding `data`.
@@ -320,7 +322,9 @@ impl Cuda {
         &self,
         buf: &CudaSlice<E>,
     ) -> Result<Vec<E>, CudaError> {
-        let typed: &CudaSlice<T> = (buf as &dyn Any).downcast_ref().ok_or_else(type_confusion)?;
+        let typed: &CudaSlice<T> = (buf as &dyn Any)
+            .downcast_ref()
+            .ok_or_else(type_confusion)?;
         if typed.is_empty() {
             return Ok(Vec::new());
         }
@@ -361,7 +365,10 @@ impl Cuda {
         let f = self.function(prog, &name)?;
         let meta = self.upload_meta(&packed.bytes)?;
         let stream = self.stream.clone();
-        let partials = raw(grow(&stream, &mut self.scratch.partials, packed.n_chunks)?, &stream);
+        let partials = raw(
+            grow(&stream, &mut self.scratch.partials, packed.n_chunks)?,
+            &stream,
+        );
         let counters = raw(grow(&stream, &mut self.scratch.counters, n)?, &stream);
         let out_buf = grow(&stream, &mut self.scratch.out, n)?;
         let out = raw(out_buf, &stream);
@@ -476,7 +483,9 @@ fn grid(blocks: u32, threads: u32) -> LaunchConfig {
 }
 
 fn primitive_grid(n: u64) -> LaunchConfig {
-    let blocks = n.div_ceil(PRIMITIVE_THREADS as u64).min(PRIMITIVE_MAX_BLOCKS) as u32;
+    let blocks = n
+        .div_ceil(PRIMITIVE_THREADS as u64)
+        .min(PRIMITIVE_MAX_BLOCKS) as u32;
     grid(blocks.max(1), PRIMITIVE_THREADS)
 }
 
@@ -687,10 +696,10 @@ impl Backend for Cuda {
         tensors: &mut [ParamTensor<'_, Self, P, S>],
     ) -> Result<(), CudaError> {
         // One non-empty tensor: the single-tensor kernel needs no table upload.
-        let mut live = tensors.iter().filter(|t| t.param().len() > 0);
+        let mut live = tensors.iter().filter(|t| !t.param().is_empty());
         if let (Some(_), None) = (live.next(), live.next()) {
             for t in tensors.iter_mut() {
-                if t.param().len() > 0 {
+                if !t.param().is_empty() {
                     let k = *t.coeffs();
                     return self.fused_step(t.view(), &k);
                 }

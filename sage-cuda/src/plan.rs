@@ -220,18 +220,29 @@ mod tests {
         let ts: Vec<(TensorEntry, Coeffs)> = lens
             .iter()
             .enumerate()
-            .map(|(i, &n)| (entry(n, 1000 * (i as u64 + 1)), k(if i < 3 { 1.0 } else { 2.0 })))
+            .map(|(i, &n)| {
+                (
+                    entry(n, 1000 * (i as u64 + 1)),
+                    k(if i < 3 { 1.0 } else { 2.0 }),
+                )
+            })
             .collect();
         let p = pack(&ts).unwrap();
         assert_eq!(p.n_tensors, 5);
-        assert_eq!(p.n_coeffs, 2, "neighbours with equal coefficients share a record");
+        assert_eq!(
+            p.n_coeffs, 2,
+            "neighbours with equal coefficients share a record"
+        );
         assert_eq!(p.n_chunks, 1 + 1 + 2 + 4);
         assert_eq!(p.tensors_at % 16, 0);
         assert_eq!(p.chunks_at % 16, 0);
         assert_eq!(p.bytes.len(), p.chunks_at + p.n_chunks * CHUNK_BYTES);
         // Coefficient records.
         assert_eq!(&p.bytes[..COEFFS_BYTES], &coeffs_bytes(&k(1.0)));
-        assert_eq!(&p.bytes[COEFFS_BYTES..2 * COEFFS_BYTES], &coeffs_bytes(&k(2.0)));
+        assert_eq!(
+            &p.bytes[COEFFS_BYTES..2 * COEFFS_BYTES],
+            &coeffs_bytes(&k(2.0))
+        );
         // Tensor records: pointers, length, coefficient index, first chunk.
         let mut first = 0;
         for (i, (t, _)) in ts.iter().enumerate() {
@@ -255,7 +266,16 @@ mod tests {
             .collect();
         assert_eq!(
             chunks,
-            vec![(1, 0), (2, 0), (3, 0), (3, 1), (4, 0), (4, 1), (4, 2), (4, 3)]
+            vec![
+                (1, 0),
+                (2, 0),
+                (3, 0),
+                (3, 1),
+                (4, 0),
+                (4, 1),
+                (4, 2),
+                (4, 3)
+            ]
         );
         for (b, &(t, c)) in chunks.iter().enumerate() {
             let at = p.tensors_at + t as usize * TENSOR_BYTES;
@@ -283,6 +303,9 @@ mod tests {
     fn too_many_chunks_is_an_error() {
         let huge = (entry(u64::MAX / 2, 0), k(1.0));
         let e = pack(&[huge]).unwrap_err();
-        assert_eq!(sage_core::BackendError::kind(&e), sage_core::ErrorKind::TooLarge);
+        assert_eq!(
+            sage_core::BackendError::kind(&e),
+            sage_core::ErrorKind::TooLarge
+        );
     }
 }

@@ -12,7 +12,9 @@ fn nvrtc_or_skip() -> bool {
     if std::env::var("SAGE_CUDA_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
         panic!("SAGE_CUDA_REQUIRE_NVRTC=1 but libnvrtc is not on the loader path");
     }
-    eprintln!("NVRTC not found: kernel compile tests skipped (scripts/test.d/25-cuda-nvrtc.sh runs them)");
+    eprintln!(
+        "NVRTC not found: kernel compile tests skipped (scripts/test.d/25-cuda-nvrtc.sh runs them)"
+    );
     false
 }
 
@@ -36,13 +38,22 @@ fn compile_all(arch: &str) {
                     assert!(!img.ptx.contains("fma.rn.f32"), "{}: FMA in PTX", p.name());
                 } else {
                     let cubin = img.cubin.expect("a CUBIN for sm_ targets");
-                    assert!(cubin.starts_with(b"\x7fELF"), "{}: CUBIN is not ELF", p.name());
+                    assert!(
+                        cubin.starts_with(b"\x7fELF"),
+                        "{}: CUBIN is not ELF",
+                        p.name()
+                    );
                 }
             }
             Err(e) => failures.push(e.to_string()),
         }
     }
-    assert!(failures.is_empty(), "{} programs failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} programs failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! sage-cuda: the suite on every CUDA device found (or the one `SAGE_CUDA_DEVICE` names by
 //! ordinal). One `not available` row, never a crash, where there is no driver or device.
 
-use sage_cuda::cudarc::driver::CudaSlice;
 use sage_core::Element;
+use sage_cuda::cudarc::driver::CudaSlice;
 use sage_cuda::Cuda;
 
 use crate::harness::Harness;
