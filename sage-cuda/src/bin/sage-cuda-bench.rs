@@ -99,7 +99,7 @@ fn pattern(n: usize, seed: u64) -> Vec<f32> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 23) as f32) * 2.0 - 1.0
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
 }
