@@ -544,12 +544,17 @@ impl OpenCl {
         .map_err(|e| Error::cl("launching a kernel", e))
     }
 
-    /// The fused step of `items`, `slots` tensors per launch.
-    fn step_items<P: Element, S: Element>(&mut self, items: &[Item<'_>]) -> Result<(), Error> {
+    /// Multi-tensor kernel `name` (the fused step or its floor) over `items`, `slots` tensors
+    /// per launch.
+    fn step_items<P: Element, S: Element>(
+        &mut self,
+        items: &[Item<'_>],
+        name: &'static str,
+    ) -> Result<(), Error> {
         if items.is_empty() {
             return Ok(());
         }
-        let (k, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), "sage_cl_step")?;
+        let (k, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), name)?;
         let per = self.shared.slots;
         let mut slots = Vec::with_capacity(items.len());
         for chunk in items.chunks(per) {
@@ -596,6 +601,31 @@ impl OpenCl {
             self.enqueue(&k, groups, wg)?;
         }
         Ok(())
+    }
+
+    /// The bandwidth floor of [`Backend::step_tensors`] over the same tensors: one pass that
+    /// reads and writes every buffer a step touches, in place, with the same launches, and
+    /// adds 0 to each value. For benchmarks: a step cannot move less memory than this.
+    pub fn floor_tensors<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), Error> {
+        let views: Vec<TensorMut<'_, Self, P, S>> = tensors.iter_mut().map(|t| t.view()).collect();
+        let mut items = Vec::with_capacity(views.len());
+        for t in &views {
+            // Default coefficients: `reserved2` is the 0 the floor adds.
+            if let Some(it) = item(
+                Coeffs::default(),
+                &*t.param,
+                t.grad,
+                t.m.as_deref(),
+                t.v.as_deref(),
+                t.ibar.as_deref(),
+            )? {
+                items.push(it);
+            }
+        }
+        self.step_items::<P, S>(&items, "sage_cl_floor")
     }
 
     /// `Σ x²` of each buffer: one launch per `slots` buffers, one read for all.
@@ -802,7 +832,7 @@ impl Backend for OpenCl {
             t.ibar.as_deref(),
         )?;
         let items: Vec<Item<'_>> = it.into_iter().collect();
-        self.step_items::<P, S>(&items)
+        self.step_items::<P, S>(&items, "sage_cl_step")
     }
 
     fn grad_sq_norms<P: Element, S: Element>(
@@ -839,6 +869,6 @@ impl Backend for OpenCl {
                 items.push(it);
             }
         }
-        self.step_items::<P, S>(&items)
+        self.step_items::<P, S>(&items, "sage_cl_step")
     }
 }

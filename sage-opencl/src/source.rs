@@ -94,8 +94,8 @@ fn slot_switch(slots: usize, names: &[&str]) -> String {
 }
 
 /// The program of parameter storage `p` and state storage `s`: the multi-tensor fused step
-/// (`sage_cl_step`, up to `slots` tensors per launch) and the primitives `sage_cl_accumulate` and
-/// `sage_cl_apply`.
+/// (`sage_cl_step`, up to `slots` tensors per launch), its bandwidth floor (`sage_cl_floor`)
+/// and the primitives `sage_cl_accumulate` and `sage_cl_apply`.
 pub fn step_program(p: DType, s: DType, slots: usize) -> String {
     let mut src = header();
     src.push_str(&storage_macros("P", p));
@@ -127,34 +127,17 @@ static inline void sage_cl_elem(__global const sage_cl_slot* slot, __global P_T*
     P_ST(p, i, sage_apply(k, th, gr, mv, vv, bv));
 }
 
-/* Up to SLOTS tensors in one launch; each work-group steps local_size elements of one
- * tensor, so the tensor (and its pointers) are uniform across a group. */
-__kernel void sage_cl_step(__global const sage_cl_slot* slots, uint base, uint count"#,
-    );
-    src.push_str(&slot_args(
-        slots,
-        &[
-            ("__global P_T*", "p"),
-            ("__global const P_T*", "g"),
-            ("__global S_T*", "m"),
-            ("__global S_T*", "v"),
-            ("__global S_T*", "b"),
-        ],
-    ));
-    src.push_str(
-        r#") {
-    slots += base;
-    size_t grp = get_group_id(0);
-    uint s = sage_cl_find(slots, count, grp);
-    size_t first = s ? slots[s - 1].end_group : 0;
-    size_t i = (grp - first) * get_local_size(0) + get_local_id(0);
-    if (i >= slots[s].len) return;
-    __global P_T* p; __global const P_T* g; __global S_T* m; __global S_T* v; __global S_T* b;
-    "#,
-    );
-    src.push_str(&slot_switch(slots, &["p", "g", "m", "v", "b"]));
-    src.push_str(
-        r#"    sage_cl_elem(slots + s, p, g, m, v, b, i);
+/* The bandwidth floor of a step: the same loads and stores, in place, one add per value.
+ * k.reserved2 is 0 at run time; the compiler cannot know it, so every value is stored. */
+static inline void sage_cl_touch(__global const sage_cl_slot* slot, __global P_T* p,
+                                 __global const P_T* g, __global S_T* m, __global S_T* v,
+                                 __global S_T* b, size_t i) {
+    const uint present = slot->present;
+    const float d = P_LD(g, i) * slot->k.reserved2;
+    if (present & 1u) S_ST(m, i, S_LD(m, i) + d);
+    if (present & 2u) S_ST(v, i, S_LD(v, i) + d);
+    if (present & 4u) S_ST(b, i, S_LD(b, i) + d);
+    P_ST(p, i, P_LD(p, i) + d);
 }
 
 /* One EMA pass over one state buffer (Backend::accumulate). */
@@ -181,7 +164,42 @@ __kernel void sage_cl_apply(__global const sage_cl_slot* slots, uint base, __glo
 }
 "#,
     );
+    multi_entry(&mut src, "sage_cl_step", "sage_cl_elem", slots);
+    multi_entry(&mut src, "sage_cl_floor", "sage_cl_touch", slots);
     src
+}
+
+/// A multi-tensor entry kernel `name` applying `elem` to up to `slots` tensors per launch.
+/// Each work-group covers `local_size` elements of one tensor, so the tensor (and its
+/// pointers) are uniform across the group.
+fn multi_entry(src: &mut String, name: &str, elem: &str, slots: usize) {
+    let _ = write!(
+        src,
+        "\n__kernel void {name}(__global const sage_cl_slot* slots, uint base, uint count"
+    );
+    src.push_str(&slot_args(
+        slots,
+        &[
+            ("__global P_T*", "p"),
+            ("__global const P_T*", "g"),
+            ("__global S_T*", "m"),
+            ("__global S_T*", "v"),
+            ("__global S_T*", "b"),
+        ],
+    ));
+    src.push_str(
+        r#") {
+    slots += base;
+    size_t grp = get_group_id(0);
+    uint s = sage_cl_find(slots, count, grp);
+    size_t first = s ? slots[s - 1].end_group : 0;
+    size_t i = (grp - first) * get_local_size(0) + get_local_id(0);
+    if (i >= slots[s].len) return;
+    __global P_T* p; __global const P_T* g; __global S_T* m; __global S_T* v; __global S_T* b;
+    "#,
+    );
+    src.push_str(&slot_switch(slots, &["p", "g", "m", "v", "b"]));
+    let _ = writeln!(src, "    {elem}(slots + s, p, g, m, v, b, i);\n}}");
 }
 
 /// The squared-norm program of storage `e`: `sage_cl_sq_norm` reduces up to `slots` buffers per

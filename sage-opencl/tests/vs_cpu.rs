@@ -57,6 +57,9 @@ fn ulp_limit(cl: &OpenCl) -> u32 {
     }
 }
 
+/// One tensor on the device: parameter and optional `m`, `v`, `ibar`.
+type DevTensor<P, S> = (ClBuffer<P>, [Option<ClBuffer<S>>; 3]);
+
 /// Host copies of one tensor's buffers.
 #[derive(Clone)]
 struct Host<P, S> {
@@ -90,7 +93,7 @@ fn same_as_cpu<P: Element, S: Element>(cl: &OpenCl, cfg: Config, what: &str) {
             [s(&h.s[0]), s(&h.s[1]), s(&h.s[2])],
         )
     };
-    let mut dev: Vec<(ClBuffer<P>, [Option<ClBuffer<S>>; 3])> = host.iter().map(up).collect();
+    let mut dev: Vec<DevTensor<P, S>> = host.iter().map(up).collect();
     let mut cpu_opt = Optimizer::new(Cpu, cfg, groups.clone()).unwrap();
     let mut cl_opt = Optimizer::new(cl.clone(), cfg, groups.clone()).unwrap();
     let mut max_ulps = 0;
@@ -372,7 +375,7 @@ fn non_finite_values_make_the_norm_non_finite() {
     }
     // Large finite values do not overflow (accumulation in at least f32, f64 here when the
     // device has it).
-    let big = cl.upload(&vec![1e19f32; 8]).unwrap();
+    let big = cl.upload(&[1e19f32; 8]).unwrap();
     let n = cl.sq_norm(&big).unwrap();
     if cl.device().fp64 {
         assert!((n - 8e38).abs() / 8e38 < 1e-6, "{n}");

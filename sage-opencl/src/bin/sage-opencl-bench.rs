@@ -1,0 +1,386 @@
+//! `sage-opencl-bench`: the OpenCL fused SAGE step against the device's streaming floor and
+//! sage-cpu's portable step, over the same buffers, in one run.
+//!
+//! ```text
+//! sage-opencl-bench [--params N] [--reps N] [--precision f32,bf16,f16] [--device P:D|name]
+//!                   [--quick] [--list]
+//! ```
+//!
+//! For each precision (parameters and gradients stored in it, state in f32) and each shape —
+//! one tensor of N parameters, and BERT-base's 199 tensors scaled to N in all — it times, rep
+//! by rep and interleaved so that a noisy machine slows all alike:
+//! - `floor`: an in-place streaming pass over the same device buffers with the same launches,
+//!   reading and writing everything a step does (36 bytes/parameter for f32 AdamW-SAGE);
+//! - `opencl step`: the optimizer's step (AdamW-SAGE, reference preset), no norm pass;
+//! - `opencl step (guarded)`: with the non-finite guard, which adds the gradient-norm pass;
+//! - `cpu portable step`: sage-cpu's scalar step (one thread) over host copies.
+//!
+//! The best rep of each is printed as ns/parameter, GB/s and the ratio to the floor.
+//! Exit status: 0 done, 2 no OpenCL device, 1 an error, 64 bad usage.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use sage_core::{
+    bf16, f16, Algorithm, BackendError, Config, Element, ErrorKind, Optimizer, ParamGroup,
+    ParamTensor,
+};
+use sage_cpu::Cpu;
+use sage_opencl::{ClBuffer, OpenCl, Select};
+
+/// BERT-base (uncased) parameter tensors: embeddings, 12 layers, pooler.
+fn bert_base() -> Vec<usize> {
+    let (h, ff, vocab, pos, types, layers) = (768, 3072, 30522, 512, 2, 12);
+    let mut t = vec![vocab * h, pos * h, types * h, h, h];
+    for _ in 0..layers {
+        for _ in 0..4 {
+            t.extend([h * h, h]);
+        }
+        t.extend([h, h, h * ff, ff, ff * h, h, h, h]);
+    }
+    t.extend([h * h, h]);
+    t
+}
+
+/// BERT-base's mix scaled to about `n` parameters (every tensor keeps at least one).
+fn bert_scaled(n: usize) -> Vec<usize> {
+    let base = bert_base();
+    let total: usize = base.iter().sum();
+    let f = n as f64 / total as f64;
+    base.iter()
+        .map(|&x| ((x as f64 * f).round() as usize).max(1))
+        .collect()
+}
+
+struct Args {
+    params: usize,
+    reps: usize,
+    precisions: Vec<String>,
+    device: Select,
+    list: bool,
+}
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: sage-opencl-bench [--params N] [--reps N] [--precision f32,bf16,f16] \
+         [--device P:D|name] [--quick] [--list]"
+    );
+    ExitCode::from(64)
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        params: 4 << 20,
+        reps: 5,
+        precisions: vec!["f32".into(), "bf16".into()],
+        device: std::env::var("SAGE_OPENCL_DEVICE")
+            .map(|s| Select::parse(&s))
+            .unwrap_or_default(),
+        list: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--params" => {
+                let v = val()?;
+                // Accepts 1e6 as well as 1000000; NaN and values below 1 are refused.
+                let n: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|n: &f64| *n >= 1.0)
+                    .ok_or(format!("bad --params {v}"))?;
+                a.params = n as usize;
+            }
+            "--reps" => {
+                let v = val()?;
+                a.reps = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or(format!("bad --reps {v}"))?;
+            }
+            "--precision" => {
+                a.precisions = val()?.split(',').map(String::from).collect();
+                for p in &a.precisions {
+                    if !["f32", "bf16", "f16"].contains(&p.as_str()) {
+                        return Err(format!("unknown precision {p}"));
+                    }
+                }
+            }
+            "--device" => a.device = Select::parse(&val()?),
+            "--quick" => {
+                a.params = 1 << 18;
+                a.reps = 2;
+                a.precisions = vec!["f32".into()];
+            }
+            "--list" => a.list = true,
+            _ => return Err(format!("unknown argument {arg}")),
+        }
+    }
+    Ok(a)
+}
+
+/// Host buffers of one tensor: parameter, gradient, state.
+struct HostT<P, S> {
+    p: Vec<P>,
+    g: Vec<P>,
+    s: [Vec<S>; 3],
+}
+
+/// Device buffers of one tensor.
+struct DevT<P: Element, S: Element> {
+    p: ClBuffer<P>,
+    g: ClBuffer<P>,
+    s: [ClBuffer<S>; 3],
+}
+
+/// Deterministic, finite values in about ±scale (no need for a random-number crate).
+fn values<E: Element>(n: usize, seed: u64, scale: f32) -> Vec<E> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let u = (x >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            E::from_f32((2.0 * u - 1.0) * scale)
+        })
+        .collect()
+}
+
+/// A step's tensors over the device buffers.
+fn dev_tensors<P: Element, S: Element>(
+    dev: &mut [DevT<P, S>],
+) -> Vec<ParamTensor<'_, OpenCl, P, S>> {
+    dev.iter_mut()
+        .map(|d| {
+            let [m, v, b] = &mut d.s;
+            ParamTensor::new(&mut d.p, &d.g).m(m).v(v).ibar(b)
+        })
+        .collect()
+}
+
+/// One timed line.
+struct Row {
+    name: &'static str,
+    best: f64,
+}
+
+fn time<E>(mut f: impl FnMut() -> Result<(), E>) -> Result<f64, E> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+fn config(guarded: bool) -> Config {
+    Config::reference(Algorithm::adamw(), 1e-4)
+        .beta0(0.8)
+        .skip_non_finite(guarded)
+}
+
+/// Times every row for one precision and shape; returns (rows, bytes moved per step).
+fn run_case<P: Element, S: Element>(
+    cl: &mut OpenCl,
+    lens: &[usize],
+    reps: usize,
+) -> Result<(Vec<Row>, f64), String> {
+    let err = |e: sage_opencl::Error| e.to_string();
+    let groups = [ParamGroup::sage().weight_decay(0.01)];
+    let mut host: Vec<HostT<P, S>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| HostT {
+            p: values(n, 2 * i as u64 + 1, 0.5),
+            g: values(n, 2 * i as u64 + 2, 0.01),
+            s: [
+                vec![S::default(); n],
+                vec![S::default(); n],
+                vec![S::default(); n],
+            ],
+        })
+        .collect();
+    let mut dev: Vec<DevT<P, S>> = Vec::with_capacity(host.len());
+    for h in &host {
+        let n = h.p.len();
+        dev.push(DevT {
+            p: cl.upload(&h.p).map_err(err)?,
+            g: cl.upload(&h.g).map_err(err)?,
+            s: [
+                cl.zeros(n).map_err(err)?,
+                cl.zeros(n).map_err(err)?,
+                cl.zeros(n).map_err(err)?,
+            ],
+        });
+    }
+    let bytes_per_param = (3 * P::DTYPE.size() + 6 * S::DTYPE.size()) as f64;
+    let total: usize = lens.iter().sum();
+    let bytes = bytes_per_param * total as f64;
+
+    let mut fast = Optimizer::new(cl.clone(), config(false), groups).map_err(|e| e.to_string())?;
+    let mut guarded =
+        Optimizer::new(cl.clone(), config(true), groups).map_err(|e| e.to_string())?;
+    let mut cpu = Optimizer::new(Cpu, config(false), groups).map_err(|e| e.to_string())?;
+    let cpu_step = |cpu: &mut Optimizer<Cpu, [ParamGroup; 1]>, host: &mut Vec<HostT<P, S>>| {
+        let mut ts: Vec<ParamTensor<'_, Cpu, P, S>> = host
+            .iter_mut()
+            .map(|h| {
+                let [m, v, b] = &mut h.s;
+                ParamTensor::new(&mut h.p[..], &h.g[..])
+                    .m(&mut m[..])
+                    .v(&mut v[..])
+                    .ibar(&mut b[..])
+            })
+            .collect();
+        cpu.step(&mut ts).map(|_| ()).map_err(|e| e.to_string())
+    };
+
+    // Warm-up: builds the programs, faults the pages in.
+    cl.floor_tensors(&mut dev_tensors(&mut dev)).map_err(err)?;
+    fast.step(&mut dev_tensors(&mut dev))
+        .map_err(|e| e.to_string())?;
+    guarded
+        .step(&mut dev_tensors(&mut dev))
+        .map_err(|e| e.to_string())?;
+    cl.finish().map_err(err)?;
+    cpu_step(&mut cpu, &mut host)?;
+
+    let mut best = [f64::INFINITY; 4];
+    for _ in 0..reps {
+        let t = time(|| {
+            cl.floor_tensors(&mut dev_tensors(&mut dev))?;
+            cl.finish()
+        })
+        .map_err(err)?;
+        best[0] = best[0].min(t);
+        let t = time(|| {
+            fast.step(&mut dev_tensors(&mut dev))
+                .map_err(|e| e.to_string())?;
+            cl.finish().map_err(err)
+        })?;
+        best[1] = best[1].min(t);
+        let t = time(|| {
+            guarded
+                .step(&mut dev_tensors(&mut dev))
+                .map_err(|e| e.to_string())?;
+            cl.finish().map_err(err)
+        })?;
+        best[2] = best[2].min(t);
+        let t = time(|| cpu_step(&mut cpu, &mut host))?;
+        best[3] = best[3].min(t);
+    }
+    let names = [
+        "floor (in-place stream)",
+        "opencl step",
+        "opencl step (guarded)",
+        "cpu portable step",
+    ];
+    Ok((
+        names
+            .iter()
+            .zip(best)
+            .map(|(&name, best)| Row { name, best })
+            .collect(),
+        bytes,
+    ))
+}
+
+fn host_cpu() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{model}, {threads} hardware threads")
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return usage();
+        }
+    };
+    let list = match sage_opencl::devices() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(if e.kind() == ErrorKind::NotAvailable {
+                2
+            } else {
+                1
+            });
+        }
+    };
+    if args.list {
+        for d in &list {
+            println!("{d}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let mut cl = match OpenCl::with_device(args.device.clone()) {
+        Ok(cl) => cl,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(if e.kind() == ErrorKind::NotAvailable {
+                2
+            } else {
+                1
+            });
+        }
+    };
+    println!("device: {}", cl.device());
+    println!("host:   {}", host_cpu());
+    println!(
+        "AdamW-SAGE (reference preset), state in f32, best of {} reps; {} tensors per launch",
+        args.reps,
+        cl.tensors_per_launch()
+    );
+    let shapes: [(&str, Vec<usize>); 2] = [
+        ("1 tensor", vec![args.params]),
+        ("BERT-base mix, 199 tensors", bert_scaled(args.params)),
+    ];
+    for prec in &args.precisions {
+        for (shape, lens) in &shapes {
+            let total: usize = lens.iter().sum();
+            let r = match prec.as_str() {
+                "f32" => run_case::<f32, f32>(&mut cl, lens, args.reps),
+                "bf16" => run_case::<bf16, f32>(&mut cl, lens, args.reps),
+                _ => run_case::<f16, f32>(&mut cl, lens, args.reps),
+            };
+            let (rows, bytes) = match r {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            println!(
+                "\n{prec} params/grads, {shape}: {total} parameters, {:.0} bytes/parameter",
+                bytes / total as f64
+            );
+            println!(
+                "  {:<26} {:>10} {:>9} {:>9} {:>8}",
+                "", "ms/step", "ns/param", "GB/s", "x floor"
+            );
+            let floor = rows[0].best;
+            for r in &rows {
+                println!(
+                    "  {:<26} {:>10.3} {:>9.3} {:>9.2} {:>8.2}",
+                    r.name,
+                    r.best * 1e3,
+                    r.best * 1e9 / total as f64,
+                    bytes / r.best / 1e9,
+                    r.best / floor
+                );
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
