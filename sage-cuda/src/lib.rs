@@ -291,17 +291,18 @@ impl Cuda {
         }
     }
 
-    fn upload_as<E: Element, T: DeviceRepr + 'static>(
+    fn upload_as<E: Element, T: DeviceRepr + ValidAsZeroBits + 'static>(
         &self,
         data: &[E],
     ) -> Result<CudaSlice<E>, CudaError> {
         let host: &[T] = same_slice(data).ok_or_else(type_confusion)?;
         let dev = if host.is_empty() {
-            self.stream.null::<T>()
+            self.empty::<T>()?
         } else {
-            self.stream.clone_htod(host)
-        }
-        .map_err(|e| CudaError::driver("upload", e))?;
+            self.stream
+                .clone_htod(host)
+                .map_err(|e| CudaError::driver("upload", e))?
+        };
         same_owned(dev).ok_or_else(type_confusion)
     }
 
@@ -310,12 +311,31 @@ impl Cuda {
         n: usize,
     ) -> Result<CudaSlice<E>, CudaError> {
         let dev = if n == 0 {
-            self.stream.null::<T>()
+            self.empty::<T>()?
         } else {
-            self.stream.alloc_zeros::<T>(n)
-        }
-        .map_err(|e| CudaError::driver("alloc", e))?;
+            self.stream
+                .alloc_zeros::<T>(n)
+                .map_err(|e| CudaError::driver("alloc", e))?
+        };
         same_owned(dev).ok_or_else(type_confusion)
+    }
+
+    /// A buffer of no elements (tensors may be empty).
+    fn empty<T: DeviceRepr + ValidAsZeroBits>(&self) -> Result<CudaSlice<T>, CudaError> {
+        match self.stream.null::<T>() {
+            Ok(s) => Ok(s),
+            Err(_) => {
+                // A driver that refuses zero-byte allocations: own one element, expose none.
+                let one = self
+                    .stream
+                    .alloc_zeros::<T>(1)
+                    .map_err(|e| CudaError::driver("alloc", e))?;
+                let p = one.leak();
+                // SAFETY: `p` is a live allocation of one T, now owned by the new slice
+                // (which frees it on drop); it claims none of it.
+                Ok(unsafe { self.stream.upgrade_device_ptr::<T>(p, 0) })
+            }
+        }
     }
 
     fn download_as<E: Element, T: DeviceRepr + 'static>(
@@ -758,5 +778,55 @@ impl Backend for Cuda {
             .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
         drop(guards);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sage_core::{BackendError, ErrorKind};
+
+    #[test]
+    fn no_driver_means_not_available_not_a_crash() {
+        if driver_present() {
+            // A machine with a driver: whatever it answers, it answers without panicking.
+            let _ = Cuda::device_count();
+            return;
+        }
+        let e = Cuda::device_count().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotAvailable);
+        let e = Cuda::new(0).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotAvailable);
+        assert!(e.to_string().contains("libcuda"), "{e}");
+    }
+
+    #[test]
+    fn same_type_casts_only_between_equal_types() {
+        let x = [1.0f32, 2.0];
+        assert_eq!(same_slice::<f32, f32>(&x), Some(&x[..]));
+        assert!(same_slice::<f32, half::f16>(&x).is_none());
+        assert_eq!(same_owned::<Vec<f32>, Vec<f32>>(vec![3.0]), Some(vec![3.0]));
+        assert!(same_owned::<Vec<f32>, Vec<half::bf16>>(vec![3.0]).is_none());
+    }
+
+    #[test]
+    fn accumulate_codes_match_the_kernel_body() {
+        let body = sage_core::gpu::KERNEL_BODY;
+        for (which, name) in [
+            (Accumulate::Moment, "SAGE_ACC_MOMENT"),
+            (Accumulate::SecondMoment, "SAGE_ACC_SECOND_MOMENT"),
+            (Accumulate::InfNorm, "SAGE_ACC_INF_NORM"),
+            (Accumulate::Sensitivity, "SAGE_ACC_SENSITIVITY"),
+        ] {
+            let def = format!("#define {name} {}\n", acc_code(which));
+            assert!(body.contains(&def), "{def}");
+        }
+    }
+
+    #[test]
+    fn primitive_grids_cover_and_cap() {
+        assert_eq!(primitive_grid(1).grid_dim.0, 1);
+        assert_eq!(primitive_grid(257).grid_dim.0, 2);
+        assert_eq!(primitive_grid(u32::MAX as u64 * 4).grid_dim.0, 1 << 16);
     }
 }
