@@ -41,8 +41,8 @@ use std::sync::{Arc, Mutex};
 
 pub use cudarc;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg, SyncOnDrop, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, SyncOnDrop, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 use sage_core::{Accumulate, ApplyArgs, Backend, Coeffs, DType, Element, ParamTensor, TensorMut};
@@ -68,9 +68,28 @@ struct Loaded {
     funcs: HashMap<String, CudaFunction>,
 }
 
+/// Page-locked host memory the launch tables are written to, so their copy to the device is
+/// truly asynchronous (a copy from pageable memory first waits for the whole stream, which
+/// would stop the host from queueing the next step while the GPU runs the last one).
+struct Staging {
+    host: PinnedHostSlice<u8>,
+    /// Recorded after the copy out of `host`: it may be rewritten once this completes.
+    copied: CudaEvent,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // Free the page-locked memory only after the copy reading it has run.
+        let _ = self.copied.synchronize();
+    }
+}
+
 /// Device scratch of one handle, grown as needed and reused across steps.
 #[derive(Default)]
 struct Scratch {
+    /// Two staging buffers, used in turn: writing one never waits for the copy just queued.
+    staging: [Option<Staging>; 2],
+    next_staging: usize,
     meta: Option<CudaSlice<u8>>,
     partials: Option<CudaSlice<f64>>,
     counters: Option<CudaSlice<u32>>,
@@ -359,12 +378,42 @@ impl Cuda {
     /// its device address.
     fn upload_meta(&mut self, bytes: &[u8]) -> Result<u64, CudaError> {
         let stream = self.stream.clone();
-        let meta = grow(&stream, &mut self.scratch.meta, bytes.len())?;
-        stream
-            .memcpy_htod(bytes, meta)
+        let n = bytes.len();
+        let meta = raw(grow(&stream, &mut self.scratch.meta, n)?, &stream);
+        let i = self.scratch.next_staging;
+        self.scratch.next_staging ^= 1;
+        let slot = &mut self.scratch.staging[i];
+        if slot.as_ref().map_or(true, |s| s.host.len() < n) {
+            *slot = None; // waits for its last copy (Staging::drop)
+            let len = n.max(4096).next_power_of_two();
+            // SAFETY: page-locked bytes; every byte copied is written first, below.
+            let host = unsafe { self.ctx.alloc_pinned::<u8>(len) }
+                .map_err(|e| CudaError::driver("alloc page-locked staging", e))?;
+            let copied = self
+                .ctx
+                .new_event(None)
+                .map_err(|e| CudaError::driver("event", e))?;
+            *slot = Some(Staging { host, copied });
+        }
+        let st = slot
+            .as_mut()
+            .ok_or_else(|| CudaError::TooLarge("internal: staging".into()))?;
+        st.copied
+            .synchronize()
+            .map_err(|e| CudaError::driver("wait for the previous table copy", e))?;
+        let host = st
+            .host
+            .as_mut_slice()
+            .map_err(|e| CudaError::driver("staging", e))?;
+        host[..n].copy_from_slice(bytes);
+        // SAFETY: `meta` holds at least n bytes; `host` stays alive and unwritten until
+        // `copied` (recorded right after) completes.
+        unsafe { cudarc::driver::result::memcpy_htod_async(meta, &host[..n], stream.cu_stream()) }
             .map_err(|e| CudaError::driver("upload launch tables", e))?;
-        let (p, _g) = meta.device_ptr(&stream);
-        Ok(p)
+        st.copied
+            .record(&stream)
+            .map_err(|e| CudaError::driver("record table copy", e))?;
+        Ok(meta)
     }
 
     /// Squared norms of the `grad` buffers (of storage `e`) of `entries`: one launch, one
