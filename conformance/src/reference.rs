@@ -175,9 +175,9 @@ impl Reference {
                 .sum::<f64>()
                 .sqrt();
             let scale = global * cfg.per_tensor_clip.map_or(1.0, |m| clip(m, own));
-            for j in 0..g_raw.len() {
+            for (j, &raw) in g_raw.iter().enumerate() {
                 let theta = self.theta[ti][j];
-                let mut g = g_raw[j] * scale;
+                let mut g = raw * scale;
                 if cfg.decay == DecayMode::L2 {
                     g += wd * theta;
                 }

@@ -1,7 +1,8 @@
-//! sage-cpu.
+//! sage-cpu: the portable backend, and the SIMD backend at every instruction-set level this
+//! machine has, on one thread and split across threads.
 
 use sage_core::Element;
-use sage_cpu::Cpu;
+use sage_cpu::{Cpu, Level, SimdCpu};
 
 use crate::harness::Harness;
 use crate::suite::{run_suite, Options, Row};
@@ -9,7 +10,7 @@ use crate::suite::{run_suite, Options, Row};
 impl Harness for Cpu {
     type Owned<E: Element> = Vec<E>;
     fn name(&self) -> String {
-        "cpu".into()
+        "cpu/portable".into()
     }
     fn upload<E: Element>(&mut self, data: &[E]) -> Result<Vec<E>, Self::Error> {
         Ok(data.to_vec())
@@ -25,7 +26,82 @@ impl Harness for Cpu {
     }
 }
 
-/// The suite on the CPU backend.
+impl Harness for SimdCpu {
+    type Owned<E: Element> = Vec<E>;
+    /// `cpu/avx2`, `cpu/avx512`, `cpu/neon`, `cpu/portable-simd` (the dispatching type on
+    /// its portable level); `/mt` when steps are split across threads.
+    fn name(&self) -> String {
+        let level = match self.level() {
+            Level::Portable => "portable-simd",
+            l => l.name(),
+        };
+        if self.thread_count() > 1 {
+            format!("cpu/{level}/mt")
+        } else {
+            format!("cpu/{level}")
+        }
+    }
+    fn upload<E: Element>(&mut self, data: &[E]) -> Result<Vec<E>, Self::Error> {
+        Ok(data.to_vec())
+    }
+    fn download<E: Element>(&mut self, buf: &Vec<E>) -> Result<Vec<E>, Self::Error> {
+        Ok(buf.clone())
+    }
+    fn buf<E: Element>(o: &Vec<E>) -> &[E] {
+        o
+    }
+    fn buf_mut<E: Element>(o: &mut Vec<E>) -> &mut [E] {
+        o
+    }
+}
+
+/// The SIMD backends the suite runs here: every available vector level on one thread, and
+/// the best level on three threads with tiny chunks, so that even the suite's short tensors
+/// are split across threads (tails included).
+pub fn simd_variants() -> Vec<SimdCpu> {
+    let mut out: Vec<SimdCpu> = Level::available()
+        .filter(|l| *l != Level::Portable)
+        .filter_map(|l| SimdCpu::with_level(l).ok())
+        .map(|b| b.threads(1))
+        .collect();
+    out.push(SimdCpu::new().threads(3).min_parallel(0).chunk(16));
+    out
+}
+
+/// The suite on the portable backend, then on each SIMD variant.
 pub fn run(opts: &Options) -> Vec<Row> {
-    run_suite(Cpu, opts)
+    let mut rows = run_suite(Cpu, opts);
+    for b in simd_variants() {
+        rows.extend(run_suite(b, opts));
+    }
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suite::Status;
+
+    /// The whole suite passes on every CPU variant this machine has.
+    #[test]
+    fn every_cpu_level_passes() {
+        let rows = run(&Options::default());
+        let mut names: Vec<&str> = rows.iter().map(|r| r.backend.as_str()).collect();
+        names.dedup();
+        assert!(names.contains(&"cpu/portable"));
+        assert!(names.iter().any(|n| n.ends_with("/mt")), "{names:?}");
+        for l in Level::available().filter(|l| *l != Level::Portable) {
+            let want = format!("cpu/{}", l.name());
+            assert!(
+                names.contains(&want.as_str()),
+                "{want} missing from {names:?}"
+            );
+        }
+        let failed: Vec<String> = rows
+            .iter()
+            .filter(|r| matches!(r.status, Status::Fail(_)))
+            .map(|r| r.to_string())
+            .collect();
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
+    }
 }

@@ -103,6 +103,9 @@ impl Problem {
 
 type PropFn<B> = fn(&mut B, &Problem) -> Result<(), String>;
 
+/// A model after its steps, with the optimizer that took them.
+type Run<B> = (Model<B, f32, f32>, Optimizer<B, Vec<ParamGroup>>);
+
 struct Prop<B: Harness + 'static> {
     backend: B,
     f: PropFn<B>,
@@ -139,7 +142,7 @@ fn steps<B: Harness>(
     p: &Problem,
     cfg: Config,
     groups: Vec<ParamGroup>,
-) -> Result<(Model<B, f32, f32>, Optimizer<B, Vec<ParamGroup>>), String> {
+) -> Result<Run<B>, String> {
     let gof = vec![0; p.init.len()];
     let mut model =
         Model::<B, f32, f32>::new(b, &cfg, &groups, &p.init, &gof).map_err(|f| f.to_string())?;
