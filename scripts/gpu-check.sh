@@ -10,6 +10,8 @@
 #   target/release/sage-conformance    the conformance runner
 #   target/release/sage-cuda-bench     the benchmark
 #   target/sage-cuda-ptx/              optional: prebuilt PTX, used only when no libnvrtc is found
+#   target/gpu-libs/libOpenCL.so.1    optional: used only when the machine has no OpenCL loader
+#                                      (sage-conformance links it for its OpenCL backend)
 # and from the tracked tree: conformance/vectors/, bench/torch_adamw.py.
 #
 # Each part runs under `timeout`, so one hang cannot take the whole budget (about 5 minutes
@@ -29,8 +31,15 @@ if [ "${1:-}" = "--build" ]; then
   else
     echo "no NVRTC in $nvrtc_lib (run scripts/test.d/25-cuda-nvrtc.sh): no PTX fallback built"
   fi
+  # sage-conformance links libOpenCL.so.1 (the OpenCL backend); a GPU machine may have no ICD
+  # loader. Carry this one (it needs only libc): with no ICDs it just finds no platform.
+  mkdir -p target/gpu-libs
+  ocl=$(ldconfig -p | awk '/libOpenCL\.so\.1 .*x86-64/ {print $NF; exit}')
+  if [ -n "$ocl" ]; then cp -L "$ocl" target/gpu-libs/libOpenCL.so.1; fi
   strip target/release/sage-conformance target/release/sage-cuda-bench 2>/dev/null || true
-  du -ch target/release/sage-conformance target/release/sage-cuda-bench target/sage-cuda-ptx 2>/dev/null | tail -1
+  du -ch target/release/sage-conformance target/release/sage-cuda-bench target/sage-cuda-ptx \
+    target/gpu-libs 2>/dev/null | tail -1
+  echo "carry: target/release/sage-conformance target/release/sage-cuda-bench target/sage-cuda-ptx target/gpu-libs"
   exit 0
 fi
 
@@ -49,6 +58,14 @@ done
 
 echo "== machine"
 timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -4
+echo "$(ldd --version 2>&1 | head -1) (the binaries need glibc 2.34 or newer)"
+if ! target/release/sage-conformance --help >/dev/null 2>&1; then
+  if [ -f target/gpu-libs/libOpenCL.so.1 ]; then
+    export LD_LIBRARY_PATH="$PWD/target/gpu-libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "sage-conformance does not start as is (no libOpenCL.so.1?): adding target/gpu-libs"
+  fi
+  target/release/sage-conformance --help 2>&1 | grep -i -E 'error|not found' | head -3
+fi
 
 # NVRTC: cudarc dlopens libnvrtc.so / libnvrtc.so.13 / .so.12 from the loader path. Look where
 # CUDA toolkits and the NVIDIA pip wheels (torch's dependencies) put it.
