@@ -1,0 +1,113 @@
+//! Why a checkpoint could not be written or read. Every variant names the tensor (or the
+//! configuration field) and the reason; none is a panic.
+
+use std::fmt;
+
+use crate::host::HostError;
+
+/// A checkpoint that cannot be saved, parsed or loaded.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    /// Not a readable safetensors file (truncated, bit-flipped header, bad offsets...).
+    Corrupt {
+        /// What the safetensors reader or our own header check found.
+        reason: String,
+    },
+    /// A safetensors file, but not a SAGE checkpoint, or one whose metadata is malformed.
+    Format {
+        /// The metadata key or tensor concerned.
+        what: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A checkpoint format version this build does not read.
+    Version {
+        /// The version in the file.
+        found: String,
+        /// The version this build reads and writes.
+        supported: u32,
+    },
+    /// The stored bytes of a tensor (or of the header) do not match their checksum.
+    Checksum {
+        /// The tensor, or `header`.
+        tensor: String,
+    },
+    /// The configuration differs from the optimizer's.
+    Config {
+        /// The field, as its metadata key (`config.lr`, `group.1.sage`, ...).
+        field: String,
+        /// The file's value.
+        file: String,
+        /// The optimizer's value.
+        expected: String,
+    },
+    /// A problem with one tensor: missing, unexpected, wrong shape, dtype, group, buffers.
+    Tensor {
+        /// The tensor (parameter name, or the safetensors key of one of its buffers).
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A backend copy failed (after validation: see [`crate::load`] for what that leaves).
+    Backend {
+        /// The tensor being copied.
+        tensor: String,
+        /// The backend's message.
+        error: HostError,
+    },
+    /// The safetensors writer refused the data.
+    Write {
+        /// Its message.
+        reason: String,
+    },
+}
+
+impl CheckpointError {
+    pub(crate) fn tensor(tensor: impl Into<String>, reason: impl Into<String>) -> Self {
+        CheckpointError::Tensor {
+            tensor: tensor.into(),
+            reason: reason.into(),
+        }
+    }
+    pub(crate) fn format(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        CheckpointError::Format {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for CheckpointError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CheckpointError::Corrupt { reason } => write!(f, "corrupt checkpoint: {reason}"),
+            CheckpointError::Format { what, reason } => {
+                write!(f, "not a valid SAGE checkpoint: `{what}`: {reason}")
+            }
+            CheckpointError::Version { found, supported } => write!(
+                f,
+                "checkpoint format version {found} is not supported (this build reads {supported})"
+            ),
+            CheckpointError::Checksum { tensor } => write!(
+                f,
+                "tensor `{tensor}`: checksum mismatch (the file is corrupt or was modified)"
+            ),
+            CheckpointError::Config {
+                field,
+                file,
+                expected,
+            } => write!(
+                f,
+                "configuration mismatch: `{field}` is {file} in the checkpoint but {expected} in the optimizer"
+            ),
+            CheckpointError::Tensor { tensor, reason } => write!(f, "tensor `{tensor}`: {reason}"),
+            CheckpointError::Backend { tensor, error } => {
+                write!(f, "tensor `{tensor}`: backend copy failed: {error}")
+            }
+            CheckpointError::Write { reason } => write!(f, "cannot write checkpoint: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for CheckpointError {}
