@@ -20,6 +20,9 @@ pub mod checkpoint;
 pub mod diagnostics;
 pub mod error;
 pub mod format;
+#[cfg(feature = "cpu")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 
 pub use checkpoint::{

@@ -1,6 +1,8 @@
 //! `sage-conformance [--backend cpu|opencl|cuda|all] [--vectors DIR]...`
 //!
-//! Runs the conformance suite on each selected backend and prints one row per backend x check.
+//! Runs the conformance suite on each selected backend and prints one row per backend x check,
+//! then the cross-backend checkpoint check for every ordered pair of the selected backends
+//! found here (`A  checkpoint resume -> C`).
 //! Exit status: 0 all passed (backends not found under `all` are reported, not failed),
 //! 1 a check failed, 2 a backend named explicitly is not available here, 64 bad usage.
 
@@ -63,6 +65,15 @@ fn main() -> ExitCode {
                     }
                 }
             }
+        }
+    }
+    // Checkpoints saved on each backend found and resumed on each (itself included).
+    for row in backends::cross_backend_rows(&names) {
+        println!("{row}");
+        match row.status {
+            Status::Pass => passed += 1,
+            Status::Fail(_) => failed += 1,
+            Status::NotAvailable(_) => {}
         }
     }
     println!("{passed} passed, {failed} failed");

@@ -1,5 +1,6 @@
 //! The checks, each a plain public function generic over a [`Harness`].
 
+pub mod checkpoint;
 pub mod common;
 pub mod equivalence;
 pub mod guards;
@@ -39,6 +40,14 @@ pub fn all<B: Harness + 'static>() -> Vec<(&'static str, Check<B>)> {
         (
             "resume == uninterrupted",
             equivalence::resume_matches_uninterrupted::<B>,
+        ),
+        (
+            "resume from checkpoint == uninterrupted",
+            checkpoint::resume_from_checkpoint::<B>,
+        ),
+        (
+            "resume from checkpoint (bf16 state)",
+            checkpoint::resume_from_checkpoint_bf16::<B>,
         ),
         (
             "property: SAGE off == base optimizer",

@@ -1,0 +1,119 @@
+//! Diagnostics: statistics are right, U and s are what the next update computes, the
+//! importance export reads back, pruning masks mark exactly the lowest scores.
+
+use safetensors::SafeTensors;
+use sage_checkpoint::diagnostics::{
+    checkpoint_ibar, checkpoint_importance, diagnose, export_importance, lowest_mask, Probe,
+    Summary,
+};
+use sage_checkpoint::{save_optimizer, Checkpoint, Entry};
+use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
+use sage_cpu::Cpu;
+
+#[test]
+fn summary_statistics() {
+    let s = Summary::of(&[4.0, 1.0, 3.0, 2.0, f32::NAN, 0.0]);
+    assert_eq!((s.count, s.non_finite), (5, 1));
+    assert_eq!((s.min, s.max, s.mean), (0.0, 4.0, 2.0));
+    assert!((s.variance - 2.0).abs() < 1e-12);
+    assert_eq!(s.quantile(0.5), Some(2.0));
+    assert_eq!(s.quantile(0.25), Some(1.0));
+    assert!((s.quantile(0.9).unwrap() - 3.6).abs() < 1e-9);
+    let e = Summary::of(&[]);
+    assert_eq!((e.count, e.mean), (0, 0.0));
+}
+
+#[test]
+fn next_step_modulation_matches_the_optimizer() {
+    let cfg = Config::paper(Algorithm::adam(), 1e-2).beta0(0.7);
+    let groups = [ParamGroup::sage()];
+    let mut opt = Optimizer::new(Cpu, cfg, groups).unwrap();
+    let n = 257;
+    let mut p: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+    let (mut m, mut v, mut ib) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let grad = |t: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 13 + t * 7) % 17) as f32 * 0.01 - 0.08)
+            .collect()
+    };
+    for t in 0..4 {
+        let g = grad(t);
+        opt.step(&mut [ParamTensor::new(&mut p[..], &g[..])
+            .m(&mut m[..])
+            .v(&mut v[..])
+            .ibar(&mut ib[..])])
+            .unwrap();
+    }
+    let g = grad(4);
+    let probe = Probe::<Cpu, f32, f32>::new("w", 0, &ib[..]).with(&p[..], &g[..]);
+    let d = diagnose(&mut Cpu, &cfg, &groups, opt.steps(), &probe).unwrap();
+    assert_eq!(d.len, n);
+    let share = d.share.unwrap();
+    assert!((share.above + share.below + share.equal - 1.0).abs() < 1e-12);
+
+    // Recompute s by hand (paper preset: (U + ε)/(Ī' + ε), Ī' bias-corrected) and compare.
+    let t = 5.0f64;
+    let b0 = 0.7f32;
+    let scale = (1.0 / (1.0 - 0.7f64.powf(t))) as f32;
+    let mut above = 0;
+    let mut u_mean = 0.0f64;
+    for i in 0..n {
+        let inow = (p[i] * g[i]).abs();
+        let next = b0 * ib[i] + (1.0 - b0) * inow;
+        let u = (inow - next * scale).abs();
+        let s = (u + 1e-6) / (next * scale + 1e-6);
+        above += (s > 1.0) as usize;
+        u_mean += u as f64 / n as f64;
+    }
+    assert!((share.above - above as f64 / n as f64).abs() <= 2.0 / n as f64);
+    let u = d.u.unwrap();
+    assert!((u.mean - u_mean).abs() <= 1e-3 * u_mean, "{} vs {u_mean}", u.mean);
+    assert!((d.ibar_scale - scale as f64).abs() < 1e-6);
+
+    // Ī alone, and the same numbers from a checkpoint.
+    let only = diagnose(
+        &mut Cpu,
+        &cfg,
+        &groups,
+        opt.steps(),
+        &Probe::<Cpu, f32, f32>::new("w", 0, &ib[..]),
+    )
+    .unwrap();
+    assert!(only.u.is_none() && only.share.is_none());
+    let bytes = save_optimizer(
+        &mut opt,
+        &[Entry::<Cpu, f32, f32>::new("w")
+            .m(&m[..])
+            .v(&v[..])
+            .ibar(&ib[..])],
+    )
+    .unwrap();
+    let c = Checkpoint::parse(&bytes).unwrap();
+    assert_eq!(checkpoint_ibar(&c), vec![("w".to_string(), only.ibar)]);
+
+    // Importance export: Ī keyed by name, as f32.
+    for file in [
+        export_importance::<Cpu, f32>(&mut Cpu, 4, &[("w", &ib[..])]).unwrap(),
+        checkpoint_importance(&c).unwrap(),
+    ] {
+        let st = SafeTensors::deserialize(&file).unwrap();
+        let w = st.tensor("w").unwrap();
+        let back: Vec<f32> = w
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(back, ib);
+    }
+}
+
+#[test]
+fn masks_mark_the_lowest() {
+    let a = [0.5f32, 0.1, 0.9];
+    let b = [0.2f32, f32::NAN, 0.05];
+    let mask = lowest_mask(&[&a, &b], 0.5);
+    assert_eq!(mask, vec![vec![false, true, false], vec![true, false, true]]);
+    assert_eq!(lowest_mask(&[&a, &b], 0.0), vec![vec![false; 3]; 2]);
+    let all = lowest_mask(&[&a, &b], 1.0);
+    assert!(all.iter().flatten().all(|&x| x));
+}
