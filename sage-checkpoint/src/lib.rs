@@ -32,3 +32,8 @@ pub use checkpoint::{
 pub use error::CheckpointError;
 pub use format::FORMAT_VERSION;
 pub use host::{HostAccess, HostError};
+
+// The README's example compiles and runs as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

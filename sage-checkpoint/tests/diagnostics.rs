@@ -67,7 +67,11 @@ fn next_step_modulation_matches_the_optimizer() {
     }
     assert!((share.above - above as f64 / n as f64).abs() <= 2.0 / n as f64);
     let u = d.u.unwrap();
-    assert!((u.mean - u_mean).abs() <= 1e-3 * u_mean, "{} vs {u_mean}", u.mean);
+    assert!(
+        (u.mean - u_mean).abs() <= 1e-3 * u_mean,
+        "{} vs {u_mean}",
+        u.mean
+    );
     assert!((d.ibar_scale - scale as f64).abs() < 1e-6);
 
     // Ī alone, and the same numbers from a checkpoint.
@@ -112,7 +116,10 @@ fn masks_mark_the_lowest() {
     let a = [0.5f32, 0.1, 0.9];
     let b = [0.2f32, f32::NAN, 0.05];
     let mask = lowest_mask(&[&a, &b], 0.5);
-    assert_eq!(mask, vec![vec![false, true, false], vec![true, false, true]]);
+    assert_eq!(
+        mask,
+        vec![vec![false, true, false], vec![true, false, true]]
+    );
     assert_eq!(lowest_mask(&[&a, &b], 0.0), vec![vec![false; 3]; 2]);
     let all = lowest_mask(&[&a, &b], 1.0);
     assert!(all.iter().flatten().all(|&x| x));
