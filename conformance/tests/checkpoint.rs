@@ -120,3 +120,25 @@ fn lossy_host_copies_are_caught() {
     let e = cross_backend(&mut Leaky(Bug::ReadsZeros), &mut Cpu).unwrap_err();
     println!("ReadsZeros: {e}");
 }
+
+/// OpenCL ↔ CPU through each backend's own host copies, both ways, when an OpenCL device is
+/// here (PoCL on CI); with `SAGE_REQUIRE_OPENCL` set, a missing device fails the test.
+#[test]
+fn opencl_and_cpu_resume_each_other() {
+    let mut cl = match sage_opencl::OpenCl::new() {
+        Ok(b) => b,
+        Err(e) => {
+            assert!(
+                std::env::var_os("SAGE_REQUIRE_OPENCL").is_none(),
+                "SAGE_REQUIRE_OPENCL is set but: {e}"
+            );
+            eprintln!("skipped: no OpenCL device ({e})");
+            return;
+        }
+    };
+    let w = cross_backend(&mut cl.clone(), &mut Cpu).unwrap();
+    println!("opencl -> cpu: worst {:e}x tolerance", w.ratio);
+    let w = cross_backend(&mut Cpu, &mut cl).unwrap();
+    println!("cpu -> opencl: worst {:e}x tolerance", w.ratio);
+    resume_from_checkpoint(&mut cl).unwrap();
+}
