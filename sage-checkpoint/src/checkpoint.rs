@@ -238,8 +238,8 @@ pub enum ConfigCheck {
     /// Every field and group must be equal (the default: a resumed run is the same run).
     #[default]
     Exact,
-    /// Only what decides the state layout must agree (algorithm, SGD momentum on/off, the
-    /// number of groups and which have SAGE): for resuming with, say, a new rate.
+    /// Only what decides the state and its meaning must agree (the algorithm, SGD momentum
+    /// on/off, the number of groups and which have SAGE): for resuming with, say, a new rate.
     StateCompatible,
 }
 
@@ -1017,6 +1017,14 @@ impl<'data> Checkpoint<'data> {
                         expected,
                     })
                 };
+                // Adam's `v` and Adamax's `u` share a slot but not a meaning.
+                if self.config.algorithm.name() != config.algorithm.name() {
+                    return mismatch(
+                        "config.algorithm".into(),
+                        self.config.algorithm.name().into(),
+                        config.algorithm.name().into(),
+                    );
+                }
                 if self.groups.len() != groups.len() {
                     return mismatch(
                         "groups".into(),

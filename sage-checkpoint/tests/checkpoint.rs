@@ -411,7 +411,21 @@ fn config_mismatch_names_the_field() {
     )
     .unwrap();
     assert_eq!(opt.steps(), 3);
-    // A layout change never is.
+    // Another algorithm with the same buffers (Adamax's `u` in Adam's `v` slot) never is.
+    let mut opt =
+        Optimizer::new(Cpu, Config::reference(Algorithm::adamax(), 2e-3), groups()).unwrap();
+    let e = load(
+        &mut opt,
+        &bytes,
+        &mut Model::new().entries_mut(),
+        ConfigCheck::StateCompatible,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, CheckpointError::Config { field, .. } if field == "config.algorithm"),
+        "{e}"
+    );
+    // Nor is a layout change.
     let mut opt = Optimizer::new(Cpu, config(), vec![ParamGroup::sage(); 2]).unwrap();
     let e = load(
         &mut opt,
