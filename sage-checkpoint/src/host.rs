@@ -55,6 +55,11 @@ pub trait HostAccess: Backend {
     }
 }
 
+// Unused only when no backend feature is on.
+#[cfg_attr(
+    not(any(feature = "cpu", feature = "cuda", feature = "opencl")),
+    allow(dead_code)
+)]
 fn check_len(buf: usize, host: usize) -> Result<(), HostError> {
     if buf == host {
         Ok(())
