@@ -1,0 +1,565 @@
+//! The fused step as vector code, monomorphised per case.
+//!
+//! `Coeffs::kind`, `flags` and `modulation` pick the algorithm of a tensor. They are read once
+//! per tensor ([`pick`]) to choose a kernel instantiated for exactly that case, so the inner
+//! loop has no branches: one kernel per instruction set x storage types x algorithm x SAGE on
+//! or off x modulation (x SGD momentum variant). Each kernel does, lane by lane, the operations
+//! of `sage_core::formula::step` in the same order, so it agrees with the portable path bit for
+//! bit. Buffer layouts the cases do not cover (say, a SAGE tensor without `ibar`) return `None`
+//! and run on the portable path.
+
+// Targets with no vector level (say, a Cortex-M) use only the portable pieces.
+#![cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code, unused_macros, unused_variables)
+)]
+
+use core::ptr;
+
+use sage_core::coeffs::{flags, kind};
+use sage_core::{Coeffs, Element, Modulation};
+
+use crate::lanes::{load, store_round, Lanes};
+use crate::level::Level;
+
+/// Widest register, in f32 lanes (AVX-512): sizes the stack buffers of a tail.
+const MAX_LANES: usize = 16;
+
+/// Raw pointers to one tensor's buffers, from some element on. Absent state buffers are null.
+pub(crate) struct Bufs<P, S> {
+    pub p: *mut P,
+    pub g: *const P,
+    pub m: *mut S,
+    pub v: *mut S,
+    pub ib: *mut S,
+}
+
+impl<P, S> Clone for Bufs<P, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<P, S> Copy for Bufs<P, S> {}
+
+impl<P, S> Bufs<P, S> {
+    /// The same buffers from element `i` on, keeping absent (null) buffers null: for
+    /// handing a range to a kernel, which tells absent buffers by null.
+    #[inline]
+    pub fn range_from(self, i: usize) -> Self {
+        fn off<T>(p: *mut T, i: usize) -> *mut T {
+            if p.is_null() {
+                p
+            } else {
+                p.wrapping_add(i)
+            }
+        }
+        Bufs {
+            p: self.p.wrapping_add(i),
+            g: self.g.wrapping_add(i),
+            m: off(self.m, i),
+            v: off(self.v, i),
+            ib: off(self.ib, i),
+        }
+    }
+
+    /// The same buffers from element `i` on, inside a kernel, which knows from its case
+    /// which buffers are present and never reads an absent one (so offsetting null with
+    /// `wrapping_add` is harmless, and the loop needs no null test).
+    #[inline(always)]
+    pub fn at(self, i: usize) -> Self {
+        Bufs {
+            p: self.p.wrapping_add(i),
+            g: self.g.wrapping_add(i),
+            m: self.m.wrapping_add(i),
+            v: self.v.wrapping_add(i),
+            ib: self.ib.wrapping_add(i),
+        }
+    }
+}
+
+/// A kernel over `n` elements from `Bufs`. Unsafe: every non-null pointer must be valid for
+/// `n` elements, the buffers must not overlap, and the CPU must have the kernel's level.
+pub(crate) type KernelFn<P, S> = unsafe fn(&Coeffs, Bufs<P, S>, usize);
+
+/// One register's worth of work, and which state buffers it touches.
+pub(crate) trait Op<L: Lanes> {
+    const M: bool;
+    const V: bool;
+    const IB: bool;
+    /// Processes `L::N` elements at `b`.
+    unsafe fn vec<P: Element, S: Element>(&self, b: Bufs<P, S>);
+}
+
+/// Runs `op` over `n` elements: whole registers, then the tail through stack buffers so that
+/// the tail takes the same vector code (the padding lanes are computed and discarded).
+#[inline(always)]
+pub(crate) unsafe fn drive<L: Lanes, P: Element, S: Element, O: Op<L>>(
+    op: &O,
+    b: Bufs<P, S>,
+    n: usize,
+) {
+    let mut i = 0;
+    while i + L::N <= n {
+        op.vec::<P, S>(b.at(i));
+        i += L::N;
+    }
+    let rem = n - i;
+    if rem == 0 {
+        return;
+    }
+    let t = b.at(i);
+    let mut p = [P::default(); MAX_LANES];
+    let mut g = [P::default(); MAX_LANES];
+    let mut m = [S::default(); MAX_LANES];
+    let mut v = [S::default(); MAX_LANES];
+    let mut ib = [S::default(); MAX_LANES];
+    ptr::copy_nonoverlapping(t.p, p.as_mut_ptr(), rem);
+    ptr::copy_nonoverlapping(t.g, g.as_mut_ptr(), rem);
+    let local = Bufs {
+        p: p.as_mut_ptr(),
+        g: g.as_ptr(),
+        m: if O::M {
+            m.as_mut_ptr()
+        } else {
+            ptr::null_mut()
+        },
+        v: if O::V {
+            v.as_mut_ptr()
+        } else {
+            ptr::null_mut()
+        },
+        ib: if O::IB {
+            ib.as_mut_ptr()
+        } else {
+            ptr::null_mut()
+        },
+    };
+    if O::M {
+        ptr::copy_nonoverlapping(t.m, local.m, rem);
+    }
+    if O::V {
+        ptr::copy_nonoverlapping(t.v, local.v, rem);
+    }
+    if O::IB {
+        ptr::copy_nonoverlapping(t.ib, local.ib, rem);
+    }
+    op.vec::<P, S>(local);
+    ptr::copy_nonoverlapping(local.p, t.p, rem);
+    if O::M {
+        ptr::copy_nonoverlapping(local.m, t.m, rem);
+    }
+    if O::V {
+        ptr::copy_nonoverlapping(local.v, t.v, rem);
+    }
+    if O::IB {
+        ptr::copy_nonoverlapping(local.ib, t.ib, rem);
+    }
+}
+
+/// SGD variants (`SGDV`): no momentum buffer, heavy ball, Nesterov.
+const SGD_PLAIN: u32 = 0;
+const SGD_MOMENTUM: u32 = 1;
+const SGD_NESTEROV: u32 = 2;
+
+/// The fused step of one case. `K`: [`kind`]; `SAGE`: modulation on; `MODU`: the
+/// [`Modulation`] discriminant; `SGDV`: the SGD variant.
+pub(crate) struct StepOp<L: Lanes, const K: u32, const SAGE: bool, const MODU: u32, const SGDV: u32>
+{
+    gs: L::F,
+    l2: L::F,
+    b1: L::F,
+    a1: L::F,
+    b2: L::F,
+    a2: L::F,
+    b0: L::F,
+    a0: L::F,
+    mom: L::F,
+    ibs: L::F,
+    en: L::F,
+    ed: L::F,
+    step: L::F,
+    ds: L::F,
+    de: L::F,
+    ie: L::F,
+    isd: L::F,
+    pk: L::F,
+    pd: L::F,
+    one: L::F,
+}
+
+impl<L: Lanes, const K: u32, const SAGE: bool, const MODU: u32, const SGDV: u32>
+    StepOp<L, K, SAGE, MODU, SGDV>
+{
+    #[inline(always)]
+    pub unsafe fn new(k: &Coeffs) -> Self {
+        StepOp {
+            gs: L::splat(k.grad_scale),
+            l2: L::splat(k.l2),
+            b1: L::splat(k.beta1),
+            a1: L::splat(k.alpha1),
+            b2: L::splat(k.beta2),
+            a2: L::splat(k.alpha2),
+            b0: L::splat(k.beta0),
+            a0: L::splat(k.alpha0),
+            mom: L::splat(k.momentum),
+            ibs: L::splat(k.ibar_scale),
+            en: L::splat(k.eps_num),
+            ed: L::splat(k.eps_den),
+            step: L::splat(k.step),
+            ds: L::splat(k.denom_scale),
+            de: L::splat(k.denom_eps),
+            ie: L::splat(k.inf_eps),
+            isd: L::splat(k.in_step_decay),
+            pk: L::splat(k.pre_keep),
+            pd: L::splat(k.post_decay),
+            one: L::splat(1.0),
+        }
+    }
+}
+
+impl<L: Lanes, const K: u32, const SAGE: bool, const MODU: u32, const SGDV: u32> Op<L>
+    for StepOp<L, K, SAGE, MODU, SGDV>
+{
+    const M: bool = K != kind::SGD || SGDV != SGD_PLAIN;
+    const V: bool = K != kind::SGD;
+    const IB: bool = SAGE;
+
+    #[inline(always)]
+    unsafe fn vec<P: Element, S: Element>(&self, b: Bufs<P, S>) {
+        let th = load::<L, P>(b.p);
+        let gr = load::<L, P>(b.g);
+        // formula::effective_grad
+        let g = L::add(L::mul(gr, self.gs), L::mul(self.l2, th));
+        // formula::accumulate, each state value rounded to S and read back
+        let m = if Self::M {
+            let old = load::<L, S>(b.m);
+            store_round::<L, S>(b.m, L::add(L::mul(self.b1, old), L::mul(self.a1, g)))
+        } else {
+            self.one
+        };
+        let v = if K == kind::ADAM {
+            let old = load::<L, S>(b.v);
+            let new = L::add(L::mul(self.b2, old), L::mul(self.a2, L::mul(g, g)));
+            store_round::<L, S>(b.v, new)
+        } else if K == kind::ADAMAX {
+            let old = load::<L, S>(b.v);
+            let new = L::maxnum(L::mul(self.b2, old), L::add(L::abs(g), self.ie));
+            store_round::<L, S>(b.v, new)
+        } else {
+            self.one
+        };
+        // formula::apply; with SAGE off s = 1 and step·1 = step exactly.
+        let step_s = if SAGE {
+            let i = L::abs(L::mul(th, g));
+            let old = load::<L, S>(b.ib);
+            let ibar = store_round::<L, S>(b.ib, L::add(L::mul(self.b0, old), L::mul(self.a0, i)));
+            let ib = L::mul(ibar, self.ibs);
+            let u = L::abs(L::sub(i, ib));
+            let s = if MODU == Modulation::Sage as u32 {
+                L::div(L::add(u, self.en), L::add(ib, self.ed))
+            } else if MODU == Modulation::ImportanceTimesVariation as u32 {
+                L::mul(L::add(ib, self.ed), L::add(u, self.en))
+            } else if MODU == Modulation::ImportanceOverVariation as u32 {
+                L::div(L::add(ib, self.ed), L::add(u, self.en))
+            } else if MODU == Modulation::Importance as u32 {
+                L::add(ib, self.ed)
+            } else if MODU == Modulation::InverseImportance as u32 {
+                L::div(self.one, L::add(ib, self.ed))
+            } else {
+                L::add(u, self.en)
+            };
+            L::mul(self.step, s)
+        } else {
+            self.step
+        };
+        let dir = if K == kind::ADAM {
+            L::div(m, L::add(L::mul(L::sqrt(v), self.ds), self.de))
+        } else if K == kind::ADAMAX {
+            L::add(L::div(m, L::add(v, self.de)), L::mul(self.isd, th))
+        } else if SGDV == SGD_PLAIN {
+            g
+        } else if SGDV == SGD_NESTEROV {
+            L::add(g, L::mul(self.mom, m))
+        } else {
+            m
+        };
+        let updated = L::sub(L::mul(th, self.pk), L::mul(step_s, dir));
+        store_round::<L, P>(b.p, L::sub(updated, L::mul(self.pd, updated)));
+    }
+}
+
+/// The bandwidth floor: the same loads and stores as a step with state buffers `M`, `V`, `IB`
+/// (storage conversions included) and one add per stored value.
+pub(crate) struct FloorOp<L: Lanes, const M: bool, const V: bool, const IB: bool> {
+    c: L::F,
+}
+
+impl<L: Lanes, const M: bool, const V: bool, const IB: bool> Op<L> for FloorOp<L, M, V, IB> {
+    const M: bool = M;
+    const V: bool = V;
+    const IB: bool = IB;
+
+    #[inline(always)]
+    unsafe fn vec<P: Element, S: Element>(&self, b: Bufs<P, S>) {
+        let th = load::<L, P>(b.p);
+        let g = L::mul(load::<L, P>(b.g), self.c);
+        for (on, s) in [(M, b.m), (V, b.v), (IB, b.ib)] {
+            if on {
+                store_round::<L, S>(s, L::add(load::<L, S>(s), g));
+            }
+        }
+        store_round::<L, P>(b.p, L::add(th, g));
+    }
+}
+
+/// `Σ x²` in f64 over 8 independent accumulators, so that the compiler can vectorise it (a
+/// single running sum is a serial chain of f64 adds). Any NaN or ±Inf makes it non-finite.
+#[inline(always)]
+pub(crate) fn sq_norm_body<E: Element>(x: &[E]) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            let f = v.to_f32() as f64;
+            *a += f * f;
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(chunks.remainder()) {
+        let f = v.to_f32() as f64;
+        *a += f * f;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// An instruction set's kernel entry points.
+pub(crate) trait Isa {
+    fn step<
+        P: Element,
+        S: Element,
+        const K: u32,
+        const SAGE: bool,
+        const MODU: u32,
+        const SGDV: u32,
+    >() -> KernelFn<P, S>;
+    fn floor<P: Element, S: Element, const M: bool, const V: bool, const IB: bool>(
+    ) -> KernelFn<P, S>;
+    fn sq_norm<E: Element>() -> unsafe fn(&[E]) -> f64;
+}
+
+/// Defines an [`Isa`] whose entry points are compiled with `$features`.
+macro_rules! isa {
+    ($(#[$meta:meta])* $isa:ident, $lanes:ty, $features:literal) => {
+        $(#[$meta])*
+        pub(crate) struct $isa;
+        impl Isa for $isa {
+            fn step<
+                P: Element,
+                S: Element,
+                const K: u32,
+                const SAGE: bool,
+                const MODU: u32,
+                const SGDV: u32,
+            >() -> KernelFn<P, S> {
+                #[target_feature(enable = $features)]
+                unsafe fn run<
+                    P: Element,
+                    S: Element,
+                    const K: u32,
+                    const SAGE: bool,
+                    const MODU: u32,
+                    const SGDV: u32,
+                >(
+                    k: &Coeffs,
+                    b: Bufs<P, S>,
+                    n: usize,
+                ) {
+                    let op = StepOp::<$lanes, K, SAGE, MODU, SGDV>::new(k);
+                    drive::<$lanes, P, S, _>(&op, b, n)
+                }
+                run::<P, S, K, SAGE, MODU, SGDV>
+            }
+            fn floor<P: Element, S: Element, const M: bool, const V: bool, const IB: bool>(
+            ) -> KernelFn<P, S> {
+                #[target_feature(enable = $features)]
+                unsafe fn run<P: Element, S: Element, const M: bool, const V: bool, const IB: bool>(
+                    k: &Coeffs,
+                    b: Bufs<P, S>,
+                    n: usize,
+                ) {
+                    let op = FloorOp::<$lanes, M, V, IB> {
+                        c: <$lanes as Lanes>::splat(k.step),
+                    };
+                    drive::<$lanes, P, S, _>(&op, b, n)
+                }
+                run::<P, S, M, V, IB>
+            }
+            fn sq_norm<E: Element>() -> unsafe fn(&[E]) -> f64 {
+                #[target_feature(enable = $features)]
+                unsafe fn run<E: Element>(x: &[E]) -> f64 {
+                    sq_norm_body(x)
+                }
+                run::<E>
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+isa!(
+    /// AVX2 + F16C kernels.
+    Avx2Isa,
+    crate::lanes::avx2::Avx2,
+    "avx2,f16c"
+);
+#[cfg(target_arch = "x86_64")]
+isa!(
+    /// AVX-512F kernels.
+    Avx512Isa,
+    crate::lanes::avx512::Avx512,
+    "avx512f,avx2,f16c"
+);
+#[cfg(target_arch = "aarch64")]
+isa!(
+    /// NEON kernels.
+    NeonIsa,
+    crate::lanes::neon::Neon,
+    "neon"
+);
+
+/// Which state buffers a tensor has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Present {
+    pub m: bool,
+    pub v: bool,
+    pub ib: bool,
+}
+
+/// The step kernel of `level` for a tensor with coefficients `k` and buffers `has`, or `None`
+/// where the portable path must run it (portable level, or a layout no kernel covers).
+pub(crate) fn pick<P: Element, S: Element>(
+    level: Level,
+    k: &Coeffs,
+    has: Present,
+) -> Option<KernelFn<P, S>> {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => pick_in::<Avx2Isa, P, S>(k, has),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => pick_in::<Avx512Isa, P, S>(k, has),
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => pick_in::<NeonIsa, P, S>(k, has),
+        _ => None,
+    }
+}
+
+fn pick_in<I: Isa, P: Element, S: Element>(k: &Coeffs, has: Present) -> Option<KernelFn<P, S>> {
+    let sage = k.flags & flags::SAGE != 0;
+    if has.ib != sage {
+        return None;
+    }
+    match k.kind {
+        kind::ADAM if has.m && has.v => by_modulation::<I, P, S, { kind::ADAM }, 0>(sage, k),
+        kind::ADAMAX if has.m && has.v => by_modulation::<I, P, S, { kind::ADAMAX }, 0>(sage, k),
+        kind::SGD if !has.v => {
+            let variant = if k.flags & flags::MOMENTUM == 0 {
+                SGD_PLAIN
+            } else if k.flags & flags::NESTEROV != 0 {
+                SGD_NESTEROV
+            } else {
+                SGD_MOMENTUM
+            };
+            if has.m != (variant != SGD_PLAIN) {
+                return None;
+            }
+            match variant {
+                SGD_PLAIN => by_modulation::<I, P, S, { kind::SGD }, SGD_PLAIN>(sage, k),
+                SGD_MOMENTUM => by_modulation::<I, P, S, { kind::SGD }, SGD_MOMENTUM>(sage, k),
+                _ => by_modulation::<I, P, S, { kind::SGD }, SGD_NESTEROV>(sage, k),
+            }
+        }
+        _ => None,
+    }
+}
+
+fn by_modulation<I: Isa, P: Element, S: Element, const K: u32, const SGDV: u32>(
+    sage: bool,
+    k: &Coeffs,
+) -> Option<KernelFn<P, S>> {
+    if !sage {
+        return Some(I::step::<P, S, K, false, 0, SGDV>());
+    }
+    const SAGE: u32 = Modulation::Sage as u32;
+    const ITV: u32 = Modulation::ImportanceTimesVariation as u32;
+    const IOV: u32 = Modulation::ImportanceOverVariation as u32;
+    const IMP: u32 = Modulation::Importance as u32;
+    const INV: u32 = Modulation::InverseImportance as u32;
+    const VAR: u32 = Modulation::Variation as u32;
+    Some(match k.modulation {
+        SAGE => I::step::<P, S, K, true, SAGE, SGDV>(),
+        ITV => I::step::<P, S, K, true, ITV, SGDV>(),
+        IOV => I::step::<P, S, K, true, IOV, SGDV>(),
+        IMP => I::step::<P, S, K, true, IMP, SGDV>(),
+        INV => I::step::<P, S, K, true, INV, SGDV>(),
+        VAR => I::step::<P, S, K, true, VAR, SGDV>(),
+        _ => return None,
+    })
+}
+
+/// The floor kernel of `level` for buffers `has` (`None` on the portable level).
+pub(crate) fn pick_floor<P: Element, S: Element>(
+    level: Level,
+    has: Present,
+) -> Option<KernelFn<P, S>> {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => Some(floor_in::<Avx2Isa, P, S>(has)),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => Some(floor_in::<Avx512Isa, P, S>(has)),
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => Some(floor_in::<NeonIsa, P, S>(has)),
+        _ => None,
+    }
+}
+
+fn floor_in<I: Isa, P: Element, S: Element>(has: Present) -> KernelFn<P, S> {
+    match (has.m, has.v, has.ib) {
+        (false, false, false) => I::floor::<P, S, false, false, false>(),
+        (true, false, false) => I::floor::<P, S, true, false, false>(),
+        (false, true, false) => I::floor::<P, S, false, true, false>(),
+        (true, true, false) => I::floor::<P, S, true, true, false>(),
+        (false, false, true) => I::floor::<P, S, false, false, true>(),
+        (true, false, true) => I::floor::<P, S, true, false, true>(),
+        (false, true, true) => I::floor::<P, S, false, true, true>(),
+        (true, true, true) => I::floor::<P, S, true, true, true>(),
+    }
+}
+
+/// `Σ x²` of `x` with `level`'s instruction set.
+pub(crate) fn sq_norm<E: Element>(level: Level, x: &[E]) -> f64 {
+    match level {
+        // SAFETY: a `SimdCpu` holds a level only after checking the CPU has it.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { Avx2Isa::sq_norm::<E>()(x) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { Avx512Isa::sq_norm::<E>()(x) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => unsafe { NeonIsa::sq_norm::<E>()(x) },
+        _ => sq_norm_body(x),
+    }
+}
+
+/// The floor for the portable level: the same traffic in scalar code.
+pub(crate) unsafe fn floor_scalar<P: Element, S: Element>(k: &Coeffs, b: Bufs<P, S>, n: usize) {
+    for i in 0..n {
+        let t = b.range_from(i);
+        let g = (*t.g).to_f32() * k.step;
+        for s in [t.m, t.v, t.ib] {
+            if !s.is_null() {
+                *s = S::from_f32((*s).to_f32() + g);
+            }
+        }
+        *t.p = P::from_f32((*t.p).to_f32() + g);
+    }
+}

@@ -1,0 +1,102 @@
+//! AVX2 (+F16C): 8 lanes.
+
+use core::arch::x86_64::*;
+
+use super::Lanes;
+
+/// AVX2 with F16C.
+#[derive(Clone, Copy)]
+pub(crate) struct Avx2;
+
+impl Lanes for Avx2 {
+    type F = __m256;
+    const N: usize = 8;
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m256 {
+        _mm256_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        _mm256_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+        _mm256_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        _mm256_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn div(a: __m256, b: __m256) -> __m256 {
+        _mm256_div_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sqrt(a: __m256) -> __m256 {
+        _mm256_sqrt_ps(a)
+    }
+    #[inline(always)]
+    unsafe fn abs(a: __m256) -> __m256 {
+        _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)))
+    }
+    #[inline(always)]
+    unsafe fn maxnum(a: __m256, b: __m256) -> __m256 {
+        // maxps returns its second operand when either is NaN: that covers a NaN `b`;
+        // a NaN `a` is replaced by `b` afterwards (both NaN gives NaN either way).
+        let r = _mm256_max_ps(b, a);
+        _mm256_blendv_ps(r, b, _mm256_cmp_ps::<_CMP_UNORD_Q>(a, a))
+    }
+    #[inline(always)]
+    unsafe fn load_f32(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store_f32(p: *mut f32, v: __m256) {
+        _mm256_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+    #[inline(always)]
+    unsafe fn store_round_f16(p: *mut u16, v: __m256) -> __m256 {
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+        _mm_storeu_si128(p.cast(), h);
+        _mm256_cvtph_ps(h)
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m256 {
+        let x = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())));
+        _mm256_castsi256_ps(quiet_nan(x))
+    }
+    #[inline(always)]
+    unsafe fn store_round_bf16(p: *mut u16, v: __m256) -> __m256 {
+        let x = _mm256_castps_si256(v);
+        // Nearest even: add 0x7fff plus the lowest kept bit, then truncate.
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+        let rounded = _mm256_add_epi32(x, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+        let nan = is_nan_bits(x);
+        let quiet = _mm256_or_si256(x, _mm256_set1_epi32(0x0040_0000));
+        let r = _mm256_blendv_epi8(rounded, quiet, nan);
+        let hi = _mm256_srli_epi32::<16>(r);
+        // packus works within 128-bit halves; gather qwords 0 and 2 into the low half.
+        let packed = _mm256_permute4x64_epi64::<0b00_00_10_00>(_mm256_packus_epi32(hi, hi));
+        _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(packed));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(hi))
+    }
+}
+
+/// All-ones lanes where the f32 bits `x` are a NaN.
+#[inline(always)]
+unsafe fn is_nan_bits(x: __m256i) -> __m256i {
+    let mag = _mm256_and_si256(x, _mm256_set1_epi32(0x7fff_ffff));
+    _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7f80_0000))
+}
+
+/// Sets the quiet bit of NaN lanes, as `half::bf16::to_f32` does.
+#[inline(always)]
+unsafe fn quiet_nan(x: __m256i) -> __m256i {
+    let q = _mm256_and_si256(is_nan_bits(x), _mm256_set1_epi32(0x0040_0000));
+    _mm256_or_si256(x, q)
+}

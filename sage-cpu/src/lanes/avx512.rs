@@ -1,0 +1,95 @@
+//! AVX-512F: 16 lanes.
+
+use core::arch::x86_64::*;
+
+use super::Lanes;
+
+/// AVX-512 Foundation (which includes the 512-bit f16 conversions).
+#[derive(Clone, Copy)]
+pub(crate) struct Avx512;
+
+impl Lanes for Avx512 {
+    type F = __m512;
+    const N: usize = 16;
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m512 {
+        _mm512_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+        _mm512_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        _mm512_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn div(a: __m512, b: __m512) -> __m512 {
+        _mm512_div_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sqrt(a: __m512) -> __m512 {
+        _mm512_sqrt_ps(a)
+    }
+    #[inline(always)]
+    unsafe fn abs(a: __m512) -> __m512 {
+        // `_mm512_and_ps` needs AVX-512DQ; the integer AND is Foundation.
+        let bits = _mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fff_ffff));
+        _mm512_castsi512_ps(bits)
+    }
+    #[inline(always)]
+    unsafe fn maxnum(a: __m512, b: __m512) -> __m512 {
+        // As for AVX2: maxps yields its second operand on NaN; then a NaN `a` takes `b`.
+        let r = _mm512_max_ps(b, a);
+        _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, a), r, b)
+    }
+    #[inline(always)]
+    unsafe fn load_f32(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store_f32(p: *mut f32, v: __m512) {
+        _mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
+    #[inline(always)]
+    unsafe fn store_round_f16(p: *mut u16, v: __m512) -> __m512 {
+        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        _mm256_storeu_si256(p.cast(), h);
+        _mm512_cvtph_ps(h)
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m512 {
+        let x = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())));
+        // Quiet NaN lanes, as `half::bf16::to_f32` does.
+        let q = _mm512_mask_or_epi32(x, is_nan_bits(x), x, _mm512_set1_epi32(0x0040_0000));
+        _mm512_castsi512_ps(q)
+    }
+    #[inline(always)]
+    unsafe fn store_round_bf16(p: *mut u16, v: __m512) -> __m512 {
+        let x = _mm512_castps_si512(v);
+        // Nearest even: add 0x7fff plus the lowest kept bit, then truncate.
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+        let rounded = _mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+        let quiet = _mm512_or_si512(x, _mm512_set1_epi32(0x0040_0000));
+        let r = _mm512_mask_blend_epi32(is_nan_bits(x), rounded, quiet);
+        let hi = _mm512_srli_epi32::<16>(r);
+        _mm256_storeu_si256(p.cast(), _mm512_cvtepi32_epi16(hi));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi))
+    }
+}
+
+/// Lanes where the f32 bits `x` are a NaN.
+#[inline(always)]
+unsafe fn is_nan_bits(x: __m512i) -> __mmask16 {
+    let mag = _mm512_and_si512(x, _mm512_set1_epi32(0x7fff_ffff));
+    _mm512_cmpgt_epi32_mask(mag, _mm512_set1_epi32(0x7f80_0000))
+}

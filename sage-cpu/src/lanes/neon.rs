@@ -1,0 +1,106 @@
+//! NEON (aarch64 Advanced SIMD): 4 lanes.
+
+use core::arch::aarch64::*;
+
+use sage_core::{f16, Element};
+
+use super::Lanes;
+
+/// aarch64 NEON.
+#[derive(Clone, Copy)]
+pub(crate) struct Neon;
+
+impl Lanes for Neon {
+    type F = float32x4_t;
+    const N: usize = 4;
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> float32x4_t {
+        vdupq_n_f32(x)
+    }
+    #[inline(always)]
+    unsafe fn add(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        vaddq_f32(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        vsubq_f32(a, b)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        vmulq_f32(a, b)
+    }
+    #[inline(always)]
+    unsafe fn div(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        vdivq_f32(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sqrt(a: float32x4_t) -> float32x4_t {
+        vsqrtq_f32(a)
+    }
+    #[inline(always)]
+    unsafe fn abs(a: float32x4_t) -> float32x4_t {
+        vabsq_f32(a)
+    }
+    #[inline(always)]
+    unsafe fn maxnum(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // FMAXNM is IEEE maxNum: a NaN operand yields the other, as f32::max.
+        vmaxnmq_f32(a, b)
+    }
+    #[inline(always)]
+    unsafe fn load_f32(p: *const f32) -> float32x4_t {
+        vld1q_f32(p)
+    }
+    #[inline(always)]
+    unsafe fn store_f32(p: *mut f32, v: float32x4_t) {
+        vst1q_f32(p, v)
+    }
+    // The f16 NEON conversions need the unstable `f16` vector types, so f16 goes lane by
+    // lane through the same conversion the portable path uses.
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> float32x4_t {
+        let mut w = [0f32; 4];
+        for (i, x) in w.iter_mut().enumerate() {
+            *x = f16::from_bits(*p.add(i)).to_f32();
+        }
+        vld1q_f32(w.as_ptr())
+    }
+    #[inline(always)]
+    unsafe fn store_round_f16(p: *mut u16, v: float32x4_t) -> float32x4_t {
+        let mut w = [0f32; 4];
+        vst1q_f32(w.as_mut_ptr(), v);
+        for (i, x) in w.iter_mut().enumerate() {
+            let h = <f16 as Element>::from_f32(*x);
+            *p.add(i) = h.to_bits();
+            *x = h.to_f32();
+        }
+        vld1q_f32(w.as_ptr())
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> float32x4_t {
+        let x = vshll_n_u16::<16>(vld1_u16(p));
+        // Quiet NaN lanes, as `half::bf16::to_f32` does.
+        let q = vandq_u32(is_nan_bits(x), vdupq_n_u32(0x0040_0000));
+        vreinterpretq_f32_u32(vorrq_u32(x, q))
+    }
+    #[inline(always)]
+    unsafe fn store_round_bf16(p: *mut u16, v: float32x4_t) -> float32x4_t {
+        let x = vreinterpretq_u32_f32(v);
+        // Nearest even: add 0x7fff plus the lowest kept bit, then truncate.
+        let lsb = vandq_u32(vshrq_n_u32::<16>(x), vdupq_n_u32(1));
+        let rounded = vaddq_u32(x, vaddq_u32(vdupq_n_u32(0x7fff), lsb));
+        let quiet = vorrq_u32(x, vdupq_n_u32(0x0040_0000));
+        let r = vbslq_u32(is_nan_bits(x), quiet, rounded);
+        vst1_u16(p, vshrn_n_u32::<16>(r));
+        vreinterpretq_f32_u32(vandq_u32(r, vdupq_n_u32(0xffff_0000)))
+    }
+}
+
+/// All-ones lanes where the f32 bits `x` are a NaN.
+#[inline(always)]
+unsafe fn is_nan_bits(x: uint32x4_t) -> uint32x4_t {
+    vcgtq_u32(
+        vandq_u32(x, vdupq_n_u32(0x7fff_ffff)),
+        vdupq_n_u32(0x7f80_0000),
+    )
+}

@@ -1,0 +1,469 @@
+//! [`SimdCpu`]: the vector kernels of one instruction-set [`Level`], and threads for large
+//! steps.
+
+use core::fmt;
+use core::ptr;
+
+use sage_core::formula::Accumulate;
+use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, ParamTensor, TensorMut};
+
+use crate::kernel::{self, Bufs, KernelFn, Present};
+use crate::level::Level;
+use crate::portable::{self, Cpu};
+
+/// The SIMD CPU backend: kernels for one instruction-set [`Level`] (AVX2, AVX-512, NEON or the
+/// portable fallback), chosen once, and, with `std`, worker threads for large steps.
+///
+/// Buffers are slices, as for [`Cpu`]. Results equal [`Cpu`]'s bit for bit at every level
+/// and thread count: each lane does the operations of `sage_core::formula` in the same order,
+/// and threads split the elements, not the arithmetic.
+///
+/// ```
+/// use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
+/// use sage_cpu::{Level, SimdCpu};
+///
+/// let cpu = SimdCpu::new(); // the best level here, all hardware threads
+/// assert!(cpu.level().is_available());
+/// let portable = SimdCpu::with_level(Level::Portable).unwrap().threads(1);
+/// # let _ = portable;
+/// let cfg = Config::reference(Algorithm::adamw(), 1e-3);
+/// let mut opt = Optimizer::new(cpu, cfg, [ParamGroup::sage()]).unwrap();
+/// let (mut w, g) = (vec![0.5f32; 100], vec![0.1f32; 100]);
+/// let (mut m, mut v, mut ibar) = (vec![0f32; 100], vec![0f32; 100], vec![0f32; 100]);
+/// opt.step(&mut [ParamTensor::new(&mut w[..], &g[..]).m(&mut m[..]).v(&mut v[..]).ibar(&mut ibar[..])])
+///     .unwrap();
+/// assert!(w[0] < 0.5);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SimdCpu {
+    level: Level,
+    threads: usize,
+    min_parallel: usize,
+    chunk: usize,
+}
+
+/// [`SimdCpu::with_level`] was asked for a level this CPU or build lacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unavailable(pub Level);
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CPU level `{}` is not available on this machine", self.0)
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for Unavailable {}
+
+impl Default for SimdCpu {
+    fn default() -> Self {
+        SimdCpu::new()
+    }
+}
+
+/// Steps below this many elements in all run on one thread: waking workers costs more.
+pub const DEFAULT_MIN_PARALLEL: usize = 1 << 16;
+/// Elements per unit of work handed to a thread.
+pub const DEFAULT_CHUNK: usize = 1 << 15;
+
+impl SimdCpu {
+    /// The best level this machine has ([`Level::best`]), all hardware threads.
+    pub fn new() -> Self {
+        SimdCpu {
+            level: Level::best(),
+            threads: 0,
+            min_parallel: DEFAULT_MIN_PARALLEL,
+            chunk: DEFAULT_CHUNK,
+        }
+    }
+
+    /// Forces `level`; an error if this CPU (or build) cannot run it.
+    pub fn with_level(level: Level) -> Result<Self, Unavailable> {
+        if level.is_available() {
+            Ok(SimdCpu {
+                level,
+                ..SimdCpu::new()
+            })
+        } else {
+            Err(Unavailable(level))
+        }
+    }
+
+    /// Uses up to `n` threads (the caller's included); 0 means one per hardware thread.
+    /// Without `std` every step runs on the caller's thread.
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = n;
+        self
+    }
+
+    /// Steps with fewer elements than `n` (all tensors together) run on one thread.
+    pub fn min_parallel(mut self, n: usize) -> Self {
+        self.min_parallel = n;
+        self
+    }
+
+    /// Hands threads `n` elements at a time (rounded up to a multiple of 16; the split points
+    /// are then moved to cache-line boundaries of the parameter buffer).
+    pub fn chunk(mut self, n: usize) -> Self {
+        self.chunk = n.max(1).next_multiple_of(16);
+        self
+    }
+
+    /// The instruction-set level.
+    pub fn level(&self) -> Level {
+        self.level
+    }
+
+    /// Threads a large step uses.
+    pub fn thread_count(&self) -> usize {
+        #[cfg(feature = "std")]
+        {
+            if self.threads == 0 {
+                crate::pool::hardware_threads()
+            } else {
+                self.threads
+            }
+        }
+        #[cfg(not(feature = "std"))]
+        {
+            1
+        }
+    }
+
+    /// The bandwidth floor of a step, for benchmarks: for every tensor, the same loads and
+    /// stores as its fused step (the buffers it has, the same storage conversions, the same
+    /// threads and split) with one add per stored value instead of the update. Changes the
+    /// buffers' contents; reads `coeffs().step` as the gradient factor.
+    pub fn stream_floor<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) {
+        let level = self.level;
+        self.run_tensors(tensors, |_: &Coeffs, has| {
+            kernel::pick_floor::<P, S>(level, has).unwrap_or(kernel::floor_scalar::<P, S>)
+        });
+    }
+
+    /// Steps every tensor (each with the kernel `choose` gives it), split across threads when
+    /// large enough.
+    fn run_tensors<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+        choose: impl Fn(&Coeffs, Present) -> KernelFn<P, S>,
+    ) {
+        #[cfg(feature = "alloc")]
+        {
+            let mut jobs = alloc::vec::Vec::with_capacity(tensors.len());
+            for t in tensors.iter_mut() {
+                let k = *t.coeffs();
+                match Job::new(t.view(), k, &choose) {
+                    Ok(job) => jobs.push(job),
+                    Err(view) => portable::fused(as_cpu(view), &k),
+                }
+            }
+            self.run_jobs(&jobs);
+        }
+        #[cfg(not(feature = "alloc"))]
+        for t in tensors.iter_mut() {
+            let k = *t.coeffs();
+            match Job::new(t.view(), k, &choose) {
+                Ok(job) => job.run(0, job.len),
+                Err(view) => portable::fused(as_cpu(view), &k),
+            }
+        }
+    }
+
+    /// The kernel for a step of a tensor.
+    fn step_kernel<P: Element, S: Element>(&self) -> impl Fn(&Coeffs, Present) -> KernelFn<P, S> {
+        let level = self.level;
+        move |k, has| kernel::pick::<P, S>(level, k, has).unwrap_or(portable_kernel::<P, S>)
+    }
+
+    #[cfg(feature = "alloc")]
+    fn run_jobs<P: Element, S: Element>(&self, jobs: &[Job<P, S>]) {
+        let total: usize = jobs.iter().map(|j| j.len).sum();
+        #[cfg(feature = "std")]
+        {
+            let threads = self.thread_count();
+            if threads > 1 && total >= self.min_parallel && total > 0 {
+                return self.run_parallel(jobs, threads);
+            }
+        }
+        let _ = total;
+        for j in jobs {
+            j.run(0, j.len);
+        }
+    }
+
+    /// Splits every tensor into chunks whose starts fall on 64-byte boundaries of the
+    /// parameter buffer, and lets the threads pull chunks until none is left.
+    #[cfg(feature = "std")]
+    fn run_parallel<P: Element, S: Element>(&self, jobs: &[Job<P, S>], threads: usize) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let mut chunks: alloc::vec::Vec<(usize, usize, usize)> = alloc::vec::Vec::new();
+        for (ti, j) in jobs.iter().enumerate() {
+            let mut start = 0;
+            while start < j.len {
+                let end = aligned_split(j.bufs.p, start + self.chunk, j.len);
+                chunks.push((ti, start, end));
+                start = end;
+            }
+        }
+        let threads = threads.min(chunks.len());
+        let next = AtomicUsize::new(0);
+        let work = |_worker: usize| loop {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(ti, start, end)) = chunks.get(c) else {
+                break;
+            };
+            jobs[ti].run(start, end);
+        };
+        crate::pool::global().run(threads, &work);
+    }
+}
+
+/// The first index at or after `at` (capped at `len`) whose element in `p` starts a 64-byte
+/// cache line, so that two threads never write the same line of the parameter buffer.
+#[cfg(feature = "std")]
+fn aligned_split<P>(p: *mut P, at: usize, len: usize) -> usize {
+    if at >= len {
+        return len;
+    }
+    let size = core::mem::size_of::<P>();
+    let addr = (p as usize).wrapping_add(at * size);
+    let pad = addr.wrapping_neg() % 64;
+    if !pad.is_multiple_of(size) {
+        return at; // not element-aligned to lines: any split is as good
+    }
+    (at + pad / size).min(len)
+}
+
+/// The same buffers, typed for [`Cpu`] (both backends' buffers are slices).
+fn as_cpu<P: Element, S: Element>(t: TensorMut<'_, SimdCpu, P, S>) -> TensorMut<'_, Cpu, P, S> {
+    TensorMut {
+        param: t.param,
+        grad: t.grad,
+        m: t.m,
+        v: t.v,
+        ibar: t.ibar,
+    }
+}
+
+/// The portable step as a kernel, for tensors no vector kernel covers.
+///
+/// # Safety
+/// As [`KernelFn`]: every non-null pointer valid for `n` elements, no overlap.
+unsafe fn portable_kernel<P: Element, S: Element>(k: &Coeffs, b: Bufs<P, S>, n: usize) {
+    // SAFETY: the caller guarantees each non-null buffer is valid and exclusive for `n`.
+    let state =
+        |s: *mut S| (!s.is_null()).then(|| unsafe { core::slice::from_raw_parts_mut(s, n) });
+    // SAFETY: as above.
+    let (param, grad) = unsafe {
+        (
+            core::slice::from_raw_parts_mut(b.p, n),
+            core::slice::from_raw_parts(b.g, n),
+        )
+    };
+    portable::fused(
+        TensorMut {
+            param,
+            grad,
+            m: state(b.m),
+            v: state(b.v),
+            ibar: state(b.ib),
+        },
+        k,
+    );
+}
+
+/// One tensor's step, as raw pointers so that threads can take disjoint ranges of it.
+struct Job<P, S> {
+    k: Coeffs,
+    kernel: KernelFn<P, S>,
+    bufs: Bufs<P, S>,
+    len: usize,
+}
+
+// SAFETY: a `Job` is built from exclusive borrows that outlive it (`run_tensors` holds them),
+// and threads only ever run disjoint element ranges of it.
+unsafe impl<P: Send, S: Send> Sync for Job<P, S> {}
+
+impl<P: Element, S: Element> Job<P, S> {
+    /// The job of one tensor, or the tensor back when its buffers' lengths differ: that is
+    /// the caller's bug, and the portable path handles it as `Cpu` does (the common prefix,
+    /// or a bounds panic), never out of bounds.
+    fn new<'a>(
+        t: TensorMut<'a, SimdCpu, P, S>,
+        k: Coeffs,
+        choose: &impl Fn(&Coeffs, Present) -> KernelFn<P, S>,
+    ) -> Result<Self, TensorMut<'a, SimdCpu, P, S>> {
+        let n = t.param.len();
+        let same = |s: &Option<&mut [S]>| s.as_ref().is_none_or(|s| s.len() == n);
+        if t.grad.len() != n || !same(&t.m) || !same(&t.v) || !same(&t.ibar) {
+            return Err(t);
+        }
+        let has = Present {
+            m: t.m.is_some(),
+            v: t.v.is_some(),
+            ib: t.ibar.is_some(),
+        };
+        let ptr_of = |s: Option<&mut [S]>| s.map_or(ptr::null_mut(), |s| s.as_mut_ptr());
+        Ok(Job {
+            k,
+            kernel: choose(&k, has),
+            len: n,
+            bufs: Bufs {
+                p: t.param.as_mut_ptr(),
+                g: t.grad.as_ptr(),
+                m: ptr_of(t.m),
+                v: ptr_of(t.v),
+                ib: ptr_of(t.ibar),
+            },
+        })
+    }
+
+    /// Runs elements `start..end`.
+    fn run(&self, start: usize, end: usize) {
+        // SAFETY: the pointers come from live, exclusive slices of `len` elements each
+        // (checked in `new`), `start..end` is within them, callers hand out disjoint ranges,
+        // and the kernel's level was checked available when the `SimdCpu` was made.
+        unsafe { (self.kernel)(&self.k, self.bufs.range_from(start), end - start) }
+    }
+}
+
+impl Backend for SimdCpu {
+    type Error = Infallible;
+    type Buf<E: Element> = [E];
+
+    fn len<E: Element>(&self, buf: &[E]) -> usize {
+        buf.len()
+    }
+
+    fn sq_norm<E: Element>(&mut self, buf: &[E]) -> Result<f64, Infallible> {
+        Ok(kernel::sq_norm(self.level, buf))
+    }
+
+    // The primitives only serve the composed step (and its comparison with the fused one):
+    // the portable ones are the definition.
+    fn accumulate<P: Element, S: Element>(
+        &mut self,
+        which: Accumulate,
+        acc: &mut [S],
+        param: &[P],
+        grad: &[P],
+        k: &Coeffs,
+    ) -> Result<(), Infallible> {
+        Cpu.accumulate(which, acc, param, grad, k)
+    }
+
+    fn apply<P: Element, S: Element>(
+        &mut self,
+        t: ApplyArgs<'_, Self, P, S>,
+        k: &Coeffs,
+    ) -> Result<(), Infallible> {
+        let ApplyArgs {
+            param,
+            grad,
+            m,
+            v,
+            ibar,
+        } = t;
+        Cpu.apply(
+            ApplyArgs {
+                param,
+                grad,
+                m,
+                v,
+                ibar,
+            },
+            k,
+        )
+    }
+
+    fn fused_step<P: Element, S: Element>(
+        &mut self,
+        t: TensorMut<'_, Self, P, S>,
+        k: &Coeffs,
+    ) -> Result<(), Infallible> {
+        let choose = self.step_kernel::<P, S>();
+        match Job::new(t, *k, &choose) {
+            #[cfg(feature = "alloc")]
+            Ok(job) => self.run_jobs(core::slice::from_ref(&job)),
+            #[cfg(not(feature = "alloc"))]
+            Ok(job) => job.run(0, job.len),
+            Err(view) => portable::fused(as_cpu(view), k),
+        }
+        Ok(())
+    }
+
+    fn grad_sq_norms<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), Infallible> {
+        #[cfg(feature = "std")]
+        {
+            let total: usize = tensors.iter().map(|t| t.grad().len()).sum();
+            let threads = self.thread_count();
+            if threads > 1 && total >= self.min_parallel {
+                self.sq_norms_parallel(tensors, threads);
+                return Ok(());
+            }
+        }
+        for t in tensors.iter_mut() {
+            let x = kernel::sq_norm(self.level, t.grad());
+            t.set_grad_sq_norm(x);
+        }
+        Ok(())
+    }
+
+    fn step_tensors<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), Infallible> {
+        let choose = self.step_kernel::<P, S>();
+        self.run_tensors(tensors, choose);
+        Ok(())
+    }
+}
+
+#[cfg(feature = "std")]
+impl SimdCpu {
+    /// Gradient norms of many tensors across threads. Each tensor is cut at fixed multiples
+    /// of the chunk size and its partial sums added in order, so the result does not depend
+    /// on the thread count or on which thread took which chunk.
+    fn sq_norms_parallel<P: Element, S: Element>(
+        &self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+        threads: usize,
+    ) {
+        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+        let grads: alloc::vec::Vec<&[P]> = tensors.iter().map(|t| t.grad()).collect();
+        let mut chunks = alloc::vec::Vec::new();
+        for (ti, g) in grads.iter().enumerate() {
+            for start in (0..g.len()).step_by(self.chunk) {
+                chunks.push((ti, start, (start + self.chunk).min(g.len())));
+            }
+        }
+        let partial: alloc::vec::Vec<AtomicU64> =
+            chunks.iter().map(|_| AtomicU64::new(0)).collect();
+        let next = AtomicUsize::new(0);
+        let level = self.level;
+        let work = |_worker: usize| loop {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&(ti, start, end)) = chunks.get(c) else {
+                break;
+            };
+            let x = kernel::sq_norm(level, &grads[ti][start..end]);
+            partial[c].store(x.to_bits(), Ordering::Relaxed);
+        };
+        crate::pool::global().run(threads.min(chunks.len().max(1)), &work);
+        let mut sums = alloc::vec![0f64; tensors.len()];
+        for (c, &(ti, _, _)) in chunks.iter().enumerate() {
+            // The pool's join (a mutex hand-off) orders these loads after the stores.
+            sums[ti] += f64::from_bits(partial[c].load(Ordering::Relaxed));
+        }
+        for (t, s) in tensors.iter_mut().zip(sums) {
+            t.set_grad_sq_norm(s);
+        }
+    }
+}
