@@ -71,6 +71,10 @@ impl Lanes for Avx2 {
         _mm256_castsi256_ps(quiet_nan(x))
     }
     #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T0>(p.cast())
+    }
+    #[inline(always)]
     unsafe fn store_round_bf16(p: *mut u16, v: __m256) -> __m256 {
         let x = _mm256_castps_si256(v);
         // Nearest even: add 0x7fff plus the lowest kept bit, then truncate.

@@ -74,6 +74,10 @@ impl Lanes for Avx512 {
         _mm512_castsi512_ps(q)
     }
     #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T0>(p.cast())
+    }
+    #[inline(always)]
     unsafe fn store_round_bf16(p: *mut u16, v: __m512) -> __m512 {
         let x = _mm512_castps_si512(v);
         // Nearest even: add 0x7fff plus the lowest kept bit, then truncate.

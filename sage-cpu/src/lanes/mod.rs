@@ -40,6 +40,11 @@ pub(crate) trait Lanes: Copy {
     /// Rounds to bf16 exactly as `half::bf16::from_f32` (nearest even, NaN kept quiet),
     /// stores, and returns the stored values widened as `half::bf16::to_f32` would.
     unsafe fn store_round_bf16(p: *mut u16, v: Self::F) -> Self::F;
+    /// Hints that the cache line at `p` will be read soon (never faults).
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        let _ = p;
+    }
 }
 
 /// Loads `N` elements of storage type `E` widened to f32. `E::DTYPE` is a constant, so the
