@@ -17,8 +17,10 @@ use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, TensorMut};
 ///     .step(&mut [ParamTensor::new(&mut w[..], &g[..]).m(&mut m[..]).v(&mut v[..]).ibar(&mut ibar[..])])
 ///     .unwrap();
 /// assert!(report.applied());
-/// assert!(w[0] < 0.5 && w[1] < -0.25);
-/// assert_eq!(w[2], 0.0); // reference preset: θ = 0 has zero sensitivity, so s = 0
+/// // First step of the reference preset: Ī' = I, so U = 0 and s = 0; only the decoupled
+/// // decay moves θ, toward 0.
+/// assert!(w[0] < 0.5 && w[1] > -0.25);
+/// assert_eq!(w[2], 0.0); // θ = 0 has zero sensitivity, so s = 0
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cpu;

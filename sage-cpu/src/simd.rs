@@ -26,7 +26,7 @@ use crate::portable::{self, Cpu};
 /// assert!(cpu.level().is_available());
 /// let portable = SimdCpu::with_level(Level::Portable).unwrap().threads(1);
 /// # let _ = portable;
-/// let cfg = Config::reference(Algorithm::adamw(), 1e-3);
+/// let cfg = Config::paper(Algorithm::adam(), 1e-3);
 /// let mut opt = Optimizer::new(cpu, cfg, [ParamGroup::sage()]).unwrap();
 /// let (mut w, g) = (vec![0.5f32; 100], vec![0.1f32; 100]);
 /// let (mut m, mut v, mut ibar) = (vec![0f32; 100], vec![0f32; 100], vec![0f32; 100]);

@@ -23,6 +23,6 @@ if cargo tree -q -p sage-conformance --target "$triple" -e normal -i cl-sys >/de
   need_apt ocl-icd-libopencl1:arm64 ocl-icd-opencl-dev:arm64
 fi
 
-# Doc tests are left out: rustdoc's cross-target runs are not what this step checks.
+# Doc tests are left out: they run on the host (20-unit.sh) and exercise no NEON code.
 cargo test --release --target "$triple" -p sage-cpu --lib --tests
 cargo run --release --target "$triple" -p sage-conformance -- --backend cpu
