@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! sage-bench [--params N] [--threads 1,all] [--precision f32,bf16] [--level best|avx2|...]
-//!            [--reps N] [--json]
+//!            [--reps N] [--json] [--list-tensors]
 //! ```
 //!
 //! In one run, for each precision and thread count, it times an in-place streaming pass with
@@ -14,6 +14,8 @@
 //!
 //! The headline rows step with the non-finite guard and clipping off (the fused kernel's own
 //! cost); the `(guarded)` row adds the optimizer's default gradient-norm pass.
+//! `--list-tensors` prints the tensor lengths, one per line, and exits (`bench/compare_torch.py`
+//! steps torch's optimizers on the same tensors).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -93,12 +95,13 @@ struct Args {
     level: Level,
     reps: usize,
     json: bool,
+    list: bool,
 }
 
 fn usage() -> ExitCode {
     eprintln!(
         "usage: sage-bench [--params N] [--threads 1,all] [--precision f32,bf16,bf16-state,f16] \
-         [--level best|portable|avx2|avx512|neon] [--reps N] [--json]"
+         [--level best|portable|avx2|avx512|neon] [--reps N] [--json] [--list-tensors]"
     );
     ExitCode::from(64)
 }
@@ -112,6 +115,7 @@ fn parse() -> Result<Args, String> {
         level: Level::best(),
         reps: 3,
         json: false,
+        list: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -168,6 +172,7 @@ fn parse() -> Result<Args, String> {
                     .ok_or(format!("bad --reps {v}"))?;
             }
             "--json" => a.json = true,
+            "--list-tensors" => a.list = true,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -386,6 +391,12 @@ fn main() -> ExitCode {
         }
     };
     let sizes = scaled(args.params);
+    if args.list {
+        for s in &sizes {
+            println!("{s}");
+        }
+        return ExitCode::SUCCESS;
+    }
     let n: usize = sizes.iter().sum();
     if !args.json {
         println!(
