@@ -17,7 +17,7 @@
 use core::ptr;
 
 use sage_core::coeffs::{flags, kind};
-use sage_core::{Coeffs, Element, Modulation};
+use sage_core::{Coeffs, DType, Element, Modulation};
 
 use crate::lanes::{load, store_round, Lanes};
 use crate::level::Level;
@@ -331,12 +331,22 @@ impl<L: Lanes, const M: bool, const V: bool, const IB: bool> Op<L> for FloorOp<L
     }
 }
 
-/// `Σ x²` in f64 over 8 independent accumulators, so that the compiler can vectorise it (a
-/// single running sum is a serial chain of f64 adds). Any NaN or ±Inf makes it non-finite.
+/// Independent f64 sums of a squared norm: enough that the adds' latency never limits it.
+const NORM_BLOCK: usize = 32;
+
+/// `Σ x²` in f64 over [`NORM_BLOCK`] independent accumulators, so that the compiler can
+/// vectorise it (a single running sum is a serial chain of f64 adds). Any NaN or ±Inf makes
+/// it non-finite; f32 squares cannot overflow f64.
 #[inline(always)]
 pub(crate) fn sq_norm_body<E: Element>(x: &[E]) -> f64 {
-    let mut acc = [0f64; 8];
-    let mut chunks = x.chunks_exact(8);
+    let mut acc = [0f64; NORM_BLOCK];
+    add_squares(&mut acc, x);
+    acc.iter().sum()
+}
+
+#[inline(always)]
+fn add_squares<E: Element>(acc: &mut [f64; NORM_BLOCK], x: &[E]) {
+    let mut chunks = x.chunks_exact(NORM_BLOCK);
     for c in &mut chunks {
         for (a, v) in acc.iter_mut().zip(c) {
             let f = v.to_f32() as f64;
@@ -347,7 +357,31 @@ pub(crate) fn sq_norm_body<E: Element>(x: &[E]) -> f64 {
         let f = v.to_f32() as f64;
         *a += f * f;
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// [`sq_norm_body`] with 16-bit types widened in registers a block at a time (their scalar
+/// conversions do not vectorise).
+#[inline(always)]
+pub(crate) unsafe fn sq_norm_lanes<L: Lanes, E: Element>(x: &[E]) -> f64 {
+    const WIDE: usize = 8 * NORM_BLOCK;
+    if E::DTYPE == DType::F32 {
+        return sq_norm_body(x);
+    }
+    let mut acc = [0f64; NORM_BLOCK];
+    let mut wide = [0f32; WIDE];
+    let mut i = 0;
+    while i + WIDE <= x.len() {
+        for j in (0..WIDE).step_by(L::N) {
+            L::store_f32(
+                wide.as_mut_ptr().add(j),
+                load::<L, E>(x.as_ptr().add(i + j)),
+            );
+        }
+        add_squares(&mut acc, &wide);
+        i += WIDE;
+    }
+    add_squares(&mut acc, &x[i..]);
+    acc.iter().sum()
 }
 
 /// An instruction set's kernel entry points.
@@ -415,7 +449,7 @@ macro_rules! isa {
             fn sq_norm<E: Element>() -> unsafe fn(&[E]) -> f64 {
                 #[target_feature(enable = $features)]
                 unsafe fn run<E: Element>(x: &[E]) -> f64 {
-                    sq_norm_body(x)
+                    sq_norm_lanes::<$lanes, E>(x)
                 }
                 run::<E>
             }
