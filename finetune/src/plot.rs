@@ -70,6 +70,7 @@ fn per_epoch(
         .y_desc(ylabel)
         .x_labels(epochs + 1)
         .x_label_formatter(&|x| format!("{x:.0}"))
+        .light_line_style(WHITE)
         .draw()?;
     for (k, (label, runs)) in groups.iter().enumerate() {
         let c = COLORS[k % 2];
@@ -122,7 +123,16 @@ fn sensitivity(
                 .collect()
         })
         .collect();
-    let (lo, hi) = (-14.0f64, -2.0f64);
+    // The range the data spans, to whole decades.
+    let (lo, hi) = logs
+        .iter()
+        .flatten()
+        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let (lo, hi) = if lo <= hi {
+        (lo.floor(), hi.ceil())
+    } else {
+        (-12.0, 0.0)
+    };
     let bins = 48;
     let w = (hi - lo) / bins as f64;
     let hists: Vec<Vec<f64>> = logs
@@ -146,8 +156,9 @@ fn sensitivity(
         .build_cartesian_2d(lo..hi, 0.0..ymax.max(1e-3))?;
     chart
         .configure_mesh()
-        .x_desc("log10 sensitivity (encoder linear weights)")
+        .x_desc("log10 |θ·g|, encoder linear weights, seeds pooled")
         .y_desc("fraction of parameters")
+        .light_line_style(WHITE)
         .draw()?;
     for (k, ((label, _), h)) in groups.iter().zip(&hists).enumerate() {
         let c = COLORS[k % 2];

@@ -14,14 +14,14 @@ sage-finetune [options]
   --data DIR          model/ (config.json, model.safetensors, tokenizer.json) and
                       movieReviewSnippets_GroundTruth.txt      [.cache/finetune]
   --out DIR           results.json and finetune.png            [target/finetune]
-  --train N           training sentences (0: all 9,512)        [1000]
-  --dev N             dev sentences (0: all 1,056)             [500]
-  --max-len N         tokens per sentence, [CLS]/[SEP] included [48]
+  --train N           training sentences (0: all 9,512)        [512]
+  --dev N             dev sentences (0: all 1,056)             [400]
+  --max-len N         tokens per sentence, [CLS]/[SEP] included [32]
   --epochs N                                                   [3]
   --batch N                                                    [32]
   --seeds A,B,...                                              [1,2,3]
-  --lr X              AdamW rate                               [5e-5]
-  --sage-lr X         AdamW-SAGE rate (paper: 2-5x AdamW's)    [2e-4]
+  --lr X              AdamW rate                               [3e-4]
+  --sage-lr X         AdamW-SAGE rate (paper: 2-5x AdamW's)    [6e-4]
   --beta0 X           SAGE's β0 (paper: 0.6-0.9)               [0.7]
   --warmup X          warm-up fraction, then linear decay      [0.1]
   --weight-decay X    not on biases and LayerNorm              [0.01]
@@ -51,14 +51,14 @@ fn parse() -> Result<Args, String> {
     let mut a = Args {
         data: ".cache/finetune".into(),
         out: "target/finetune".into(),
-        train: 1000,
-        dev: 500,
-        max_len: 48,
+        train: 512,
+        dev: 400,
+        max_len: 32,
         epochs: 3,
         batch: 32,
         seeds: vec![1, 2, 3],
-        lr: 5e-5,
-        sage_lr: 2e-4,
+        lr: 3e-4,
+        sage_lr: 6e-4,
         beta0: 0.7,
         warmup: 0.1,
         weight_decay: 0.01,
@@ -215,7 +215,22 @@ fn real_main(a: Args) -> Result<(), String> {
     let mut results: Vec<RunResult> = Vec::new();
     for cfg in &runs {
         let bar = bars.add(ProgressBar::new(0));
+        let t = std::time::Instant::now();
         let r = run(sage_cpu::Cpu, cfg, &enc, &train, &dev, &bar).map_err(|e| e.to_string())?;
+        // A line per run also where the bar is hidden (output not a terminal).
+        bars.suspend(|| {
+            println!(
+                "{} seed {}: dev accuracy by epoch {}, {:.0} s",
+                r.label,
+                r.seed,
+                r.epoch_dev_acc
+                    .iter()
+                    .map(|a| format!("{:.1}%", 100.0 * a))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                t.elapsed().as_secs_f64()
+            )
+        });
         results.push(r);
     }
 
