@@ -1,18 +1,29 @@
 //! Times one optimizer step over MiniLM-sized encoder tensors two ways: the adapter's in-place
 //! step (candle lends each variable's storage to one multi-tensor sage-core step), and the
 //! alternative of copying each parameter out, stepping the copy and writing it back with
-//! `Var::set`. Run: `cargo run --release -p sage-candle --example inplace_vs_set`.
+//! `Var::set`, on sage-cpu's portable and SIMD backends.
+//! Run: `cargo run --release -p sage-candle --example inplace_vs_set`.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use candle_nn::Optimizer as _;
 use sage_candle::bert::Rng;
-use sage_candle::{GroupRules, SageOptimizer, SageParams};
+use sage_candle::{GroupRules, SageOptimizer, SageParams, SliceBackend};
 use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
-use sage_cpu::{Cpu, CpuState};
+use sage_cpu::{Cpu, CpuState, SimdCpu};
 
 fn main() -> candle_core::Result<()> {
+    bench("portable Cpu", Cpu)?;
+    let simd = SimdCpu::new();
+    let name = format!(
+        "SimdCpu ({}, {} threads)",
+        simd.level(),
+        simd.thread_count()
+    );
+    bench(&name, simd)
+}
+
+fn bench<B: SliceBackend + Clone>(backend_name: &str, backend: B) -> candle_core::Result<()> {
     // 6 layers of MiniLM-L6 (hidden 384, FFN 1536): 36 weight matrices, 10.6M parameters.
     let shapes: Vec<(usize, usize)> = (0..6)
         .flat_map(|_| {
@@ -56,16 +67,16 @@ fn main() -> candle_core::Result<()> {
         config,
         rules: GroupRules::single(group),
     };
-    let mut opt = SageOptimizer::new_named(vars.clone(), params)?;
-    opt.step(&store)?;
+    let mut opt = SageOptimizer::with_backend(backend.clone(), vars.clone(), params)?;
+    opt.step_grads(&store)?;
     let t = Instant::now();
     for _ in 0..steps {
-        opt.step(&store)?;
+        opt.step_grads(&store)?;
     }
     let inplace = t.elapsed().as_secs_f64() / steps as f64;
 
     // Copy out, step, `Var::set` back.
-    let mut driver = Optimizer::new(Cpu, config, [group]).expect("valid");
+    let mut driver = Optimizer::new(backend, config, [group]).expect("valid");
     let mut states: Vec<CpuState<f32>> = shapes
         .iter()
         .map(|s| CpuState::new(config.state_layout(true), s.0 * s.1))
@@ -81,11 +92,17 @@ fn main() -> candle_core::Result<()> {
             .iter()
             .map(|(_, v)| v.as_tensor().flatten_all()?.to_vec1())
             .collect::<candle_core::Result<_>>()?;
-        let mut ts: Vec<ParamTensor<'_, Cpu, f32, f32>> = host
+        let mut ts: Vec<ParamTensor<'_, B, f32, f32>> = host
             .iter_mut()
             .zip(&mut states)
             .zip(&gv)
-            .map(|((p, st), g)| st.tensor(&mut p[..], &g[..]))
+            .map(|((p, st), g)| {
+                ParamTensor::new(&mut p[..], &g[..]).state(
+                    st.m.as_deref_mut(),
+                    st.v.as_deref_mut(),
+                    st.ibar.as_deref_mut(),
+                )
+            })
             .collect();
         driver.step(&mut ts).expect("valid step");
         drop(ts);
@@ -98,7 +115,7 @@ fn main() -> candle_core::Result<()> {
     }
     let copied = time / steps as f64;
     println!(
-        "{n} parameters in {} tensors, AdamW-SAGE, portable CPU backend, mean of {steps} steps:",
+        "{n} parameters in {} tensors, AdamW-SAGE, {backend_name}, mean of {steps} steps:",
         shapes.len()
     );
     println!("  in place (sage-candle)     {:7.1} ms", 1e3 * inplace);

@@ -10,7 +10,7 @@ use candle_core::{
 };
 use candle_nn::VarMap;
 use sage_core::{Backend, Config, Optimizer as Driver, ParamGroup, ParamTensor, StepReport};
-use sage_cpu::{Cpu, CpuState};
+use sage_cpu::{CpuState, SimdCpu};
 
 use crate::groups::GroupRules;
 
@@ -67,7 +67,8 @@ enum Engine<B: SliceBackend> {
 /// Parameters are candle [`Var`]s with names; each gets the group its name's rule picks.
 /// Every step runs one multi-tensor sage-core step over all parameters that have a gradient
 /// (global clipping and the non-finite guard see them all), writing into the variables'
-/// storage in place: CPU tensors through the slice backend `B` (default: the portable [`Cpu`]),
+/// storage in place: CPU tensors through the slice backend `B` (default: [`SimdCpu`]; the
+/// portable `sage_cpu::Cpu` also fits),
 /// CUDA tensors through sage-cuda (feature `cuda`). Parameters must be f32, all on one device;
 /// state is f32.
 ///
@@ -90,7 +91,7 @@ enum Engine<B: SliceBackend> {
 /// assert!(w.as_tensor().to_vec1::<f32>()?[0] < 0.5);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
-pub struct SageOptimizer<B: SliceBackend = Cpu> {
+pub struct SageOptimizer<B: SliceBackend = SimdCpu> {
     engine: Engine<B>,
     slots: Vec<Slot>,
     rules: GroupRules,
@@ -98,10 +99,11 @@ pub struct SageOptimizer<B: SliceBackend = Cpu> {
     last: Option<StepReport>,
 }
 
-impl SageOptimizer<Cpu> {
-    /// Named variables on the portable CPU backend (or CUDA when they live there).
+impl SageOptimizer<SimdCpu> {
+    /// Named variables on sage-cpu's fastest backend ([`SimdCpu`]: the best vector level this
+    /// CPU has, all hardware threads), or CUDA when they live there.
     pub fn new_named(vars: Vec<(String, Var)>, params: SageParams) -> Result<Self> {
-        Self::with_backend(Cpu, vars, params)
+        Self::with_backend(SimdCpu::new(), vars, params)
     }
 
     /// Every variable of `varmap` (sorted by name, so runs are reproducible).

@@ -7,9 +7,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer as _, VarBuilder, VarMap};
 use sage_candle::bert::{init_random, BertClassifier, BertConfig, Rng};
-use sage_candle::{named_vars, GroupRules, SageOptimizer, SageParams};
+use sage_candle::{named_vars, GroupRules, SageOptimizer, SageParams, SliceBackend};
 use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor, Schedule};
-use sage_cpu::{Cpu, CpuState};
+use sage_cpu::{Cpu, CpuState, SimdCpu};
 
 const VOCAB: usize = 50;
 
@@ -62,22 +62,23 @@ fn values(v: &Var) -> Vec<f32> {
     v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
 }
 
-/// Steps the adapter and, beside it, sage-core's own driver over host copies of every
-/// parameter with the same gradients and groups; they must agree bit for bit.
-fn adapter_vs_core(freeze_embeddings: bool) {
+/// Steps the adapter and, beside it, sage-core's own driver on the same backend over host
+/// copies of every parameter with the same gradients and groups; they must agree bit for bit.
+fn adapter_vs_core<B: SliceBackend + Clone>(backend: B, freeze_embeddings: bool) {
     let (vm, mut m) = model(1);
     m.freeze_embeddings = freeze_embeddings;
     let rules = GroupRules::authors(0.01);
-    let mut opt = SageOptimizer::from_varmap(
-        &vm,
+    let vars = named_vars(&vm, |_| true);
+    let mut opt = SageOptimizer::with_backend(
+        backend.clone(),
+        vars.clone(),
         SageParams {
             config: config(),
             rules: rules.clone(),
         },
     )
     .unwrap();
-    let vars = named_vars(&vm, |_| true);
-    let mut core = Optimizer::new(Cpu, config(), rules.groups().to_vec()).unwrap();
+    let mut core = Optimizer::new(backend, config(), rules.groups().to_vec()).unwrap();
     let mut host: Vec<Vec<f32>> = vars.iter().map(|(_, v)| values(v)).collect();
     let mut states: Vec<CpuState<f32>> = vars
         .iter()
@@ -96,12 +97,17 @@ fn adapter_vs_core(freeze_embeddings: bool) {
                     .map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
             })
             .collect();
-        opt.step(&g).unwrap();
-        let mut ts: Vec<ParamTensor<'_, Cpu, f32, f32>> = Vec::new();
+        opt.step_grads(&g).unwrap();
+        let mut ts: Vec<ParamTensor<'_, B, f32, f32>> = Vec::new();
         for ((((n, _), p), st), gv) in vars.iter().zip(&mut host).zip(&mut states).zip(&gh) {
             if let Some(gv) = gv {
                 ts.push(
-                    st.tensor(&mut p[..], &gv[..])
+                    ParamTensor::new(&mut p[..], &gv[..])
+                        .state(
+                            st.m.as_deref_mut(),
+                            st.v.as_deref_mut(),
+                            st.ibar.as_deref_mut(),
+                        )
                         .name(n)
                         .group(rules.assign(n)),
                 );
@@ -129,12 +135,15 @@ fn adapter_vs_core(freeze_embeddings: bool) {
 
 #[test]
 fn adapter_equals_sage_core_on_small_bert() {
-    adapter_vs_core(false);
+    adapter_vs_core(Cpu, false);
+    // Many threads and a small split, so the multi-threaded path runs on this small model.
+    adapter_vs_core(SimdCpu::new().threads(3).min_parallel(0).chunk(64), false);
 }
 
 #[test]
 fn frozen_embeddings_get_no_gradient_and_stay() {
-    adapter_vs_core(true);
+    adapter_vs_core(Cpu, true);
+    adapter_vs_core(SimdCpu::new(), true);
 }
 
 #[test]

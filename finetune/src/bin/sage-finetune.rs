@@ -26,7 +26,7 @@ sage-finetune [options]
   --warmup X          warm-up fraction, then linear decay      [0.1]
   --weight-decay X    not on biases and LayerNorm              [0.01]
   --unfreeze-embeddings  train the embeddings too (frozen by default)
-  --backend NAME      portable (the CPU backend)               [portable]
+  --backend NAME      simd (sage-cpu's SimdCpu) or portable    [simd]
   --only NAME         run only AdamW or AdamW-SAGE";
 
 struct Args {
@@ -45,6 +45,7 @@ struct Args {
     weight_decay: f64,
     freeze: bool,
     only: Option<String>,
+    simd: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -64,6 +65,7 @@ fn parse() -> Result<Args, String> {
         weight_decay: 0.01,
         freeze: true,
         only: None,
+        simd: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -106,8 +108,13 @@ fn parse() -> Result<Args, String> {
             "--beta0" => a.beta0 = num(&v)?,
             "--warmup" => a.warmup = num(&v)?,
             "--weight-decay" => a.weight_decay = num(&v)?,
-            "--backend" if v == "portable" || v == "cpu" => {}
-            "--backend" => return Err(format!("--backend `{v}`: this build has `portable` only")),
+            "--backend" => {
+                a.simd = match v.as_str() {
+                    "simd" => true,
+                    "portable" => false,
+                    _ => return Err(format!("--backend `{v}`: simd or portable")),
+                }
+            }
             "--only" => a.only = Some(v),
             _ => return Err(format!("unknown option {flag}")),
         }
@@ -182,12 +189,18 @@ fn real_main(a: Args) -> Result<(), String> {
         dev_all.len()
     );
     println!(
-        "model: all-MiniLM-L6-v2, embeddings {}, {} epochs of batch {}, max {} tokens, seeds {:?}",
+        "model: all-MiniLM-L6-v2, embeddings {}, {} epochs of batch {}, max {} tokens, seeds {:?}, optimizer on {}",
         if a.freeze { "frozen" } else { "trained" },
         a.epochs,
         a.batch,
         a.max_len,
-        a.seeds
+        a.seeds,
+        if a.simd {
+            let b = sage_cpu::SimdCpu::new();
+            format!("SimdCpu ({}, {} threads)", b.level(), b.thread_count())
+        } else {
+            "the portable Cpu backend".to_string()
+        }
     );
 
     let mut runs = Vec::new();
@@ -216,7 +229,12 @@ fn real_main(a: Args) -> Result<(), String> {
     for cfg in &runs {
         let bar = bars.add(ProgressBar::new(0));
         let t = std::time::Instant::now();
-        let r = run(sage_cpu::Cpu, cfg, &enc, &train, &dev, &bar).map_err(|e| e.to_string())?;
+        let r = if a.simd {
+            run(sage_cpu::SimdCpu::new(), cfg, &enc, &train, &dev, &bar)
+        } else {
+            run(sage_cpu::Cpu, cfg, &enc, &train, &dev, &bar)
+        }
+        .map_err(|e| e.to_string())?;
         // A line per run also where the bar is hidden (output not a terminal).
         bars.suspend(|| {
             println!(
