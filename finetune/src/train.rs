@@ -43,6 +43,9 @@ pub struct RunConfig {
     pub freeze_embeddings: bool,
     /// Directory with `config.json` and `model.safetensors`.
     pub model_dir: PathBuf,
+    /// Where the model trains: the CPU, or a CUDA device (needs the `cuda` feature; the
+    /// optimizer then steps the tensors there through sage-cuda).
+    pub device: Device,
 }
 
 impl RunConfig {
@@ -151,7 +154,7 @@ pub fn run<B: SliceBackend>(
     dev_set: &Encoded,
     progress: &ProgressBar,
 ) -> candle_core::Result<RunResult> {
-    let device = Device::Cpu;
+    let device = cfg.device.clone();
     let bert_cfg: BertConfig =
         serde_json::from_slice(&std::fs::read(cfg.model_dir.join("config.json"))?)
             .map_err(candle_core::Error::wrap)?;

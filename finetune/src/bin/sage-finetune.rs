@@ -27,6 +27,7 @@ sage-finetune [options]
   --weight-decay X    not on biases and LayerNorm              [0.01]
   --unfreeze-embeddings  train the embeddings too (frozen by default)
   --backend NAME      simd (sage-cpu's SimdCpu) or portable    [simd]
+  --device NAME       cpu, or cuda[:N] (a build with --features cuda; untested) [cpu]
   --only NAME         run only AdamW or AdamW-SAGE";
 
 struct Args {
@@ -46,6 +47,7 @@ struct Args {
     freeze: bool,
     only: Option<String>,
     simd: bool,
+    device: String,
 }
 
 fn parse() -> Result<Args, String> {
@@ -66,6 +68,7 @@ fn parse() -> Result<Args, String> {
         freeze: true,
         only: None,
         simd: true,
+        device: "cpu".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -116,6 +119,7 @@ fn parse() -> Result<Args, String> {
                 }
             }
             "--only" => a.only = Some(v),
+            "--device" => a.device = v,
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -165,6 +169,19 @@ fn main() -> ExitCode {
 
 fn real_main(a: Args) -> Result<(), String> {
     let model_dir = a.data.join("model");
+    let device = match a.device.as_str() {
+        "cpu" => candle_core::Device::Cpu,
+        d if d.starts_with("cuda") => {
+            let n = d.strip_prefix("cuda").unwrap_or("").trim_start_matches(':');
+            let n = if n.is_empty() {
+                0
+            } else {
+                n.parse().map_err(|_| format!("--device `{d}`"))?
+            };
+            candle_core::Device::new_cuda(n).map_err(|e| format!("--device {d}: {e}"))?
+        }
+        d => return Err(format!("--device `{d}`: cpu or cuda[:N]")),
+    };
     let all = read_ground_truth(&a.data.join("movieReviewSnippets_GroundTruth.txt"))?;
     let (train_all, dev_all) = split(all);
     let take = |v: &[_], n: usize| {
@@ -195,7 +212,9 @@ fn real_main(a: Args) -> Result<(), String> {
         a.batch,
         a.max_len,
         a.seeds,
-        if a.simd {
+        if !device.is_cpu() {
+            format!("{device:?} through sage-cuda")
+        } else if a.simd {
             let b = sage_cpu::SimdCpu::new();
             format!("SimdCpu ({}, {} threads)", b.level(), b.thread_count())
         } else {
@@ -217,6 +236,7 @@ fn real_main(a: Args) -> Result<(), String> {
                 warmup: a.warmup,
                 freeze_embeddings: a.freeze,
                 model_dir: model_dir.clone(),
+                device: device.clone(),
             };
             if a.only.as_deref().is_some_and(|o| o != cfg.label()) {
                 continue;
