@@ -383,7 +383,7 @@ impl Cuda {
         let i = self.scratch.next_staging;
         self.scratch.next_staging ^= 1;
         let slot = &mut self.scratch.staging[i];
-        if slot.as_ref().map_or(true, |s| s.host.len() < n) {
+        if slot.as_ref().is_none_or(|s| s.host.len() < n) {
             *slot = None; // waits for its last copy (Staging::drop)
             let len = n.max(4096).next_power_of_two();
             // SAFETY: page-locked bytes; every byte copied is written first, below.
@@ -496,7 +496,7 @@ fn grow<'s, T: DeviceRepr + ValidAsZeroBits>(
     slot: &'s mut Option<CudaSlice<T>>,
     n: usize,
 ) -> Result<&'s mut CudaSlice<T>, CudaError> {
-    if slot.as_ref().map_or(true, |s| s.len() < n) {
+    if slot.as_ref().is_none_or(|s| s.len() < n) {
         *slot = None;
         let len = n.max(64).next_power_of_two();
         *slot = Some(

@@ -85,7 +85,7 @@ fn parse_args() -> Result<Args, String> {
 /// Splits `n` parameters into tensors of at most `max` elements.
 fn tensor_sizes(n: usize, max: usize) -> Vec<usize> {
     let mut v = vec![max; n / max];
-    if n % max > 0 {
+    if !n.is_multiple_of(max) {
         v.push(n % max);
     }
     v
