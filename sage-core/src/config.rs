@@ -472,6 +472,18 @@ impl StateLayout {
     pub const fn buffers(&self) -> usize {
         self.m as usize + self.v as usize + self.ibar as usize
     }
+
+    /// Bytes of optimizer state per parameter with state stored as `state`.
+    ///
+    /// ```
+    /// use sage_core::{Algorithm, Config, DType};
+    /// let adam = Config::paper(Algorithm::adam(), 1e-3);
+    /// assert_eq!(adam.state_layout(true).bytes_per_param(DType::F32), 12); // m, v, Ī
+    /// assert_eq!(adam.state_layout(false).bytes_per_param(DType::Bf16), 4); // m, v
+    /// ```
+    pub const fn bytes_per_param(&self, state: crate::DType) -> usize {
+        self.buffers() * state.size()
+    }
 }
 
 /// A parameter group: SAGE on or off, weight decay, and a rate multiplier.
