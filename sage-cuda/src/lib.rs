@@ -570,6 +570,17 @@ fn same_len(what: &'static str, expected: usize, got: usize) -> Result<(), CudaE
     }
 }
 
+/// Checks that the gradient and every present state buffer have the parameter's `n` elements.
+fn same_lens(n: usize, grad: usize, state: [Option<usize>; 3]) -> Result<(), CudaError> {
+    same_len("grad", n, grad)?;
+    for (what, len) in ["m", "v", "ibar"].into_iter().zip(state) {
+        if let Some(len) = len {
+            same_len(what, n, len)?;
+        }
+    }
+    Ok(())
+}
+
 fn acc_code(which: Accumulate) -> i32 {
     // SAGE_ACC_* in sage_step.h
     match which {
@@ -648,12 +659,11 @@ impl Backend for Cuda {
             ibar,
         } = t;
         let n = param.len();
-        same_len("grad", n, grad.len())?;
-        for (what, s) in [("m", &m), ("v", &v), ("ibar", &ibar)] {
-            if let Some(s) = s {
-                same_len(what, n, s.len())?;
-            }
-        }
+        same_lens(
+            n,
+            grad.len(),
+            [&m, &v, &ibar].map(|s| s.as_ref().map(|s| s.len())),
+        )?;
         if n == 0 {
             return Ok(());
         }
@@ -693,12 +703,11 @@ impl Backend for Cuda {
             ibar,
         } = t;
         let n = param.len();
-        same_len("grad", n, grad.len())?;
-        for (what, s) in [("m", &m), ("v", &v), ("ibar", &ibar)] {
-            if let Some(s) = s {
-                same_len(what, n, s.len())?;
-            }
-        }
+        same_lens(
+            n,
+            grad.len(),
+            [&m, &v, &ibar].map(|s| s.as_ref().map(|s| s.len())),
+        )?;
         if n == 0 {
             return Ok(());
         }
@@ -787,12 +796,11 @@ impl Backend for Cuda {
                 ibar,
             } = t.view();
             let n = param.len();
-            same_len("grad", n, grad.len())?;
-            for (what, s) in [("m", &m), ("v", &v), ("ibar", &ibar)] {
-                if let Some(s) = s {
-                    same_len(what, n, s.len())?;
-                }
-            }
+            same_lens(
+                n,
+                grad.len(),
+                [&m, &v, &ibar].map(|s| s.as_ref().map(|s| s.len())),
+            )?;
             let mut e = TensorEntry {
                 n: n as u64,
                 ..TensorEntry::default()
