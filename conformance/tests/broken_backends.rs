@@ -105,24 +105,7 @@ impl Backend for Broken {
     }
 }
 
-impl Harness for Broken {
-    type Owned<E: Element> = Vec<E>;
-    fn name(&self) -> String {
-        format!("{:?}", self.0)
-    }
-    fn upload<E: Element>(&mut self, data: &[E]) -> Result<Vec<E>, Infallible> {
-        Ok(data.to_vec())
-    }
-    fn download<E: Element>(&mut self, buf: &Vec<E>) -> Result<Vec<E>, Infallible> {
-        Ok(buf.clone())
-    }
-    fn buf<E: Element>(o: &Vec<E>) -> &[E] {
-        o
-    }
-    fn buf_mut<E: Element>(o: &mut Vec<E>) -> &mut [E] {
-        o
-    }
-}
+sage_conformance::slice_harness!(Broken, |b| format!("{:?}", b.0));
 
 fn failing_checks<B: Harness + 'static>(b: B) -> Vec<String> {
     run_suite(b, &Options::default())

@@ -4,7 +4,6 @@
 
 use sage_checkpoint::{HostAccess, HostError};
 use sage_conformance::checks::checkpoint::{cross_backend, resume_from_checkpoint};
-use sage_conformance::Harness;
 use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible};
 use sage_cpu::{Cpu, SimdCpu};
 
@@ -60,24 +59,7 @@ impl Backend for Leaky {
     }
 }
 
-impl Harness for Leaky {
-    type Owned<E: Element> = Vec<E>;
-    fn name(&self) -> String {
-        format!("{:?}", self.0)
-    }
-    fn upload<E: Element>(&mut self, data: &[E]) -> Result<Vec<E>, Infallible> {
-        Ok(data.to_vec())
-    }
-    fn download<E: Element>(&mut self, buf: &Vec<E>) -> Result<Vec<E>, Infallible> {
-        Ok(buf.clone())
-    }
-    fn buf<E: Element>(o: &Vec<E>) -> &[E] {
-        o
-    }
-    fn buf_mut<E: Element>(o: &mut Vec<E>) -> &mut [E] {
-        o
-    }
-}
+sage_conformance::slice_harness!(Leaky, |b| format!("{:?}", b.0));
 
 impl HostAccess for Leaky {
     fn read_host<E: Element>(&mut self, buf: &[E], out: &mut [E]) -> Result<(), HostError> {

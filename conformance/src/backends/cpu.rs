@@ -1,59 +1,25 @@
 //! sage-cpu: the portable backend, and the SIMD backend at every instruction-set level this
 //! machine has, on one thread and split across threads.
 
-use sage_core::Element;
 use sage_cpu::{Cpu, Level, SimdCpu};
 
-use crate::harness::Harness;
 use crate::suite::{run_suite, Options, Row};
 
-impl Harness for Cpu {
-    type Owned<E: Element> = Vec<E>;
-    fn name(&self) -> String {
-        "cpu/portable".into()
-    }
-    fn upload<E: Element>(&mut self, data: &[E]) -> Result<Vec<E>, Self::Error> {
-        Ok(data.to_vec())
-    }
-    fn download<E: Element>(&mut self, buf: &Vec<E>) -> Result<Vec<E>, Self::Error> {
-        Ok(buf.clone())
-    }
-    fn buf<E: Element>(o: &Vec<E>) -> &[E] {
-        o
-    }
-    fn buf_mut<E: Element>(o: &mut Vec<E>) -> &mut [E] {
-        o
-    }
-}
+crate::slice_harness!(Cpu, |_| "cpu/portable".into());
 
-impl Harness for SimdCpu {
-    type Owned<E: Element> = Vec<E>;
-    /// `cpu/avx2`, `cpu/avx512`, `cpu/neon`, `cpu/portable-simd` (the dispatching type on
-    /// its portable level); `/mt` when steps are split across threads.
-    fn name(&self) -> String {
-        let level = match self.level() {
-            Level::Portable => "portable-simd",
-            l => l.name(),
-        };
-        if self.thread_count() > 1 {
-            format!("cpu/{level}/mt")
-        } else {
-            format!("cpu/{level}")
-        }
+crate::slice_harness!(SimdCpu, |b| {
+    // `cpu/avx2`, `cpu/avx512`, `cpu/neon`, `cpu/portable-simd` (the dispatching type on its
+    // portable level); `/mt` when steps are split across threads.
+    let level = match b.level() {
+        Level::Portable => "portable-simd",
+        l => l.name(),
+    };
+    if b.thread_count() > 1 {
+        format!("cpu/{level}/mt")
+    } else {
+        format!("cpu/{level}")
     }
-    fn upload<E: Element>(&mut self, data: &[E]) -> Result<Vec<E>, Self::Error> {
-        Ok(data.to_vec())
-    }
-    fn download<E: Element>(&mut self, buf: &Vec<E>) -> Result<Vec<E>, Self::Error> {
-        Ok(buf.clone())
-    }
-    fn buf<E: Element>(o: &Vec<E>) -> &[E] {
-        o
-    }
-    fn buf_mut<E: Element>(o: &mut Vec<E>) -> &mut [E] {
-        o
-    }
-}
+});
 
 /// The SIMD backends the suite runs here: every available vector level on one thread, and
 /// the best level on three threads with tiny chunks, so that even the suite's short tensors
