@@ -1,7 +1,8 @@
 //! The `Backend` trait: where the update runs.
 //!
-//! Required: buffer length, a squared-norm reduction (it yields both the clipping coefficient
-//! and the non-finite check), and two elementwise primitives — [`Backend::accumulate`] (an EMA
+//! Required: buffer length, per-chunk squared norms on the contract's grid ([`norm`](crate::norm):
+//! they yield the clipping coefficient and the non-finite check, and let norms be computed in
+//! pieces and reduced elsewhere), and two elementwise primitives — [`Backend::accumulate`] (an EMA
 //! pass over one state buffer) and [`Backend::apply`] (the parameter update). That is enough:
 //! the provided [`Backend::fused_step`] composes them, so a new backend is correct once the
 //! primitives are. A fast backend overrides `fused_step` (one pass, every buffer read once and
@@ -11,6 +12,8 @@ use crate::coeffs::{kind, Coeffs};
 use crate::element::Element;
 use crate::error::BackendError;
 pub use crate::formula::Accumulate;
+use crate::norm::chunk_count;
+use crate::state::StateMut;
 
 /// A place SAGE's update can run: a CPU, a GPU through CUDA or OpenCL, ...
 pub trait Backend {
@@ -22,9 +25,18 @@ pub trait Backend {
     /// Number of elements in `buf`.
     fn len<E: Element>(&self, buf: &Self::Buf<E>) -> usize;
 
-    /// `Σ x²` over `buf`, accumulated in at least f32 (f64 where cheap). Any NaN or ±Inf in
-    /// `buf` must make the result non-finite: the non-finite guard relies on it.
-    fn sq_norm<E: Element>(&mut self, buf: &Self::Buf<E>) -> Result<f64, Self::Error>;
+    /// The partial squared norms of chunks `first .. first + out.len()` of `buf` on the
+    /// contract's grid ([`norm`](crate::norm): chunks of [`NORM_CHUNK`](crate::norm::NORM_CHUNK)
+    /// elements from the buffer's start), one `f64` each, written to `out`. A partial must depend
+    /// on its chunk's contents only, be non-finite when the chunk holds a NaN or ±Inf (the
+    /// non-finite guard relies on it), and not overflow for finite inputs. Callers pass ranges
+    /// within the buffer's [`chunk_count`].
+    fn sq_norm_chunks<E: Element>(
+        &mut self,
+        buf: &Self::Buf<E>,
+        first: usize,
+        out: &mut [f64],
+    ) -> Result<(), Self::Error>;
 
     /// One EMA pass: `acc[i] = accumulate(k, which, acc[i], param[i], grad[i])`
     /// ([`formula::accumulate`](crate::formula::accumulate)), rounded to `S` once.
@@ -46,6 +58,21 @@ pub trait Backend {
         k: &Coeffs,
     ) -> Result<(), Self::Error>;
 
+    /// `Σ x²` over `buf`: [`fold`] of its chunk partials, first to last. Override only with
+    /// something that gives the same bits.
+    fn sq_norm<E: Element>(&mut self, buf: &Self::Buf<E>) -> Result<f64, Self::Error> {
+        let chunks = chunk_count(self.len(buf));
+        let mut window = [0f64; 32];
+        let (mut total, mut at) = (0f64, 0);
+        while at < chunks {
+            let n = window.len().min(chunks - at);
+            self.sq_norm_chunks(buf, at, &mut window[..n])?;
+            total = window[..n].iter().fold(total, |acc, &x| acc + x);
+            at += n;
+        }
+        Ok(total)
+    }
+
     /// One tensor's whole step. The default composes the primitives (three or four passes);
     /// override it with a single fused pass.
     fn fused_step<P: Element, S: Element>(
@@ -57,7 +84,8 @@ pub trait Backend {
     }
 
     /// Squared gradient norms of many tensors, written into each tensor's slot
-    /// ([`ParamTensor::grad_sq_norm`]). Override to reduce them all in one launch.
+    /// ([`ParamTensor::grad_sq_norm`]); each must equal [`sq_norm`](Self::sq_norm) of the
+    /// gradient bit for bit. Override to reduce them all in one launch.
     fn grad_sq_norms<P: Element, S: Element>(
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
@@ -68,8 +96,25 @@ pub trait Backend {
         Ok(())
     }
 
+    /// Every chunk partial of every tensor's gradient, back to back in tensor order (`out`
+    /// holds exactly `Σ chunk_count(len)` slots). Override to compute them in one launch.
+    fn grad_norm_partials<P: Element, S: Element>(
+        &mut self,
+        tensors: &[ParamTensor<'_, Self, P, S>],
+        out: &mut [f64],
+    ) -> Result<(), Self::Error> {
+        let mut at = 0;
+        for t in tensors {
+            let n = chunk_count(self.len(t.grad));
+            self.sq_norm_chunks(t.grad, 0, &mut out[at..at + n])?;
+            at += n;
+        }
+        Ok(())
+    }
+
     /// Steps many tensors, each with its own coefficients ([`ParamTensor::coeffs`]).
-    /// Override to step them in one launch or across threads.
+    /// Override to step them in one launch or across threads. The driver advances the
+    /// tensors' step counts afterwards; backends leave them alone.
     fn step_tensors<P: Element, S: Element>(
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
@@ -152,28 +197,30 @@ pub fn composed_step<B: Backend + ?Sized, P: Element, S: Element>(
     )
 }
 
-/// One parameter tensor of a step: its buffers, its group, an optional name for errors, and
-/// the per-step slots the optimizer fills ([`coeffs`](Self::coeffs), the gradient norm).
+/// One parameter tensor of a step: its buffers, its state (with its own step count), its
+/// group, an optional name for errors, and the per-step slots the optimizer fills
+/// ([`coeffs`](Self::coeffs), the gradient norm).
+///
+/// A tensor with no gradient at a step is simply left out of that step: its parameters, state
+/// and count stay as they are.
 ///
 /// ```
-/// use sage_core::ParamTensor;
+/// use sage_core::{ParamTensor, TensorState, Config, Algorithm};
 /// # use sage_core::{Backend, Coeffs, Accumulate, ApplyArgs, Element, Infallible};
 /// # struct Cpu;
 /// # impl Backend for Cpu {
 /// #   type Error = Infallible; type Buf<E: Element> = [E];
 /// #   fn len<E: Element>(&self, b: &[E]) -> usize { b.len() }
-/// #   fn sq_norm<E: Element>(&mut self, b: &[E]) -> Result<f64, Infallible> { Ok(0.0) }
+/// #   fn sq_norm_chunks<E: Element>(&mut self, _: &[E], _: usize, o: &mut [f64]) -> Result<(), Infallible> { o.fill(0.0); Ok(()) }
 /// #   fn accumulate<P: Element, S: Element>(&mut self, _: Accumulate, _: &mut [S], _: &[P], _: &[P], _: &Coeffs) -> Result<(), Infallible> { Ok(()) }
 /// #   fn apply<P: Element, S: Element>(&mut self, _: ApplyArgs<'_, Self, P, S>, _: &Coeffs) -> Result<(), Infallible> { Ok(()) }
 /// # }
+/// let cfg = Config::reference(Algorithm::adamw(), 2e-5);
 /// let (mut w, g) = (vec![0.5f32; 4], vec![0.1f32; 4]);
-/// let (mut m, mut v, mut ibar) = (vec![0f32; 4], vec![0f32; 4], vec![0f32; 4]);
-/// let t = ParamTensor::<Cpu, f32, f32>::new(&mut w[..], &g[..])
+/// let mut state = TensorState::new(cfg.state_layout(true), || vec![0f32; 4]);
+/// let t = ParamTensor::<Cpu, f32, f32>::new(&mut w[..], &g[..], state.view())
 ///     .name("layer0.weight")
-///     .group(1)
-///     .m(&mut m[..])
-///     .v(&mut v[..])
-///     .ibar(&mut ibar[..]);
+///     .group(1);
 /// assert_eq!(t.group_index(), 1);
 /// ```
 pub struct ParamTensor<'a, B: Backend + ?Sized, P: Element, S: Element> {
@@ -181,24 +228,24 @@ pub struct ParamTensor<'a, B: Backend + ?Sized, P: Element, S: Element> {
     pub(crate) group: usize,
     pub(crate) param: &'a mut B::Buf<P>,
     pub(crate) grad: &'a B::Buf<P>,
-    pub(crate) m: Option<&'a mut B::Buf<S>>,
-    pub(crate) v: Option<&'a mut B::Buf<S>>,
-    pub(crate) ibar: Option<&'a mut B::Buf<S>>,
+    pub(crate) state: StateMut<'a, B::Buf<S>>,
     pub(crate) coeffs: Coeffs,
     pub(crate) sq_norm: f64,
 }
 
 impl<'a, B: Backend + ?Sized, P: Element, S: Element> ParamTensor<'a, B, P, S> {
-    /// A parameter of group 0 with no state buffers yet.
-    pub fn new(param: &'a mut B::Buf<P>, grad: &'a B::Buf<P>) -> Self {
+    /// A parameter of group 0 with its gradient and its state.
+    pub fn new(
+        param: &'a mut B::Buf<P>,
+        grad: &'a B::Buf<P>,
+        state: StateMut<'a, B::Buf<S>>,
+    ) -> Self {
         ParamTensor {
             name: None,
             group: 0,
             param,
             grad,
-            m: None,
-            v: None,
-            ibar: None,
+            state,
             coeffs: Coeffs::default(),
             sq_norm: 0.0,
         }
@@ -213,31 +260,6 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> ParamTensor<'a, B, P, S> {
         self.group = g;
         self
     }
-    /// Its first-moment (or momentum) buffer.
-    pub fn m(mut self, m: &'a mut B::Buf<S>) -> Self {
-        self.m = Some(m);
-        self
-    }
-    /// Its second-moment (or Adamax infinity-norm) buffer.
-    pub fn v(mut self, v: &'a mut B::Buf<S>) -> Self {
-        self.v = Some(v);
-        self
-    }
-    /// Its Ī buffer.
-    pub fn ibar(mut self, ibar: &'a mut B::Buf<S>) -> Self {
-        self.ibar = Some(ibar);
-        self
-    }
-    /// Sets all three state buffers at once (each may be absent).
-    pub fn state(
-        mut self,
-        m: Option<&'a mut B::Buf<S>>,
-        v: Option<&'a mut B::Buf<S>>,
-        ibar: Option<&'a mut B::Buf<S>>,
-    ) -> Self {
-        (self.m, self.v, self.ibar) = (m, v, ibar);
-        self
-    }
 
     /// The group index.
     pub fn group_index(&self) -> usize {
@@ -246,6 +268,10 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> ParamTensor<'a, B, P, S> {
     /// The name, if one was given.
     pub fn name_str(&self) -> Option<&'a str> {
         self.name
+    }
+    /// Updates applied to this tensor so far (its own count).
+    pub fn steps(&self) -> u64 {
+        *self.state.step
     }
     /// This step's coefficients (set by the optimizer before it calls the backend).
     pub fn coeffs(&self) -> &Coeffs {
@@ -271,14 +297,22 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> ParamTensor<'a, B, P, S> {
     pub fn grad(&self) -> &'a B::Buf<P> {
         self.grad
     }
+    /// The state buffers (read only).
+    pub fn state(&self) -> (Option<&B::Buf<S>>, Option<&B::Buf<S>>, Option<&B::Buf<S>>) {
+        (
+            self.state.m.as_deref(),
+            self.state.v.as_deref(),
+            self.state.ibar.as_deref(),
+        )
+    }
     /// Reborrows the buffers for one step.
     pub fn view(&mut self) -> TensorMut<'_, B, P, S> {
         TensorMut {
             param: self.param,
             grad: self.grad,
-            m: self.m.as_deref_mut(),
-            v: self.v.as_deref_mut(),
-            ibar: self.ibar.as_deref_mut(),
+            m: self.state.m.as_deref_mut(),
+            v: self.state.v.as_deref_mut(),
+            ibar: self.state.ibar.as_deref_mut(),
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Per-step scalars, computed on the host once per step (in f64, then rounded to f32 the way
 //! torch rounds Python floats), and the per-tensor [`Coeffs`] every backend's kernel reads.
 
-use crate::config::{Algorithm, Config, DecayMode, EpsStyle, ParamGroup, ScheduleClock};
+use crate::config::{
+    Algorithm, Config, DecayMode, EpsStyle, ParamGroup, ScheduleClock, ScheduleCount,
+};
 
 /// Which algorithm a [`Coeffs`] drives (`Coeffs::kind`).
 pub mod kind {
@@ -98,11 +100,23 @@ pub struct StepScalars {
 }
 
 impl StepScalars {
-    /// Scalars of update `t` (1-based) under `cfg`.
+    /// Scalars of update `t` (1-based) under `cfg`, when the tensor's count and the
+    /// optimizer's agree (every tensor present at every step).
     pub fn new(cfg: &Config, t: u64) -> Self {
+        Self::at(cfg, t, t)
+    }
+
+    /// Scalars of a tensor's own update `t` made during the optimizer's update `optimizer_t`:
+    /// bias corrections follow `t`; the schedule follows the count
+    /// [`Config::schedule_count`] names.
+    pub fn at(cfg: &Config, t: u64, optimizer_t: u64) -> Self {
+        let count = match cfg.schedule_count {
+            ScheduleCount::Tensor => t,
+            ScheduleCount::Optimizer => optimizer_t,
+        };
         let sched_t = match cfg.schedule_clock {
-            ScheduleClock::Current => t,
-            ScheduleClock::Lagged => t.saturating_sub(1),
+            ScheduleClock::Current => count,
+            ScheduleClock::Lagged => count.saturating_sub(1),
         };
         let lr = cfg.lr * cfg.schedule.factor(sched_t);
         let pow = |b: f64| libm::pow(b, t as f64);

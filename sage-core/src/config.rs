@@ -3,6 +3,7 @@
 
 use crate::error::ConfigError;
 use crate::schedule::Schedule;
+use crate::state::StateLayout;
 
 /// The base optimizer SAGE modulates.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -180,6 +181,18 @@ pub enum ScheduleClock {
     Lagged,
 }
 
+/// Whose step count drives the schedule when tensors' counts differ (a tensor absent from some
+/// steps has fewer updates than the optimizer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScheduleCount {
+    /// The tensor's own count: the authors' optimizers compute `lr_scheduled` from
+    /// `state['step']` of each parameter.
+    Tensor,
+    /// The optimizer's count, as torch's schedulers (`LambdaLR` and friends) step once per
+    /// `optimizer.step()`.
+    Optimizer,
+}
+
 /// SAGE's own settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SensitivityConfig {
@@ -230,6 +243,8 @@ pub struct Config {
     pub schedule: Schedule,
     /// Which step count the schedule sees.
     pub schedule_clock: ScheduleClock,
+    /// Whose count that is: each tensor's own, or the optimizer's.
+    pub schedule_count: ScheduleCount,
     /// Max global gradient norm (torch `clip_grad_norm_`), applied first.
     pub global_clip: Option<f64>,
     /// Max norm of each tensor's gradient (the authors' `max_grad_norm`), applied second.
@@ -263,6 +278,7 @@ impl Config {
             },
             schedule: Schedule::Constant,
             schedule_clock: ScheduleClock::Current,
+            schedule_count: ScheduleCount::Optimizer,
             global_clip: None,
             per_tensor_clip: None,
             skip_non_finite: true,
@@ -278,6 +294,7 @@ impl Config {
         c.eps_style = EpsStyle::Authors;
         c.sensitivity.eps_num = 0.0;
         c.sensitivity.eps_den = c.eps * c.eps;
+        c.schedule_count = ScheduleCount::Tensor;
         match algorithm {
             Algorithm::AdamW { .. } => c.decay = DecayMode::DecoupledAfterBaseRate,
             Algorithm::Adamax { .. } => {
@@ -452,37 +469,6 @@ impl Config {
             _ => (true, true),
         };
         StateLayout { m, v, ibar: sage }
-    }
-}
-
-/// Which state buffers a parameter needs: `m` (first moment, or SGD's momentum buffer),
-/// `v` (second moment, or Adamax's infinity norm `u`), `ibar` (SAGE's Ī).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct StateLayout {
-    /// First moment / momentum buffer.
-    pub m: bool,
-    /// Second moment / infinity norm.
-    pub v: bool,
-    /// Smoothed sensitivity Ī.
-    pub ibar: bool,
-}
-
-impl StateLayout {
-    /// Number of state buffers.
-    pub const fn buffers(&self) -> usize {
-        self.m as usize + self.v as usize + self.ibar as usize
-    }
-
-    /// Bytes of optimizer state per parameter with state stored as `state`.
-    ///
-    /// ```
-    /// use sage_core::{Algorithm, Config, DType};
-    /// let adam = Config::paper(Algorithm::adam(), 1e-3);
-    /// assert_eq!(adam.state_layout(true).bytes_per_param(DType::F32), 12); // m, v, Ī
-    /// assert_eq!(adam.state_layout(false).bytes_per_param(DType::Bf16), 4); // m, v
-    /// ```
-    pub const fn bytes_per_param(&self, state: crate::DType) -> usize {
-        self.buffers() * state.size()
     }
 }
 

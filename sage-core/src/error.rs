@@ -180,6 +180,12 @@ pub enum ParamProblem {
         /// Which buffer.
         buffer: &'static str,
     },
+    /// The tensor's step count cannot advance (it is `u64::MAX`: a corrupt or hostile saved
+    /// state); the step was refused before anything changed.
+    StepOverflow {
+        /// The count found.
+        step: u64,
+    },
 }
 
 impl fmt::Display for ParamProblem {
@@ -209,6 +215,9 @@ impl fmt::Display for ParamProblem {
                 f,
                 "state buffer `{buffer}` is not used by this configuration (state built for another configuration?)"
             ),
+            ParamProblem::StepOverflow { step } => {
+                write!(f, "step count {step} cannot advance (u64 overflow)")
+            }
         }
     }
 }
@@ -228,8 +237,23 @@ pub enum Error<E> {
         /// What was wrong.
         problem: ParamProblem,
     },
+    /// Norms given from outside, or a slice for partials, had the wrong length. Nothing was
+    /// changed.
+    NormCount {
+        /// What was counted (`per-tensor squared norms`, `chunk partials`).
+        what: &'static str,
+        /// How many the step's tensors need.
+        expected: usize,
+        /// How many were given.
+        given: usize,
+    },
+    /// The optimizer's own count is `u64::MAX` and cannot advance. Nothing was changed.
+    StepOverflow {
+        /// The count.
+        step: u64,
+    },
     /// The backend failed. If it failed part-way through an update, the buffers of that step
-    /// are unspecified and the step counter was not advanced.
+    /// are unspecified and the step counts were not advanced.
     Backend(E),
 }
 
@@ -243,10 +267,12 @@ impl<E: BackendError> Error<E> {
                     ErrorKind::LengthMismatch
                 }
                 ParamProblem::UnknownGroup { .. } => ErrorKind::UnknownGroup,
-                ParamProblem::MissingState { .. } | ParamProblem::UnexpectedState { .. } => {
-                    ErrorKind::StateMismatch
-                }
+                ParamProblem::MissingState { .. }
+                | ParamProblem::UnexpectedState { .. }
+                | ParamProblem::StepOverflow { .. } => ErrorKind::StateMismatch,
             },
+            Error::NormCount { .. } => ErrorKind::LengthMismatch,
+            Error::StepOverflow { .. } => ErrorKind::StateMismatch,
             Error::Backend(e) => e.kind(),
         }
     }
@@ -272,6 +298,20 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                     write!(f, " (`{n}`)")?;
                 }
                 write!(f, ": {problem}")
+            }
+            Error::NormCount {
+                what,
+                expected,
+                given,
+            } => write!(
+                f,
+                "{given} {what} given, the step's tensors need {expected}"
+            ),
+            Error::StepOverflow { step } => {
+                write!(
+                    f,
+                    "the optimizer's step count {step} cannot advance (u64 overflow)"
+                )
             }
             Error::Backend(e) => write!(f, "backend error: {e}"),
         }

@@ -13,8 +13,12 @@
 //! - [`schedule`]: learning-rate schedules.
 //! - [`coeffs`]: the per-step scalars computed on the host; [`Coeffs`] is what kernels read.
 //! - [`formula`]: the per-element update.
-//! - [`backend`]: the [`Backend`] trait.
-//! - [`optimizer`]: the driver — validation, clipping, the non-finite guard, multi-tensor steps.
+//! - [`state`]: [`TensorState`], one tensor's `m`, `v`, `Ī` and step count; [`StateLayout`].
+//! - [`norm`]: the gradient-norm contract (chunk grid, reduction order).
+//! - [`backend`]: the [`Backend`] trait; [`host`]: the host-copy capability.
+//! - [`tensors`]: one step over tensors of mixed storage types.
+//! - [`optimizer`]: the driver — validation, clipping, the non-finite guard, multi-tensor steps,
+//!   norms from outside.
 #![no_std]
 #![deny(missing_docs)]
 
@@ -30,17 +34,24 @@ pub mod element;
 pub mod error;
 pub mod formula;
 pub mod gpu;
+pub mod host;
+pub mod norm;
 pub mod optimizer;
 pub mod schedule;
+pub mod state;
+pub mod tensors;
 
 pub use backend::{composed_step, Accumulate, ApplyArgs, Backend, ParamTensor, TensorMut};
 pub use coeffs::{Coeffs, StepScalars};
 pub use config::{
     Algorithm, Config, DecayMode, EpsStyle, Modulation, ParamGroup, Preset, ScheduleClock,
-    SensitivityConfig, StateLayout,
+    ScheduleCount, SensitivityConfig,
 };
 pub use element::{DType, Element};
 pub use error::{BackendError, ConfigError, Error, ErrorKind, Infallible, Name, ParamProblem};
 pub use half::{bf16, f16};
-pub use optimizer::{Optimizer, Outcome, StepReport};
+pub use host::{HostBuffers, HostError};
+pub use optimizer::{GlobalNorms, Optimizer, Outcome, StepReport};
 pub use schedule::Schedule;
+pub use state::{Buffer, StateLayout, StateMut, TensorState};
+pub use tensors::{TensorSet, Visit};

@@ -1,38 +1,50 @@
-//! The optimizer driver: owns the configuration, the groups and the step counter; validates a
-//! step's tensors, computes norms, clipping and the step's scalars on the host, and hands the
-//! tensors to the backend in one call.
+//! The optimizer driver: owns the configuration, the groups and the optimizer-wide step count;
+//! validates a step's tensors, computes norms (or takes them from outside), clipping and each
+//! tensor's scalars on the host, and hands the tensors to the backend.
 
 use crate::backend::{Backend, ParamTensor};
 use crate::coeffs::{clip_coefficient, Coeffs, StepScalars};
-use crate::config::{Config, ParamGroup, StateLayout};
+use crate::config::{Config, ParamGroup};
 use crate::element::Element;
 use crate::error::{Error, Name, ParamProblem};
+use crate::norm::chunk_count;
+use crate::state::StateLayout;
+use crate::tensors::{TensorSet, Visit};
 
 /// What a step did.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Outcome {
-    /// The update was applied; the step counter advanced.
+    /// The update was applied; every stepped tensor's count and the optimizer's count advanced.
     Applied,
-    /// A gradient held NaN or ±Inf: nothing was changed (parameters, state, step counter).
+    /// A gradient held NaN or ±Inf: nothing was changed (parameters, state, step counts).
     SkippedNonFinite {
-        /// Index (in the step's list) of the first tensor whose gradient is not finite.
-        param: usize,
+        /// Index (in the step's order) of the first tensor whose gradient is not finite; `None`
+        /// when the non-finite value was reported from outside ([`Optimizer::step_with_norms`])
+        /// and lies in no tensor of this call.
+        param: Option<usize>,
     },
 }
 
 /// The report of one [`Optimizer::step`].
+///
+/// When tensors' own counts differ (some were absent from earlier steps), `step` and `lr`
+/// describe the optimizer's count: each tensor's bias corrections, and under a per-tensor
+/// schedule ([`ScheduleCount::Tensor`](crate::ScheduleCount)) its rate, follow its own count.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepReport {
     /// Applied or skipped.
     pub outcome: Outcome,
-    /// The step counter after this call.
+    /// The optimizer's count after this call (calls that applied an update).
     pub step: u64,
-    /// Global gradient norm before clipping, when it was computed (clipping or the guard on).
+    /// Global gradient norm before clipping, when it was computed or given (clipping or the
+    /// guard on).
     pub grad_norm: Option<f64>,
     /// Global clipping coefficient applied (1 when none).
     pub clip_scale: f64,
-    /// The scheduled base rate η_t of this step (0 when skipped).
+    /// The scheduled base rate η_t at the optimizer's count (0 when skipped).
     pub lr: f64,
+    /// How many tensors were stepped.
+    pub tensors: usize,
 }
 
 impl StepReport {
@@ -42,11 +54,24 @@ impl StepReport {
     }
 }
 
+/// Squared gradient norms computed outside the optimizer: the sums of every rank's or shard's
+/// partials ([`Optimizer::grad_norm_partials`], reduced with [`norm::reduce`](crate::norm::reduce)).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GlobalNorms<'n> {
+    /// Squared norm over every tensor of the whole model (all ranks), in the contract's order.
+    /// Non-finite when any gradient anywhere held NaN or ±Inf: the guard then skips the step.
+    pub total_sq: f64,
+    /// Squared norm of each tensor of this call's set, in step order (the whole tensor's, also
+    /// where this call holds only a shard of it): per-tensor clipping reads it.
+    pub per_tensor_sq: &'n [f64],
+}
+
 /// SAGE over a backend `B`, with parameter groups `G` (any `AsRef<[ParamGroup]>`: an array,
 /// a slice, a `Vec`).
 ///
-/// No allocation: the caller owns every buffer and passes them to each [`step`](Self::step)
-/// as [`ParamTensor`]s; the optimizer owns the configuration and the step counter.
+/// No allocation: the caller owns every buffer and every tensor's [`TensorState`](crate::TensorState)
+/// (its step count included) and passes them to each [`step`](Self::step) as [`ParamTensor`]s;
+/// the optimizer owns the configuration and its own count.
 pub struct Optimizer<B: Backend, G: AsRef<[ParamGroup]> = [ParamGroup; 1]> {
     backend: B,
     config: Config,
@@ -69,11 +94,12 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
         })
     }
 
-    /// Updates made so far (the next step is `steps() + 1`).
+    /// Steps applied so far by this optimizer (the optimizer's count; each tensor keeps its own
+    /// in its state).
     pub fn steps(&self) -> u64 {
         self.step
     }
-    /// Sets the step counter, e.g. when resuming from saved state.
+    /// Sets the optimizer's count, e.g. when resuming from saved state.
     pub fn set_steps(&mut self, step: u64) {
         self.step = step;
     }
@@ -111,8 +137,9 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
         Some(self.config.state_layout(g.sage))
     }
 
-    /// The coefficients tensor `group` gets at update `t` with gradient scale `grad_scale`
-    /// (what [`step`](Self::step) hands the backend; public for backends' own tests).
+    /// The coefficients a tensor of group `group` gets at its update `t` (the optimizer's
+    /// update being `t` too) with gradient scale `grad_scale` (what [`step`](Self::step) hands
+    /// the backend; public for backends' own tests).
     pub fn coeffs(&self, t: u64, group: usize, grad_scale: f32) -> Option<Coeffs> {
         let g = self.groups.as_ref().get(group)?;
         Some(Coeffs::new(
@@ -123,74 +150,196 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
         ))
     }
 
-    /// One update of every tensor in `tensors` (one call for all parameters). Checks every
-    /// tensor before touching any; skips the whole step if a gradient is not finite and the
-    /// guard is on.
-    pub fn step<P: Element, S: Element>(
+    /// One update of every tensor in `tensors` — a slice of one storage pair, or a tuple of
+    /// slices for mixed precisions ([`TensorSet`]). Checks every tensor before touching any;
+    /// computes one norm over all of them when clipping or the guard needs it; skips the whole
+    /// step, changing nothing, if a gradient is not finite and the guard is on; advances every
+    /// stepped tensor's count and the optimizer's count once.
+    ///
+    /// Tensors without a gradient at this step are left out of `tensors`: they keep their
+    /// parameters, state and count, and global clipping covers the tensors present.
+    pub fn step<'a, T: TensorSet<'a, B> + ?Sized>(
         &mut self,
-        tensors: &mut [ParamTensor<'_, B, P, S>],
+        tensors: &mut T,
     ) -> Result<StepReport, Error<B::Error>> {
+        self.run(tensors, None)
+    }
+
+    /// [`step`](Self::step) with the gradient norms computed elsewhere (data-parallel or sharded
+    /// training: each rank's [`grad_norm_partials`](Self::grad_norm_partials), gathered and
+    /// reduced with [`norm::reduce`](crate::norm::reduce)). Given the same partials, the result
+    /// equals the step that computes its own norms, bit for bit. `norms.per_tensor_sq` holds
+    /// one value per tensor of `tensors`.
+    pub fn step_with_norms<'a, T: TensorSet<'a, B> + ?Sized>(
+        &mut self,
+        tensors: &mut T,
+        norms: GlobalNorms<'_>,
+    ) -> Result<StepReport, Error<B::Error>> {
+        self.run(tensors, Some(norms))
+    }
+
+    /// The chunk partials of every gradient of `tensors` on the norm grid
+    /// ([`norm`](crate::norm)), back to back in step order, written to `out`, which must hold
+    /// [`partials_len`](Self::partials_len) values. Checks the tensors first, as a step does.
+    pub fn grad_norm_partials<'a, T: TensorSet<'a, B> + ?Sized>(
+        &mut self,
+        tensors: &mut T,
+        out: &mut [f64],
+    ) -> Result<(), Error<B::Error>> {
         self.check(tensors)?;
+        let need = self.partials_len(tensors)?;
+        if out.len() != need {
+            return Err(Error::NormCount {
+                what: "chunk partials",
+                expected: need,
+                given: out.len(),
+            });
+        }
+        let mut v = Partials {
+            backend: &mut self.backend,
+            out,
+            at: 0,
+        };
+        tensors.visit(&mut v)
+    }
+
+    /// How many chunk partials [`grad_norm_partials`](Self::grad_norm_partials) writes for
+    /// `tensors`: `Σ chunk_count(len)`.
+    pub fn partials_len<'a, T: TensorSet<'a, B> + ?Sized>(
+        &self,
+        tensors: &mut T,
+    ) -> Result<usize, Error<B::Error>> {
+        let mut v = Chunks {
+            backend: &self.backend,
+            n: 0,
+        };
+        tensors.visit(&mut v)?;
+        Ok(v.n)
+    }
+
+    fn run<'a, T: TensorSet<'a, B> + ?Sized>(
+        &mut self,
+        tensors: &mut T,
+        given: Option<GlobalNorms<'_>>,
+    ) -> Result<StepReport, Error<B::Error>> {
+        let count = self.check(tensors)?;
+        let opt_t = self
+            .step
+            .checked_add(1)
+            .ok_or(Error::StepOverflow { step: self.step })?;
         let cfg = self.config;
-        let needs_norms =
-            cfg.skip_non_finite || cfg.global_clip.is_some() || cfg.per_tensor_clip.is_some();
         let mut report = StepReport {
             outcome: Outcome::Applied,
             step: self.step,
             grad_norm: None,
             clip_scale: 1.0,
             lr: 0.0,
+            tensors: count,
         };
-        if needs_norms {
-            self.backend
-                .grad_sq_norms(tensors)
-                .map_err(Error::Backend)?;
-            if cfg.skip_non_finite {
-                if let Some(i) = tensors.iter().position(|t| !t.sq_norm.is_finite()) {
-                    report.outcome = Outcome::SkippedNonFinite { param: i };
-                    return Ok(report);
+        let needs_norms =
+            cfg.skip_non_finite || cfg.global_clip.is_some() || cfg.per_tensor_clip.is_some();
+        let total = match given {
+            Some(n) => {
+                if n.per_tensor_sq.len() != count {
+                    return Err(Error::NormCount {
+                        what: "per-tensor squared norms",
+                        expected: count,
+                        given: n.per_tensor_sq.len(),
+                    });
                 }
+                let mut v = GivenNorms {
+                    norms: n.per_tensor_sq,
+                    at: 0,
+                    first_bad: None,
+                };
+                tensors.visit(&mut v)?;
+                Some((n.total_sq, v.first_bad))
             }
-            let total: f64 = tensors.iter().map(|t| t.sq_norm).sum();
+            None if needs_norms => {
+                let mut v = OwnNorms {
+                    backend: &mut self.backend,
+                    total: 0.0,
+                    at: 0,
+                    first_bad: None,
+                };
+                tensors.visit(&mut v)?;
+                Some((v.total, v.first_bad))
+            }
+            None => None,
+        };
+        if let Some((total, first_bad)) = total {
+            if cfg.skip_non_finite && !total.is_finite() {
+                report.outcome = Outcome::SkippedNonFinite { param: first_bad };
+                return Ok(report);
+            }
             let norm = libm::sqrt(total);
             report.grad_norm = Some(norm);
             if let Some(max) = cfg.global_clip {
                 report.clip_scale = clip_coefficient(max, norm);
             }
         }
-        let t = self.step + 1;
-        let scalars = StepScalars::new(&cfg, t);
-        let groups = self.groups.as_ref();
-        for tensor in tensors.iter_mut() {
-            let mut scale = report.clip_scale;
-            if let Some(max) = cfg.per_tensor_clip {
-                let own = scale * libm::sqrt(tensor.sq_norm);
-                scale *= clip_coefficient(max, own);
-            }
-            tensor.coeffs = Coeffs::new(&cfg, &scalars, &groups[tensor.group], scale as f32);
-        }
-        self.backend.step_tensors(tensors).map_err(Error::Backend)?;
-        self.step = t;
-        report.step = t;
-        report.lr = scalars.lr;
+        let mut v = SetCoeffs {
+            cfg: &cfg,
+            groups: self.groups.as_ref(),
+            clip_scale: report.clip_scale,
+            opt_t,
+            memo: None,
+        };
+        tensors.visit(&mut v)?;
+        tensors.visit(&mut Apply {
+            backend: &mut self.backend,
+        })?;
+        self.step = opt_t;
+        report.step = opt_t;
+        report.lr = StepScalars::at(&cfg, opt_t, opt_t).lr;
         Ok(report)
     }
 
-    fn check<P: Element, S: Element>(
+    /// Validates every tensor; returns how many there are.
+    fn check<'a, T: TensorSet<'a, B> + ?Sized>(
         &self,
-        tensors: &[ParamTensor<'_, B, P, S>],
-    ) -> Result<(), Error<B::Error>> {
-        let groups = self.groups.as_ref();
-        for (index, t) in tensors.iter().enumerate() {
-            let fail = |problem| Error::Param {
-                index,
-                name: t.name.map(Name::new),
-                problem,
-            };
-            let Some(group) = groups.get(t.group) else {
+        tensors: &mut T,
+    ) -> Result<usize, Error<B::Error>> {
+        let mut v = Check {
+            backend: &self.backend,
+            config: &self.config,
+            groups: self.groups.as_ref(),
+            index: 0,
+        };
+        tensors.visit(&mut v)?;
+        Ok(v.index)
+    }
+}
+
+fn param_error<E>(index: usize, name: Option<&str>, problem: ParamProblem) -> Error<E> {
+    Error::Param {
+        index,
+        name: name.map(Name::new),
+        problem,
+    }
+}
+
+/// Every tensor's group, lengths, state and count.
+struct Check<'o, B: Backend> {
+    backend: &'o B,
+    config: &'o Config,
+    groups: &'o [ParamGroup],
+    index: usize,
+}
+
+impl<'a, B: Backend> Visit<'a, B> for Check<'_, B> {
+    type Error = Error<B::Error>;
+    fn tensors<P: Element, S: Element>(
+        &mut self,
+        ts: &mut [ParamTensor<'a, B, P, S>],
+    ) -> Result<(), Self::Error> {
+        for t in ts.iter() {
+            let index = self.index;
+            let fail = |problem| param_error(index, t.name, problem);
+            let Some(group) = self.groups.get(t.group) else {
                 return Err(fail(ParamProblem::UnknownGroup {
                     group: t.group,
-                    groups: groups.len(),
+                    groups: self.groups.len(),
                 }));
             };
             let n = self.backend.len(&*t.param);
@@ -199,34 +348,169 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
                 return Err(fail(ParamProblem::GradLength { param: n, grad: ng }));
             }
             let layout = self.config.state_layout(group.sage);
-            let needed_by = self.config.algorithm.name();
-            for (buffer, needed, given, by) in [
-                ("m", layout.m, t.m.as_deref(), needed_by),
-                ("v", layout.v, t.v.as_deref(), needed_by),
-                ("ibar", layout.ibar, t.ibar.as_deref(), "SAGE"),
-            ] {
-                match (needed, given) {
-                    (true, None) => {
-                        return Err(fail(ParamProblem::MissingState {
-                            buffer,
-                            needed_by: by,
-                        }))
-                    }
-                    (false, Some(_)) => return Err(fail(ParamProblem::UnexpectedState { buffer })),
-                    (true, Some(buf)) => {
-                        let len = self.backend.len(buf);
-                        if len != n {
-                            return Err(fail(ParamProblem::StateLength {
-                                buffer,
-                                param: n,
-                                state: len,
-                            }));
-                        }
-                    }
-                    (false, None) => {}
-                }
+            t.state
+                .check(layout, n, self.config.algorithm.name(), |b| {
+                    self.backend.len(&**b)
+                })
+                .map_err(fail)?;
+            if t.state.step.checked_add(1).is_none() {
+                return Err(fail(ParamProblem::StepOverflow {
+                    step: *t.state.step,
+                }));
             }
+            self.index += 1;
         }
+        Ok(())
+    }
+}
+
+/// The backend's norms; the total folded in step order.
+struct OwnNorms<'o, B: Backend> {
+    backend: &'o mut B,
+    total: f64,
+    at: usize,
+    first_bad: Option<usize>,
+}
+
+impl<'a, B: Backend> Visit<'a, B> for OwnNorms<'_, B> {
+    type Error = Error<B::Error>;
+    fn tensors<P: Element, S: Element>(
+        &mut self,
+        ts: &mut [ParamTensor<'a, B, P, S>],
+    ) -> Result<(), Self::Error> {
+        self.backend.grad_sq_norms(ts).map_err(Error::Backend)?;
+        for t in ts.iter() {
+            if self.first_bad.is_none() && !t.sq_norm.is_finite() {
+                self.first_bad = Some(self.at);
+            }
+            self.total += t.sq_norm;
+            self.at += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Norms from outside, into each tensor's slot.
+struct GivenNorms<'n> {
+    norms: &'n [f64],
+    at: usize,
+    first_bad: Option<usize>,
+}
+
+impl<'a, B: Backend> Visit<'a, B> for GivenNorms<'_> {
+    type Error = Error<B::Error>;
+    fn tensors<P: Element, S: Element>(
+        &mut self,
+        ts: &mut [ParamTensor<'a, B, P, S>],
+    ) -> Result<(), Self::Error> {
+        for t in ts.iter_mut() {
+            t.sq_norm = self.norms[self.at];
+            if self.first_bad.is_none() && !t.sq_norm.is_finite() {
+                self.first_bad = Some(self.at);
+            }
+            self.at += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Each tensor's coefficients from its own count (scalars reused while counts repeat).
+struct SetCoeffs<'o> {
+    cfg: &'o Config,
+    groups: &'o [ParamGroup],
+    clip_scale: f64,
+    opt_t: u64,
+    memo: Option<StepScalars>,
+}
+
+impl<'a, B: Backend> Visit<'a, B> for SetCoeffs<'_> {
+    type Error = Error<B::Error>;
+    fn tensors<P: Element, S: Element>(
+        &mut self,
+        ts: &mut [ParamTensor<'a, B, P, S>],
+    ) -> Result<(), Self::Error> {
+        for t in ts.iter_mut() {
+            // Checked in `Check`: the count is below u64::MAX.
+            let own_t = *t.state.step + 1;
+            let scalars = match self.memo {
+                Some(s) if s.t == own_t => s,
+                _ => {
+                    let s = StepScalars::at(self.cfg, own_t, self.opt_t);
+                    self.memo = Some(s);
+                    s
+                }
+            };
+            let mut scale = self.clip_scale;
+            if let Some(max) = self.cfg.per_tensor_clip {
+                let own = scale * libm::sqrt(t.sq_norm);
+                scale *= clip_coefficient(max, own);
+            }
+            t.coeffs = Coeffs::new(self.cfg, &scalars, &self.groups[t.group], scale as f32);
+        }
+        Ok(())
+    }
+}
+
+/// The backend's step, then the counts.
+struct Apply<'o, B: Backend> {
+    backend: &'o mut B,
+}
+
+impl<'a, B: Backend> Visit<'a, B> for Apply<'_, B> {
+    type Error = Error<B::Error>;
+    fn tensors<P: Element, S: Element>(
+        &mut self,
+        ts: &mut [ParamTensor<'a, B, P, S>],
+    ) -> Result<(), Self::Error> {
+        self.backend.step_tensors(ts).map_err(Error::Backend)?;
+        for t in ts.iter_mut() {
+            *t.state.step += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Chunk counts.
+struct Chunks<'o, B: Backend> {
+    backend: &'o B,
+    n: usize,
+}
+
+impl<'a, B: Backend> Visit<'a, B> for Chunks<'_, B> {
+    type Error = Error<B::Error>;
+    fn tensors<P: Element, S: Element>(
+        &mut self,
+        ts: &mut [ParamTensor<'a, B, P, S>],
+    ) -> Result<(), Self::Error> {
+        for t in ts.iter() {
+            self.n += chunk_count(self.backend.len(t.grad));
+        }
+        Ok(())
+    }
+}
+
+/// Chunk partials, back to back.
+struct Partials<'o, B: Backend> {
+    backend: &'o mut B,
+    out: &'o mut [f64],
+    at: usize,
+}
+
+impl<'a, B: Backend> Visit<'a, B> for Partials<'_, B> {
+    type Error = Error<B::Error>;
+    fn tensors<P: Element, S: Element>(
+        &mut self,
+        ts: &mut [ParamTensor<'a, B, P, S>],
+    ) -> Result<(), Self::Error> {
+        let n: usize = ts
+            .iter()
+            .map(|t| chunk_count(self.backend.len(t.grad)))
+            .sum();
+        let out = &mut self.out[self.at..self.at + n];
+        self.backend
+            .grad_norm_partials(ts, out)
+            .map_err(Error::Backend)?;
+        self.at += n;
         Ok(())
     }
 }
