@@ -197,6 +197,9 @@ pub fn composed_step<B: Backend + ?Sized, P: Element, S: Element>(
     )
 }
 
+/// Read-only state buffers `(m, v, ibar)` of a [`ParamTensor`].
+pub type StateRefs<'s, X> = (Option<&'s X>, Option<&'s X>, Option<&'s X>);
+
 /// One parameter tensor of a step: its buffers, its state (with its own step count), its
 /// group, an optional name for errors, and the per-step slots the optimizer fills
 /// ([`coeffs`](Self::coeffs), the gradient norm).
@@ -297,8 +300,8 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> ParamTensor<'a, B, P, S> {
     pub fn grad(&self) -> &'a B::Buf<P> {
         self.grad
     }
-    /// The state buffers (read only).
-    pub fn state(&self) -> (Option<&B::Buf<S>>, Option<&B::Buf<S>>, Option<&B::Buf<S>>) {
+    /// The state buffers `(m, v, ibar)`, read only.
+    pub fn state(&self) -> StateRefs<'_, B::Buf<S>> {
         (
             self.state.m.as_deref(),
             self.state.v.as_deref(),

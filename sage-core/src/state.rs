@@ -268,3 +268,28 @@ impl<'a, X: ?Sized> StateMut<'a, X> {
         }
     }
 }
+
+#[cfg(feature = "alloc")]
+impl<S: crate::Element> TensorState<alloc::vec::Vec<S>> {
+    /// Host state of a tensor of `len` elements: a zeroed `Vec` for every buffer `layout`
+    /// needs, count 0.
+    ///
+    /// ```
+    /// use sage_core::{Algorithm, Config, TensorState};
+    /// let cfg = Config::paper(Algorithm::adam(), 1e-3);
+    /// let st = TensorState::<Vec<f32>>::zeros(cfg.state_layout(true), 10);
+    /// assert_eq!(st.bytes(), 3 * 10 * 4);
+    /// ```
+    pub fn zeros(layout: StateLayout, len: usize) -> Self {
+        Self::new(layout, || alloc::vec![S::default(); len])
+    }
+
+    /// Bytes of state held.
+    pub fn bytes(&self) -> usize {
+        Buffer::ALL
+            .iter()
+            .filter_map(|&b| self.get(b))
+            .map(|b| b.len() * core::mem::size_of::<S>())
+            .sum()
+    }
+}

@@ -26,11 +26,7 @@ mod level;
 mod pool;
 pub mod portable;
 mod simd;
-#[cfg(feature = "alloc")]
-pub mod state;
 
 pub use level::Level;
 pub use portable::Cpu;
 pub use simd::{SimdCpu, Unavailable, DEFAULT_CHUNK, DEFAULT_MIN_PARALLEL};
-#[cfg(feature = "alloc")]
-pub use state::CpuState;

@@ -1,22 +1,26 @@
 //! The portable backend: scalar loops over [`sage_core::formula`]. `no_std`, no allocator.
 
 use sage_core::formula::{self, Accumulate};
+use sage_core::norm;
 use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, TensorMut};
 
 /// The portable CPU backend.
 ///
 /// ```
-/// use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
+/// use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor, TensorState};
 /// use sage_cpu::Cpu;
 ///
 /// let cfg = Config::reference(Algorithm::adamw(), 1e-3).beta0(0.8);
 /// let mut opt = Optimizer::new(Cpu, cfg, [ParamGroup::sage().weight_decay(0.01)]).unwrap();
 /// let (mut w, g) = ([0.5f32, -0.25, 0.0], [0.1f32, 0.2, 0.3]);
+/// // No allocator needed: the state may borrow any buffers (here, arrays on the stack).
 /// let (mut m, mut v, mut ibar) = ([0f32; 3], [0f32; 3], [0f32; 3]);
+/// let mut state = TensorState { m: Some(&mut m[..]), v: Some(&mut v[..]), ibar: Some(&mut ibar[..]), step: 0 };
 /// let report = opt
-///     .step(&mut [ParamTensor::new(&mut w[..], &g[..]).m(&mut m[..]).v(&mut v[..]).ibar(&mut ibar[..])])
+///     .step(&mut [ParamTensor::new(&mut w[..], &g[..], state.view())])
 ///     .unwrap();
 /// assert!(report.applied());
+/// assert_eq!(state.step, 1); // the tensor's own count
 /// // First step of the reference preset: Ī' = I, so U = 0 and s = 0; only the decoupled
 /// // decay moves θ, toward 0.
 /// assert!(w[0] < 0.5 && w[1] > -0.25);
@@ -25,14 +29,17 @@ use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, TensorMut};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cpu;
 
-/// `Σ x²` in f64: NaN and ±Inf propagate; f32 squares cannot overflow it.
+/// `Σ x²` on the contract's chunk grid ([`sage_core::norm`]): each chunk summed in f64 in
+/// order, the chunks folded first to last. NaN and ±Inf propagate; f32 squares cannot overflow.
 pub fn sq_norm<E: Element>(x: &[E]) -> f64 {
-    x.iter()
-        .map(|v| {
-            let f = v.to_f32() as f64;
-            f * f
-        })
-        .sum()
+    norm::fold(x.chunks(norm::NORM_CHUNK).map(norm::chunk_partial))
+}
+
+/// The partials of chunks `first .. first + out.len()` of `x` ([`sage_core::norm`]).
+pub fn sq_norm_chunks<E: Element>(x: &[E], first: usize, out: &mut [f64]) {
+    for (c, o) in out.iter_mut().enumerate() {
+        *o = norm::chunk_partial(&x[norm::chunk_range(x.len(), first + c)]);
+    }
 }
 
 /// The fused step over slices of equal length (checked by the caller).
@@ -64,8 +71,14 @@ impl Backend for Cpu {
         buf.len()
     }
 
-    fn sq_norm<E: Element>(&mut self, buf: &[E]) -> Result<f64, Infallible> {
-        Ok(sq_norm(buf))
+    fn sq_norm_chunks<E: Element>(
+        &mut self,
+        buf: &[E],
+        first: usize,
+        out: &mut [f64],
+    ) -> Result<(), Infallible> {
+        sq_norm_chunks(buf, first, out);
+        Ok(())
     }
 
     fn accumulate<P: Element, S: Element>(
@@ -117,3 +130,6 @@ impl Backend for Cpu {
         Ok(())
     }
 }
+
+#[cfg(feature = "alloc")]
+sage_core::slice_host_buffers!(Cpu, "cpu/portable");

@@ -5,6 +5,7 @@ use core::fmt;
 use core::ptr;
 
 use sage_core::formula::Accumulate;
+use sage_core::norm;
 use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, ParamTensor, TensorMut};
 
 use crate::kernel::{self, Bufs, KernelFn, Present};
@@ -19,7 +20,7 @@ use crate::portable::{self, Cpu};
 /// and threads split the elements, not the arithmetic.
 ///
 /// ```
-/// use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
+/// use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor, TensorState};
 /// use sage_cpu::{Level, SimdCpu};
 ///
 /// let cpu = SimdCpu::new(); // the best level here, all hardware threads
@@ -29,9 +30,8 @@ use crate::portable::{self, Cpu};
 /// let cfg = Config::paper(Algorithm::adam(), 1e-3);
 /// let mut opt = Optimizer::new(cpu, cfg, [ParamGroup::sage()]).unwrap();
 /// let (mut w, g) = (vec![0.5f32; 100], vec![0.1f32; 100]);
-/// let (mut m, mut v, mut ibar) = (vec![0f32; 100], vec![0f32; 100], vec![0f32; 100]);
-/// opt.step(&mut [ParamTensor::new(&mut w[..], &g[..]).m(&mut m[..]).v(&mut v[..]).ibar(&mut ibar[..])])
-///     .unwrap();
+/// let mut state = TensorState::<Vec<f32>>::zeros(opt.state_layout(0).unwrap(), 100);
+/// opt.step(&mut [ParamTensor::new(&mut w[..], &g[..], state.view())]).unwrap();
 /// assert!(w[0] < 0.5);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -339,8 +339,20 @@ impl Backend for SimdCpu {
         buf.len()
     }
 
+    fn sq_norm_chunks<E: Element>(
+        &mut self,
+        buf: &[E],
+        first: usize,
+        out: &mut [f64],
+    ) -> Result<(), Infallible> {
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = kernel::sq_norm(self.level, &buf[norm::chunk_range(buf.len(), first + c)]);
+        }
+        Ok(())
+    }
+
     fn sq_norm<E: Element>(&mut self, buf: &[E]) -> Result<f64, Infallible> {
-        Ok(kernel::sq_norm(self.level, buf))
+        Ok(self.chunked_sq_norm(buf))
     }
 
     // The primitives only serve the composed step (and its comparison with the fused one):
@@ -410,7 +422,7 @@ impl Backend for SimdCpu {
             }
         }
         for t in tensors.iter_mut() {
-            let x = kernel::sq_norm(self.level, t.grad());
+            let x = self.chunked_sq_norm(t.grad());
             t.set_grad_sq_norm(x);
         }
         Ok(())
@@ -426,11 +438,21 @@ impl Backend for SimdCpu {
     }
 }
 
+impl SimdCpu {
+    /// A buffer's squared norm on the contract's grid: chunk partials folded in order.
+    fn chunked_sq_norm<E: Element>(&self, x: &[E]) -> f64 {
+        norm::fold(
+            x.chunks(norm::NORM_CHUNK)
+                .map(|c| kernel::sq_norm(self.level, c)),
+        )
+    }
+}
+
 #[cfg(feature = "std")]
 impl SimdCpu {
-    /// Gradient norms of many tensors across threads. Each tensor is cut at fixed multiples
-    /// of the chunk size and its partial sums added in order, so the result does not depend
-    /// on the thread count or on which thread took which chunk.
+    /// Gradient norms of many tensors across threads. Each tensor is cut on the contract's
+    /// chunk grid ([`sage_core::norm`]) and its partials folded in order, so the result does
+    /// not depend on the thread count or on which thread took which chunk.
     fn sq_norms_parallel<P: Element, S: Element>(
         &self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
@@ -440,8 +462,8 @@ impl SimdCpu {
         let grads: alloc::vec::Vec<&[P]> = tensors.iter().map(|t| t.grad()).collect();
         let mut chunks = alloc::vec::Vec::new();
         for (ti, g) in grads.iter().enumerate() {
-            for start in (0..g.len()).step_by(self.chunk) {
-                chunks.push((ti, start, (start + self.chunk).min(g.len())));
+            for start in (0..g.len()).step_by(norm::NORM_CHUNK) {
+                chunks.push((ti, start, (start + norm::NORM_CHUNK).min(g.len())));
             }
         }
         let partial: alloc::vec::Vec<AtomicU64> =
@@ -465,5 +487,33 @@ impl SimdCpu {
         for (t, s) in tensors.iter_mut().zip(sums) {
             t.set_grad_sq_norm(s);
         }
+    }
+}
+
+#[cfg(feature = "alloc")]
+impl sage_core::HostBuffers for SimdCpu {
+    type Owned<E: Element> = alloc::vec::Vec<E>;
+    /// `cpu/avx2`, `cpu/avx512`, `cpu/neon`, `cpu/portable-simd` (this type on its portable
+    /// level); `/mt` when steps are split across threads.
+    fn describe(&self, out: &mut dyn fmt::Write) -> fmt::Result {
+        match self.level {
+            Level::Portable => out.write_str("cpu/portable-simd")?,
+            l => write!(out, "cpu/{}", l.name())?,
+        }
+        if self.thread_count() > 1 {
+            out.write_str("/mt")?;
+        }
+        Ok(())
+    }
+    fn upload<E: Element>(&mut self, data: &[E]) -> Result<alloc::vec::Vec<E>, Infallible> {
+        Ok(data.to_vec())
+    }
+    fn copy_to_host<E: Element>(&mut self, buf: &[E], out: &mut [E]) -> Result<(), Infallible> {
+        out.copy_from_slice(buf);
+        Ok(())
+    }
+    fn copy_from_host<E: Element>(&mut self, buf: &mut [E], data: &[E]) -> Result<(), Infallible> {
+        buf.copy_from_slice(data);
+        Ok(())
     }
 }

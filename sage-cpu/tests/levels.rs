@@ -3,7 +3,7 @@
 
 use sage_core::{
     bf16, f16, Algorithm, Backend, Coeffs, Config, Element, Modulation, Optimizer, ParamGroup,
-    ParamTensor, TensorMut,
+    ParamTensor, TensorMut, TensorState,
 };
 use sage_cpu::{Cpu, Level, SimdCpu};
 
@@ -442,9 +442,10 @@ fn optimizer_multi_tensor_matches() {
         .collect();
     let run = |b: SimdCpu, portable: bool, nan_at: Option<usize>| -> Vec<Vec<f32>> {
         let mut params = init.clone();
-        let mut state: Vec<[Vec<f32>; 3]> = lens
+        let mut state: Vec<TensorState<Vec<f32>>> = lens
             .iter()
-            .map(|&n| [vec![0.0; n], vec![0.0; n], vec![0.0; n]])
+            .enumerate()
+            .map(|(i, &n)| TensorState::zeros(cfg.state_layout(i % 2 == 0), n))
             .collect();
         let mut opt_s = Optimizer::new(b, cfg, groups).unwrap();
         let mut opt_p = Optimizer::new(Cpu, cfg, groups).unwrap();
@@ -460,16 +461,8 @@ fn optimizer_multi_tensor_matches() {
                         .zip(state.iter_mut())
                         .zip(&g)
                         .enumerate()
-                        .map(|(i, ((p, [m, v, ib]), g))| {
-                            let t = ParamTensor::new(&mut p[..], &g[..])
-                                .group(i % 2)
-                                .m(&mut m[..])
-                                .v(&mut v[..]);
-                            if i % 2 == 0 {
-                                t.ibar(&mut ib[..])
-                            } else {
-                                t
-                            }
+                        .map(|(i, ((p, st), g))| {
+                            ParamTensor::new(&mut p[..], &g[..], st.view()).group(i % 2)
                         })
                         .collect::<Vec<_>>()
                 };
@@ -601,6 +594,49 @@ fn sq_norms() {
                 assert!(b.sq_norm(&y[..]).unwrap().is_nan(), "{name}: NaN");
             }
         }
+    }
+}
+
+/// The norm contract: a multi-tensor norm (threaded or not) equals each buffer's own
+/// `sq_norm` bit for bit, and the chunk partials of two pieces split on the chunk grid equal
+/// the whole buffer's.
+#[test]
+fn norms_follow_the_chunk_grid() {
+    use sage_core::norm::{chunk_count, NORM_CHUNK};
+    let mut rng = Rng(9);
+    let lens = [3 * NORM_CHUNK + 17, 70_000, 5, NORM_CHUNK];
+    let grads: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n)).collect();
+    let cfg = Config::paper(Algorithm::sgd(0.0), 1e-3);
+    for (name, b) in backends().into_iter().chain([(
+        "threaded".to_string(),
+        SimdCpu::new().threads(3).min_parallel(0),
+    )]) {
+        let mut b2 = b;
+        let mut params: Vec<Vec<f32>> = grads.clone();
+        let mut states: Vec<TensorState<Vec<f32>>> = lens
+            .iter()
+            .map(|&n| TensorState::zeros(cfg.state_layout(false), n))
+            .collect();
+        let mut ts: Vec<ParamTensor<'_, SimdCpu, f32, f32>> = params
+            .iter_mut()
+            .zip(&grads)
+            .zip(states.iter_mut())
+            .map(|((p, g), s)| ParamTensor::new(&mut p[..], &g[..], s.view()))
+            .collect();
+        b2.grad_sq_norms(&mut ts).unwrap();
+        for (t, g) in ts.iter().zip(&grads) {
+            let own = b2.sq_norm(&g[..]).unwrap();
+            assert_eq!(t.grad_sq_norm().to_bits(), own.to_bits(), "{name}");
+        }
+        let g = &grads[0];
+        let mut whole = vec![0f64; chunk_count(g.len())];
+        b2.sq_norm_chunks(&g[..], 0, &mut whole).unwrap();
+        let cut = 2 * NORM_CHUNK;
+        let (mut a, mut c) = (vec![0f64; 2], vec![0f64; chunk_count(g.len() - cut)]);
+        b2.sq_norm_chunks(&g[..cut], 0, &mut a).unwrap();
+        b2.sq_norm_chunks(&g[cut..], 0, &mut c).unwrap();
+        a.extend(c);
+        assert_eq!(a, whole, "{name}: partials of pieces");
     }
 }
 

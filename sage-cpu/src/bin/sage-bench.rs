@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use sage_core::{
-    bf16, f16, Algorithm, Coeffs, Config, Element, Optimizer, ParamGroup, ParamTensor,
+    bf16, f16, Algorithm, Coeffs, Config, Element, Optimizer, ParamGroup, ParamTensor, TensorState,
 };
 use sage_cpu::{Level, SimdCpu};
 
@@ -185,6 +185,7 @@ struct Model<P: Element, S: Element> {
     p: Vec<Vec<P>>,
     g: Vec<Vec<P>>,
     st: Vec<[Vec<S>; 3]>,
+    steps: Vec<u64>,
 }
 
 /// Cheap deterministic fill in [-scale, scale).
@@ -207,6 +208,7 @@ impl<P: Element, S: Element> Model<P, S> {
             p: vec![],
             g: vec![],
             st: vec![],
+            steps: vec![0; sizes.len()],
         };
         for (i, &n) in sizes.iter().enumerate() {
             let s = i as u64 * 8;
@@ -227,12 +229,15 @@ impl<P: Element, S: Element> Model<P, S> {
             .iter_mut()
             .zip(&self.g)
             .zip(self.st.iter_mut())
-            .map(|((p, g), [m, v, ib])| {
-                ParamTensor::new(&mut p[..], &g[..]).state(
-                    layout[0].then_some(&mut m[..]),
-                    layout[1].then_some(&mut v[..]),
-                    layout[2].then_some(&mut ib[..]),
-                )
+            .zip(self.steps.iter_mut())
+            .map(|(((p, g), [m, v, ib]), step)| {
+                let state = TensorState {
+                    m: layout[0].then_some(&mut m[..]),
+                    v: layout[1].then_some(&mut v[..]),
+                    ibar: layout[2].then_some(&mut ib[..]),
+                    step,
+                };
+                ParamTensor::new(&mut p[..], &g[..], state)
             })
             .collect()
     }
