@@ -25,6 +25,11 @@ impl Buffer {
     /// The three buffers, in the order every layer stores them.
     pub const ALL: [Buffer; 3] = [Buffer::M, Buffer::V, Buffer::Ibar];
 
+    /// Its position in [`ALL`](Self::ALL).
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// The buffer's name everywhere (errors, checkpoint keys): `m`, `v`, `ibar`.
     pub const fn name(self) -> &'static str {
         match self {
