@@ -6,7 +6,7 @@
 //! `ParamTensor` per weight and bias, SAGE on for the weights, a plain group for the biases.
 
 use sage_core::{
-    Algorithm, Config, Error, Infallible, Optimizer, ParamGroup, ParamTensor, Schedule,
+    Algorithm, Config, Error, Infallible, Optimizer, ParamGroup, ParamTensor, Schedule, TensorState,
 };
 use sage_cpu::Cpu;
 
@@ -98,6 +98,8 @@ pub struct Workspace {
     // Ī only for the weights: the biases' group runs without SAGE, so needs none.
     ibar_w1: [State; W1],
     ibar_w2: [State; W2],
+    // Each tensor's own step count (fc1.weight, fc1.bias, fc2.weight, fc2.bias).
+    steps: [u64; 4],
     order: [u16; TRAIN],
 }
 
@@ -111,6 +113,7 @@ impl Workspace {
             v: Tensors::splat(STATE_ZERO),
             ibar_w1: [STATE_ZERO; W1],
             ibar_w2: [STATE_ZERO; W2],
+            steps: [0; 4],
             order: [0; TRAIN],
         }
     }
@@ -176,8 +179,10 @@ pub fn train(ws: &mut Workspace, mut log: impl FnMut(&Epoch)) -> Result<Epoch, E
         v,
         ibar_w1,
         ibar_w2,
+        steps,
         order,
     } = ws;
+    *steps = [0; 4];
     init(params, &mut rng);
     for (i, o) in order.iter_mut().enumerate() {
         *o = i as u16;
@@ -193,29 +198,42 @@ pub fn train(ws: &mut Workspace, mut log: impl FnMut(&Epoch)) -> Result<Epoch, E
             for &i in batch {
                 loss_sum += backprop(params, grads, i as usize, scale);
             }
+            let [s_w1, s_b1, s_w2, s_b2] = &mut *steps;
+            let state = |m, v, ibar, step| TensorState {
+                m: Some(m),
+                v: Some(v),
+                ibar,
+                step,
+            };
             let report = opt.step(&mut [
-                ParamTensor::new(&mut params.w1[..], &grads.w1[..])
-                    .name("fc1.weight")
-                    .group(WEIGHTS)
-                    .m(&mut m.w1[..])
-                    .v(&mut v.w1[..])
-                    .ibar(&mut ibar_w1[..]),
-                ParamTensor::new(&mut params.b1[..], &grads.b1[..])
-                    .name("fc1.bias")
-                    .group(BIASES)
-                    .m(&mut m.b1[..])
-                    .v(&mut v.b1[..]),
-                ParamTensor::new(&mut params.w2[..], &grads.w2[..])
-                    .name("fc2.weight")
-                    .group(WEIGHTS)
-                    .m(&mut m.w2[..])
-                    .v(&mut v.w2[..])
-                    .ibar(&mut ibar_w2[..]),
-                ParamTensor::new(&mut params.b2[..], &grads.b2[..])
-                    .name("fc2.bias")
-                    .group(BIASES)
-                    .m(&mut m.b2[..])
-                    .v(&mut v.b2[..]),
+                ParamTensor::new(
+                    &mut params.w1[..],
+                    &grads.w1[..],
+                    state(&mut m.w1[..], &mut v.w1[..], Some(&mut ibar_w1[..]), s_w1),
+                )
+                .name("fc1.weight")
+                .group(WEIGHTS),
+                ParamTensor::new(
+                    &mut params.b1[..],
+                    &grads.b1[..],
+                    state(&mut m.b1[..], &mut v.b1[..], None, s_b1),
+                )
+                .name("fc1.bias")
+                .group(BIASES),
+                ParamTensor::new(
+                    &mut params.w2[..],
+                    &grads.w2[..],
+                    state(&mut m.w2[..], &mut v.w2[..], Some(&mut ibar_w2[..]), s_w2),
+                )
+                .name("fc2.weight")
+                .group(WEIGHTS),
+                ParamTensor::new(
+                    &mut params.b2[..],
+                    &grads.b2[..],
+                    state(&mut m.b2[..], &mut v.b2[..], None, s_b2),
+                )
+                .name("fc2.bias")
+                .group(BIASES),
             ])?;
             skipped += u64::from(!report.applied());
         }

@@ -9,8 +9,8 @@ use std::time::Instant;
 use candle_core::{Device, Tensor, Var};
 use sage_candle::bert::Rng;
 use sage_candle::{GroupRules, SageOptimizer, SageParams, SliceBackend};
-use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
-use sage_cpu::{Cpu, CpuState, SimdCpu};
+use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor, TensorState};
+use sage_cpu::{Cpu, SimdCpu};
 
 fn main() -> candle_core::Result<()> {
     bench("portable Cpu", Cpu)?;
@@ -77,9 +77,9 @@ fn bench<B: SliceBackend + Clone>(backend_name: &str, backend: B) -> candle_core
 
     // Copy out, step, `Var::set` back.
     let mut driver = Optimizer::new(backend, config, [group]).expect("valid");
-    let mut states: Vec<CpuState<f32>> = shapes
+    let mut states: Vec<TensorState<Vec<f32>>> = shapes
         .iter()
-        .map(|s| CpuState::new(config.state_layout(true), s.0 * s.1))
+        .map(|s| TensorState::zeros(config.state_layout(true), s.0 * s.1))
         .collect();
     let gv: Vec<Vec<f32>> = grads
         .iter()
@@ -96,13 +96,7 @@ fn bench<B: SliceBackend + Clone>(backend_name: &str, backend: B) -> candle_core
             .iter_mut()
             .zip(&mut states)
             .zip(&gv)
-            .map(|((p, st), g)| {
-                ParamTensor::new(&mut p[..], &g[..]).state(
-                    st.m.as_deref_mut(),
-                    st.v.as_deref_mut(),
-                    st.ibar.as_deref_mut(),
-                )
-            })
+            .map(|((p, st), g)| ParamTensor::new(&mut p[..], &g[..], st.view()))
             .collect();
         driver.step(&mut ts).expect("valid step");
         drop(ts);

@@ -9,8 +9,10 @@ use candle_core::{
     CpuStorage, DType, Device, Error, InplaceOp1, Layout, Result, Storage, Tensor, Var,
 };
 use candle_nn::VarMap;
-use sage_core::{Backend, Config, Optimizer as Driver, ParamGroup, ParamTensor, StepReport};
-use sage_cpu::{CpuState, SimdCpu};
+use sage_core::{
+    Backend, Buffer, Config, Optimizer as Driver, ParamGroup, ParamTensor, StepReport, TensorState,
+};
+use sage_cpu::SimdCpu;
 
 use crate::groups::GroupRules;
 
@@ -51,9 +53,35 @@ struct Slot {
 }
 
 enum State {
-    Cpu(CpuState<f32>),
+    Cpu(TensorState<Vec<f32>>),
     #[cfg(feature = "cuda")]
-    Cuda(cuda::CudaBuffers),
+    Cuda(TensorState<sage_cuda::cudarc::driver::CudaSlice<f32>>),
+}
+
+impl State {
+    fn steps(&self) -> u64 {
+        match self {
+            State::Cpu(c) => c.step,
+            #[cfg(feature = "cuda")]
+            State::Cuda(c) => c.step,
+        }
+    }
+
+    fn set_steps(&mut self, t: u64) {
+        match self {
+            State::Cpu(c) => c.step = t,
+            #[cfg(feature = "cuda")]
+            State::Cuda(c) => c.step = t,
+        }
+    }
+
+    fn has(&self, b: Buffer) -> bool {
+        match self {
+            State::Cpu(c) => c.get(b).is_some(),
+            #[cfg(feature = "cuda")]
+            State::Cuda(c) => c.get(b).is_some(),
+        }
+    }
 }
 
 enum Engine<B: SliceBackend> {
@@ -175,9 +203,12 @@ impl<B: SliceBackend> SageOptimizer<B> {
             let layout = config.state_layout(rules.groups()[group].sage);
             let n = var.as_tensor().elem_count();
             let state = match &engine {
-                Engine::Cpu(_) => State::Cpu(CpuState::new(layout, n)),
+                Engine::Cpu(_) => State::Cpu(TensorState::zeros(layout, n)),
                 #[cfg(feature = "cuda")]
-                Engine::Cuda(d) => State::Cuda(cuda::CudaBuffers::new(d.backend(), layout, n)?),
+                Engine::Cuda(d) => State::Cuda(
+                    TensorState::try_new(layout, |_| d.backend().zeros::<f32>(n))
+                        .map_err(sage_err)?,
+                ),
             };
             slots.push(Slot {
                 name,
@@ -200,7 +231,16 @@ impl<B: SliceBackend> SageOptimizer<B> {
         self.last.as_ref()
     }
 
-    /// Updates made so far.
+    /// Each parameter's own step count (updates applied to it; a parameter without a gradient
+    /// at a step keeps its count), in step order.
+    pub fn param_steps(&self) -> Vec<(&str, u64)> {
+        self.slots
+            .iter()
+            .map(|s| (s.name.as_str(), s.state.steps()))
+            .collect()
+    }
+
+    /// Updates made so far (the optimizer's count).
     pub fn steps(&self) -> u64 {
         match &self.engine {
             Engine::Cpu(d) => d.steps(),
@@ -243,14 +283,19 @@ impl<B: SliceBackend> SageOptimizer<B> {
             .map(|s| match &s.state {
                 State::Cpu(c) => c.bytes(),
                 #[cfg(feature = "cuda")]
-                State::Cuda(c) => c.bytes(),
+                State::Cuda(c) => Buffer::ALL
+                    .iter()
+                    .filter_map(|&b| c.get(b))
+                    .map(|b| b.len() * 4)
+                    .sum(),
             })
             .sum()
     }
 
     /// The optimizer state as named tensors on the parameters' device — `{name}.m`,
-    /// `{name}.v`, `{name}.ibar` for each buffer a parameter has, and `sage.step` (a one-element
-    /// i64 tensor) — ready for `candle_core::safetensors::save`.
+    /// `{name}.v`, `{name}.ibar` for each buffer a parameter has, `{name}.step` (its own step
+    /// count) and `sage.step` (the optimizer's; one-element i64 tensors) — ready for
+    /// `candle_core::safetensors::save`.
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for s in &self.slots {
@@ -258,10 +303,14 @@ impl<B: SliceBackend> SageOptimizer<B> {
             for (suffix, t) in self.slot_state(s, &shape)? {
                 out.insert(format!("{}.{suffix}", s.name), t);
             }
+            out.insert(
+                format!("{}.step", s.name),
+                Tensor::new(&[step_i64(s.state.steps())?], &Device::Cpu)?,
+            );
         }
         out.insert(
             "sage.step".into(),
-            Tensor::new(&[self.steps() as i64], &Device::Cpu)?,
+            Tensor::new(&[step_i64(self.steps())?], &Device::Cpu)?,
         );
         Ok(out)
     }
@@ -274,9 +323,9 @@ impl<B: SliceBackend> SageOptimizer<B> {
         let mut v = Vec::new();
         match &s.state {
             State::Cpu(c) => {
-                for (suffix, b) in [("m", &c.m), ("v", &c.v), ("ibar", &c.ibar)] {
-                    if let Some(b) = b {
-                        v.push((suffix, Tensor::from_slice(b, shape, &Device::Cpu)?));
+                for buf in Buffer::ALL {
+                    if let Some(b) = c.get(buf) {
+                        v.push((buf.name(), Tensor::from_slice(b, shape, &Device::Cpu)?));
                     }
                 }
             }
@@ -285,11 +334,11 @@ impl<B: SliceBackend> SageOptimizer<B> {
                 let Engine::Cuda(d) = &self.engine else {
                     unreachable!()
                 };
-                for (suffix, b) in [("m", &c.m), ("v", &c.v), ("ibar", &c.ibar)] {
-                    if let Some(b) = b {
+                for buf in Buffer::ALL {
+                    if let Some(b) = c.get(buf) {
                         let host = d.backend().download(b).map_err(sage_err)?;
                         v.push((
-                            suffix,
+                            buf.name(),
                             Tensor::from_vec(host, shape, &Device::Cpu)?.to_device(&self.device)?,
                         ));
                     }
@@ -302,36 +351,21 @@ impl<B: SliceBackend> SageOptimizer<B> {
     /// Restores state saved by [`state_tensors`](Self::state_tensors): every buffer this
     /// optimizer holds must be present with its parameter's shape; nothing changes on error.
     pub fn load_state_tensors(&mut self, map: &HashMap<String, Tensor>) -> Result<()> {
-        let step = map
-            .get("sage.step")
-            .ok_or_else(|| sage_err("state has no `sage.step`"))?
-            .to_dtype(DType::I64)?
-            .flatten_all()?
-            .to_vec1::<i64>()?;
-        let step = *step
-            .first()
-            .ok_or_else(|| sage_err("`sage.step` is empty"))?;
+        let step =
+            read_step(map, "sage.step")?.ok_or_else(|| sage_err("state has no `sage.step`"))?;
         // Read and check everything before writing anything.
         let mut loaded = Vec::new();
+        let mut counts = Vec::new();
         for (i, s) in self.slots.iter().enumerate() {
             let shape = s.var.as_tensor().shape();
-            let names: Vec<&str> = match &s.state {
-                State::Cpu(c) => [("m", &c.m), ("v", &c.v), ("ibar", &c.ibar)]
-                    .into_iter()
-                    .filter(|(_, b)| b.is_some())
-                    .map(|(n, _)| n)
-                    .collect(),
-                #[cfg(feature = "cuda")]
-                State::Cuda(c) => [
-                    ("m", c.m.is_some()),
-                    ("v", c.v.is_some()),
-                    ("ibar", c.ibar.is_some()),
-                ]
+            // Files without per-parameter counts come from before they existed: every
+            // parameter had the optimizer's count then.
+            counts.push(read_step(map, &format!("{}.step", s.name))?.unwrap_or(step));
+            let names: Vec<&str> = Buffer::ALL
                 .into_iter()
-                .filter(|(_, b)| *b)
-                .map(|(n, _)| n)
-                .collect(),
-            };
+                .filter(|&b| s.state.has(b))
+                .map(Buffer::name)
+                .collect();
             for n in names {
                 let key = format!("{}.{n}", s.name);
                 let t = map
@@ -349,33 +383,35 @@ impl<B: SliceBackend> SageOptimizer<B> {
             }
         }
         for (i, n, data) in loaded {
+            let buf = match n {
+                "m" => Buffer::M,
+                "v" => Buffer::V,
+                _ => Buffer::Ibar,
+            };
             match &mut self.slots[i].state {
                 State::Cpu(c) => {
-                    let b = match n {
-                        "m" => &mut c.m,
-                        "v" => &mut c.v,
-                        _ => &mut c.ibar,
-                    };
-                    *b = Some(data);
+                    if let Some(b) = c.get_mut(buf) {
+                        *b = data;
+                    }
                 }
                 #[cfg(feature = "cuda")]
                 State::Cuda(c) => {
-                    let Engine::Cuda(d) = &self.engine else {
+                    let Engine::Cuda(d) = &mut self.engine else {
                         unreachable!()
                     };
-                    let b = match n {
-                        "m" => &mut c.m,
-                        "v" => &mut c.v,
-                        _ => &mut c.ibar,
-                    };
-                    *b = Some(d.backend().upload(&data).map_err(sage_err)?);
+                    if let Some(b) = c.get_mut(buf) {
+                        *b = d.backend().upload(&data).map_err(sage_err)?;
+                    }
                 }
             }
         }
+        for (s, t) in self.slots.iter_mut().zip(counts) {
+            s.state.set_steps(t);
+        }
         match &mut self.engine {
-            Engine::Cpu(d) => d.set_steps(step as u64),
+            Engine::Cpu(d) => d.set_steps(step),
             #[cfg(feature = "cuda")]
-            Engine::Cuda(d) => d.set_steps(step as u64),
+            Engine::Cuda(d) => d.set_steps(step),
         }
         Ok(())
     }
@@ -455,7 +491,7 @@ impl<B: SliceBackend> SageOptimizer<B> {
                         .ok_or_else(|| sage_err("gradient not contiguous"))?;
                     gslices.push(&cs.as_slice::<f32>()?[a..b]);
                 }
-                let mut states: Vec<(&str, usize, &mut CpuState<f32>)> = self
+                let mut states: Vec<(&str, usize, &mut TensorState<Vec<f32>>)> = self
                     .slots
                     .iter_mut()
                     .zip(&chosen)
@@ -473,14 +509,9 @@ impl<B: SliceBackend> SageOptimizer<B> {
                         .zip(states.iter_mut())
                         .zip(&gslices)
                         .map(|((p, (name, group, st)), g)| {
-                            ParamTensor::new(&mut **p, *g)
+                            ParamTensor::new(&mut **p, *g, st.view())
                                 .name(name)
                                 .group(*group)
-                                .state(
-                                    st.m.as_deref_mut(),
-                                    st.v.as_deref_mut(),
-                                    st.ibar.as_deref_mut(),
-                                )
                         })
                         .collect();
                     out = Some(driver.step(&mut ts).map_err(sage_err)?);
@@ -496,6 +527,25 @@ impl<B: SliceBackend> SageOptimizer<B> {
         };
         self.last = report;
         Ok(())
+    }
+}
+
+/// A step count as the i64 safetensors stores.
+fn step_i64(t: u64) -> Result<i64> {
+    i64::try_from(t).map_err(|_| sage_err(format!("step count {t} does not fit an i64")))
+}
+
+/// A one-element step count from `map`, if present; negative or malformed is an error.
+fn read_step(map: &HashMap<String, Tensor>, key: &str) -> Result<Option<u64>> {
+    let Some(t) = map.get(key) else {
+        return Ok(None);
+    };
+    let v = t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?;
+    match v.as_slice() {
+        [x] => u64::try_from(*x)
+            .map(Some)
+            .map_err(|_| sage_err(format!("`{key}` is {x}, not a step count"))),
+        _ => Err(sage_err(format!("`{key}` has {} elements, not 1", v.len()))),
     }
 }
 

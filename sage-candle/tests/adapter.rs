@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer as _, VarBuilder, VarMap};
 use sage_candle::bert::{init_random, BertClassifier, BertConfig, Rng};
 use sage_candle::{named_vars, GroupRules, SageOptimizer, SageParams, SliceBackend};
-use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor, Schedule};
-use sage_cpu::{Cpu, CpuState, SimdCpu};
+use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor, Schedule, TensorState};
+use sage_cpu::{Cpu, SimdCpu};
 
 const VOCAB: usize = 50;
 
@@ -80,11 +80,11 @@ fn adapter_vs_core<B: SliceBackend + Clone>(backend: B, freeze_embeddings: bool)
     .unwrap();
     let mut core = Optimizer::new(backend, config(), rules.groups().to_vec()).unwrap();
     let mut host: Vec<Vec<f32>> = vars.iter().map(|(_, v)| values(v)).collect();
-    let mut states: Vec<CpuState<f32>> = vars
+    let mut states: Vec<TensorState<Vec<f32>>> = vars
         .iter()
         .map(|(n, v)| {
             let sage = rules.groups()[rules.assign(n)].sage;
-            CpuState::new(config().state_layout(sage), v.as_tensor().elem_count())
+            TensorState::zeros(config().state_layout(sage), v.as_tensor().elem_count())
         })
         .collect();
     let before: Vec<Vec<f32>> = host.clone();
@@ -102,12 +102,7 @@ fn adapter_vs_core<B: SliceBackend + Clone>(backend: B, freeze_embeddings: bool)
         for ((((n, _), p), st), gv) in vars.iter().zip(&mut host).zip(&mut states).zip(&gh) {
             if let Some(gv) = gv {
                 ts.push(
-                    ParamTensor::new(&mut p[..], &gv[..])
-                        .state(
-                            st.m.as_deref_mut(),
-                            st.v.as_deref_mut(),
-                            st.ibar.as_deref_mut(),
-                        )
+                    ParamTensor::new(&mut p[..], &gv[..], st.view())
                         .name(n)
                         .group(rules.assign(n)),
                 );

@@ -2,42 +2,11 @@
 //! (candle 0.9 and sage-cuda share cudarc 0.19, so candle's `CudaSlice` is sage-cuda's buffer.)
 
 use candle_core::{CpuStorage, CudaStorage, InplaceOp1, Layout, Result, Storage, Tensor};
-use sage_core::{Optimizer as Driver, ParamGroup, ParamTensor, StateLayout, StepReport};
+use sage_core::{Optimizer as Driver, ParamGroup, ParamTensor, StepReport, TensorState};
 use sage_cuda::cudarc::driver::CudaSlice;
 use sage_cuda::Cuda;
 
 use super::{sage_err, with_slices_mut, Nest, Slot, State};
-
-/// State buffers of one parameter on the device.
-pub(crate) struct CudaBuffers {
-    pub(crate) m: Option<CudaSlice<f32>>,
-    pub(crate) v: Option<CudaSlice<f32>>,
-    pub(crate) ibar: Option<CudaSlice<f32>>,
-}
-
-impl CudaBuffers {
-    pub(crate) fn new(cuda: &Cuda, layout: StateLayout, n: usize) -> Result<Self> {
-        let z = |on: bool| -> Result<Option<CudaSlice<f32>>> {
-            if on {
-                Ok(Some(cuda.zeros::<f32>(n).map_err(sage_err)?))
-            } else {
-                Ok(None)
-            }
-        };
-        Ok(CudaBuffers {
-            m: z(layout.m)?,
-            v: z(layout.v)?,
-            ibar: z(layout.ibar)?,
-        })
-    }
-
-    pub(crate) fn bytes(&self) -> usize {
-        [&self.m, &self.v, &self.ibar]
-            .iter()
-            .map(|b| b.as_ref().map_or(0, |b| b.len() * 4))
-            .sum()
-    }
-}
 
 impl InplaceOp1 for Nest<'_, '_, CudaSlice<f32>> {
     fn name(&self) -> &'static str {
@@ -76,7 +45,7 @@ pub(crate) fn step(
         }
         gs.push(g);
     }
-    let mut states: Vec<(&str, usize, &mut CudaBuffers)> = slots
+    let mut states: Vec<(&str, usize, &mut TensorState<CudaSlice<f32>>)> = slots
         .iter_mut()
         .zip(chosen)
         .filter(|(_, c)| **c)
@@ -92,10 +61,9 @@ pub(crate) fn step(
             .zip(states.iter_mut())
             .zip(&gs)
             .map(|((p, (name, group, st)), g)| {
-                ParamTensor::new(&mut **p, *g)
+                ParamTensor::new(&mut **p, *g, st.view())
                     .name(name)
                     .group(*group)
-                    .state(st.m.as_mut(), st.v.as_mut(), st.ibar.as_mut())
             })
             .collect();
         out = Some(driver.step(&mut ts).map_err(sage_err)?);
