@@ -30,3 +30,9 @@ mod simd;
 pub use level::Level;
 pub use portable::Cpu;
 pub use simd::{SimdCpu, Unavailable, DEFAULT_CHUNK, DEFAULT_MIN_PARALLEL};
+
+// The project README's examples compile and run as doc tests of this crate (they use
+// sage-core and sage-cpu).
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;
