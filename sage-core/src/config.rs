@@ -415,11 +415,12 @@ impl Config {
                 unit("betas.1", beta2)?;
             }
         }
-        // The Adam-family denominator (√v + ε, or u ≥ |g| + ε) must stay non-zero.
-        if !self.algorithm.is_sgd() && self.eps <= 0.0 {
+        // The Adam-family denominator (√v + ε, or u ≥ |g| + ε) must stay non-zero — in f32,
+        // where the kernels compute: an ε below f32's smallest subnormal rounds to 0 there.
+        if !self.algorithm.is_sgd() && (self.eps as f32) <= 0.0 {
             return Err(ConfigError::new(
                 "eps",
-                "must be > 0 for the Adam family (it keeps the denominator non-zero)",
+                "must be > 0 in f32 for the Adam family (it keeps the denominator non-zero; below ~1.4e-45 it rounds to 0)",
                 self.eps,
             ));
         }
@@ -434,17 +435,19 @@ impl Config {
         unit("beta0", s.beta0)?;
         nonneg("eps_num", s.eps_num)?;
         nonneg("eps_den", s.eps_den)?;
-        if s.modulation.divides_by_importance() && s.eps_den <= 0.0 {
+        // In f32, as the kernels read them: the reference preset's eps_den = ε² rounds to 0
+        // for ε below ~3.7e-23, and then an element with no history computes 0/0.
+        if s.modulation.divides_by_importance() && (s.eps_den as f32) <= 0.0 {
             return Err(ConfigError::new(
                 "eps_den",
-                "must be > 0: this modulation divides by Ī + eps_den",
+                "must be > 0 in f32: this modulation divides by Ī + eps_den (the reference preset's eps_den is eps²)",
                 s.eps_den,
             ));
         }
-        if s.modulation.divides_by_variation() && s.eps_num <= 0.0 {
+        if s.modulation.divides_by_variation() && (s.eps_num as f32) <= 0.0 {
             return Err(ConfigError::new(
                 "eps_num",
-                "must be > 0: this modulation divides by U + eps_num",
+                "must be > 0 in f32: this modulation divides by U + eps_num",
                 s.eps_num,
             ));
         }

@@ -180,6 +180,15 @@ pub enum ParamProblem {
         /// Which buffer.
         buffer: &'static str,
     },
+    /// The state storage type cannot hold this buffer's values: in f16, `v` (squares of
+    /// gradients) and `ibar` (|θ·g|) underflow to 0 for ordinary gradients (below 6e-8), which
+    /// silently turns Adam's step into a division by ε. Store state as f32 or bf16.
+    StateType {
+        /// The buffer that cannot be stored.
+        buffer: &'static str,
+        /// The storage type given.
+        dtype: crate::DType,
+    },
     /// The tensor's step count cannot advance (it is `u64::MAX`: a corrupt or hostile saved
     /// state); the step was refused before anything changed.
     StepOverflow {
@@ -214,6 +223,10 @@ impl fmt::Display for ParamProblem {
             ParamProblem::UnexpectedState { buffer } => write!(
                 f,
                 "state buffer `{buffer}` is not used by this configuration (state built for another configuration?)"
+            ),
+            ParamProblem::StateType { buffer, dtype } => write!(
+                f,
+                "state buffer `{buffer}` cannot be stored as {dtype}: its values (squares and products of gradients) underflow there; use f32 or bf16 state"
             ),
             ParamProblem::StepOverflow { step } => {
                 write!(f, "step count {step} cannot advance (u64 overflow)")
@@ -269,7 +282,8 @@ impl<E: BackendError> Error<E> {
                 ParamProblem::UnknownGroup { .. } => ErrorKind::UnknownGroup,
                 ParamProblem::MissingState { .. }
                 | ParamProblem::UnexpectedState { .. }
-                | ParamProblem::StepOverflow { .. } => ErrorKind::StateMismatch,
+                | ParamProblem::StepOverflow { .. }
+                | ParamProblem::StateType { .. } => ErrorKind::StateMismatch,
             },
             Error::NormCount { .. } => ErrorKind::LengthMismatch,
             Error::StepOverflow { .. } => ErrorKind::StateMismatch,

@@ -5,10 +5,10 @@
 use crate::backend::{Backend, ParamTensor};
 use crate::coeffs::{clip_coefficient, Coeffs, StepScalars};
 use crate::config::{Config, ParamGroup};
-use crate::element::Element;
+use crate::element::{DType, Element};
 use crate::error::{Error, Name, ParamProblem};
 use crate::norm::chunk_count;
-use crate::state::StateLayout;
+use crate::state::{Buffer, StateLayout};
 use crate::tensors::{TensorSet, Visit};
 
 /// What a step did.
@@ -353,6 +353,16 @@ impl<'a, B: Backend> Visit<'a, B> for Check<'_, B> {
                     self.backend.len(&**b)
                 })
                 .map_err(fail)?;
+            if S::DTYPE == DType::F16 {
+                for b in [Buffer::V, Buffer::Ibar] {
+                    if layout.needs(b) {
+                        return Err(fail(ParamProblem::StateType {
+                            buffer: b.name(),
+                            dtype: S::DTYPE,
+                        }));
+                    }
+                }
+            }
             if t.state.step.checked_add(1).is_none() {
                 return Err(fail(ParamProblem::StepOverflow {
                     step: *t.state.step,
