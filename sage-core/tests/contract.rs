@@ -150,7 +150,7 @@ fn absent_tensors_keep_their_counts_and_late_ones_start_at_one() {
     let mut opt = adamw();
     let layout = opt.state_layout(0).unwrap();
     let (mut a, mut b) = (vec![0.5f32; 5], vec![0.5f32; 5]);
-    let g = vec![0.1f32; 5];
+    let g = [0.1f32; 5];
     let (mut sa, mut sb) = (
         TensorState::<Vec<f32>>::zeros(layout, 5),
         TensorState::<Vec<f32>>::zeros(layout, 5),
