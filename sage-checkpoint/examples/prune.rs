@@ -9,7 +9,7 @@
 
 use sage_checkpoint::diagnostics::{diagnose, export_importance, lowest_mask, Probe};
 use sage_checkpoint::{load, save_optimizer, Checkpoint, ConfigCheck, Entry, EntryMut};
-use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
+use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor, TensorState};
 use sage_cpu::Cpu;
 
 const D: usize = 16; // inputs
@@ -112,47 +112,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|(&n, s)| (0..n).map(|_| s * rng.uniform()).collect())
         .collect();
     let mut g: Vec<Vec<f32>> = LENS.iter().map(|&n| vec![0.0; n]).collect();
-    let mut m: Vec<Vec<f32>> = LENS.iter().map(|&n| vec![0.0; n]).collect();
-    let mut v = m.clone();
-    let mut ibar = m.clone();
 
     // The authors' AdamW-SAGE; SAGE wants a larger rate than plain Adam.
     let cfg = Config::reference(Algorithm::adamw(), 1e-2).beta0(0.85);
     let groups = vec![ParamGroup::sage().weight_decay(1e-3), ParamGroup::plain()];
+    // Each tensor's state: m, v, Ī where its group has SAGE, and its own step count.
+    let mut state: Vec<TensorState<Vec<f32>>> = (0..4)
+        .map(|k| {
+            let layout = cfg.state_layout(groups[GROUP[k]].sage);
+            TensorState::new(layout, || vec![0.0; LENS[k]])
+        })
+        .collect();
     let mut opt = Optimizer::new(Cpu, cfg, groups.clone())?;
     let initial = loss(&p, &d, None);
     for _ in 0..STEPS {
         loss(&p, &d, Some(&mut g));
-        let mut ts: Vec<ParamTensor<'_, Cpu, f32, f32>> = Vec::new();
-        for (k, (((pk, gk), (mk, vk)), ik)) in p
+        let mut ts: Vec<ParamTensor<'_, Cpu, f32, f32>> = p
             .iter_mut()
             .zip(&g)
-            .zip(m.iter_mut().zip(v.iter_mut()))
-            .zip(ibar.iter_mut())
+            .zip(state.iter_mut())
             .enumerate()
-        {
-            ts.push(
-                ParamTensor::new(&mut pk[..], &gk[..])
+            .map(|(k, ((pk, gk), st))| {
+                ParamTensor::new(&mut pk[..], &gk[..], st.view())
                     .name(NAMES[k])
                     .group(GROUP[k])
-                    .m(&mut mk[..])
-                    .v(&mut vk[..]),
-            );
-            if GROUP[k] == 0 {
-                let t = ts.pop().ok_or("no tensor")?;
-                ts.push(t.ibar(&mut ik[..]));
-            }
-        }
+            })
+            .collect();
         opt.step(&mut ts)?;
     }
+    let ibar: Vec<&[f32]> = [0, 2]
+        .iter()
+        .map(|&k| state[k].ibar.as_deref().ok_or("a SAGE tensor has Ī"))
+        .collect::<Result<_, _>>()?;
     let trained = loss(&p, &d, Some(&mut g));
     println!("trained {STEPS} AdamW-SAGE steps: loss {initial:.4} -> {trained:.4}\n");
 
     // Diagnostics of the weight matrices: Ī, and U and s of the next step.
     println!("diagnostics (next step's U and s from the current θ and gradient):");
     for k in [0, 2] {
-        let probe = Probe::<Cpu, f32, f32>::new(NAMES[k], GROUP[k], &ibar[k][..])
-            .with(&p[k][..], &g[k][..]);
+        let probe =
+            Probe::<Cpu, f32, f32>::new(NAMES[k], GROUP[k], &state[k]).with(&p[k][..], &g[k][..]);
         println!(
             "{}",
             diagnose(&mut Cpu, &cfg, &groups, opt.steps(), &probe)?
@@ -161,53 +160,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A checkpoint round trip, and the importance export.
     let entries: Vec<Entry<'_, Cpu, f32, f32>> = (0..4)
-        .map(|k| {
-            let e = Entry::new(NAMES[k])
-                .group(GROUP[k])
-                .m(&m[k][..])
-                .v(&v[k][..]);
-            if GROUP[k] == 0 {
-                e.ibar(&ibar[k][..])
-            } else {
-                e
-            }
-        })
+        .map(|k| Entry::new(NAMES[k], &state[k]).group(GROUP[k]))
         .collect();
     let bytes = save_optimizer(&mut opt, &entries)?;
-    let mut m2 = m.clone();
-    let mut v2 = v.clone();
-    let mut i2 = ibar.clone();
-    let mut opt2 = Optimizer::new(Cpu, cfg, groups.clone())?;
-    let mut targets: Vec<EntryMut<'_, Cpu, f32, f32>> = m2
-        .iter_mut()
-        .zip(v2.iter_mut())
-        .zip(i2.iter_mut())
-        .enumerate()
-        .map(|(k, ((mk, vk), ik))| {
-            let e = EntryMut::new(NAMES[k])
-                .group(GROUP[k])
-                .m(&mut mk[..])
-                .v(&mut vk[..]);
-            if GROUP[k] == 0 {
-                e.ibar(&mut ik[..])
-            } else {
-                e
-            }
+    let mut state2: Vec<TensorState<Vec<f32>>> = (0..4)
+        .map(|k| {
+            let layout = cfg.state_layout(groups[GROUP[k]].sage);
+            TensorState::new(layout, || vec![0.0; LENS[k]])
         })
         .collect();
+    let mut opt2 = Optimizer::new(Cpu, cfg, groups.clone())?;
+    let mut targets: Vec<EntryMut<'_, Cpu, f32, f32>> = state2
+        .iter_mut()
+        .enumerate()
+        .map(|(k, st)| EntryMut::new(NAMES[k], st.view()).group(GROUP[k]))
+        .collect();
     load(&mut opt2, &bytes, &mut targets, ConfigCheck::Exact)?;
+    drop(targets);
     let parsed = Checkpoint::parse(&bytes)?;
     let importance = export_importance::<Cpu, f32>(
         &mut Cpu,
         opt.steps(),
-        &[(NAMES[0], &ibar[0][..]), (NAMES[2], &ibar[2][..])],
+        &[(NAMES[0], ibar[0]), (NAMES[2], ibar[1])],
     )?;
     println!(
         "\ncheckpoint: {} bytes, step {}, {} tensors, reloaded exactly: {}; importance export: {} bytes\n",
         bytes.len(),
         parsed.step(),
         parsed.params().len(),
-        m2 == m && v2 == v && i2 == ibar && opt2.steps() == opt.steps(),
+        state2 == state && opt2.steps() == opt.steps(),
         importance.len()
     );
 
@@ -230,7 +211,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("loss increase after pruning the weights (trained loss {trained:.4}):");
     println!("sparsity   lowest Ī   lowest |θ|   random (mean of 10)");
     for sparsity in [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7] {
-        let by_ibar = prune(&lowest_mask(&[&ibar[0], &ibar[2]], sparsity));
+        let by_ibar = prune(&lowest_mask(&ibar, sparsity));
         let by_mag = prune(&lowest_mask(&[&magnitude[0], &magnitude[1]], sparsity));
         let mut random = 0.0;
         for _ in 0..10 {

@@ -1,110 +1,123 @@
-//! Saving and loading: [`Entry`] / [`EntryMut`] name a parameter's buffers on any backend,
-//! [`save`] writes them with the step counter and configuration, [`Checkpoint::parse`]
-//! validates a file completely, and [`load`] checks it against the tensors to restore before
-//! writing into any of them.
+//! Saving and loading: [`Entry`] / [`EntryMut`] name a parameter and carry its
+//! [`TensorState`] (buffers on any backend, and the tensor's own step count), [`save`] writes
+//! them with the optimizer's count and the configuration, [`Checkpoint::parse`] validates a
+//! file completely, and [`load`] checks it against the tensors to restore before writing into
+//! any of them.
+//!
+//! Everything is generic over [`HostBuffers`], the host-copy capability each backend
+//! implements in its own crate: a checkpoint saved on one backend restores on any other.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use safetensors::tensor::{Dtype, View};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
-use sage_core::{Backend, Config, DType, Element, Optimizer, ParamGroup, StateLayout};
+use sage_core::{
+    Backend, Buffer, Config, DType, Element, HostBuffers, Optimizer, ParamGroup, ParamProblem,
+    StateLayout, StateMut, TensorState,
+};
 
 use crate::error::CheckpointError;
 use crate::format::{
     compare_config, config_pairs, parse_config, Fnv64, FORMAT_NAME, FORMAT_VERSION, KEY_CHECKSUM,
-    KEY_FORMAT, KEY_PARAMS, KEY_STEP, KEY_VERSION,
+    KEY_FORMAT, KEY_PARAMS, KEY_STEP, KEY_VERSION, OLDEST_VERSION,
 };
-use crate::host::HostAccess;
+use crate::set::{EntrySet, EntrySetMut, VisitEntries, VisitEntriesMut};
 
-/// One buffer of a parameter, as stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Buffer {
+/// One stored tensor of a parameter: θ, or one of its state buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
     /// The parameter θ itself (optional: frameworks often save weights elsewhere).
     Param,
-    /// First moment / SGD momentum buffer.
-    M,
-    /// Second moment / Adamax infinity norm.
-    V,
-    /// SAGE's smoothed sensitivity Ī.
-    Ibar,
+    /// A state buffer: `m`, `v` or `ibar` ([`Buffer`]).
+    State(Buffer),
 }
 
-impl Buffer {
-    /// The three state buffers, in `[m, v, ibar]` order.
-    pub const STATE: [Buffer; 3] = [Buffer::M, Buffer::V, Buffer::Ibar];
+impl Slot {
+    /// θ and the three state buffers, in the order the index lists them.
+    pub const ALL: [Slot; 4] = [
+        Slot::Param,
+        Slot::State(Buffer::M),
+        Slot::State(Buffer::V),
+        Slot::State(Buffer::Ibar),
+    ];
 
-    /// Name in the index (`param`, `m`, `v`, `ibar`).
+    /// Name in the index: `param`, or the buffer's [`Buffer::name`] (`m`, `v`, `ibar`).
     pub const fn name(self) -> &'static str {
         match self {
-            Buffer::Param => "param",
-            Buffer::M => "m",
-            Buffer::V => "v",
-            Buffer::Ibar => "ibar",
+            Slot::Param => "param",
+            Slot::State(b) => b.name(),
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [Buffer::Param, Buffer::M, Buffer::V, Buffer::Ibar]
-            .into_iter()
-            .find(|b| b.name() == s)
+        Self::ALL.into_iter().find(|b| b.name() == s)
     }
 
-    /// The safetensors key of this buffer of parameter `name`: the name itself for θ (so the
+    /// The safetensors key of this slot of parameter `name`: the name itself for θ (so the
     /// file also reads as model weights), `{name}.m`, `{name}.v`, `{name}.ibar` for state (the
     /// names sage-candle uses).
     pub fn key(self, name: &str) -> String {
         match self {
-            Buffer::Param => name.to_string(),
-            b => format!("{name}.{}", b.name()),
-        }
-    }
-
-    fn needed(self, layout: StateLayout) -> bool {
-        match self {
-            Buffer::Param => false,
-            Buffer::M => layout.m,
-            Buffer::V => layout.v,
-            Buffer::Ibar => layout.ibar,
+            Slot::Param => name.to_string(),
+            Slot::State(b) => format!("{name}.{}", b.name()),
         }
     }
 }
 
-/// A parameter's buffers to save: name, group, optional shape, optional θ, and the state
-/// buffers its group's layout has. Built like [`sage_core::ParamTensor`]:
+impl From<Buffer> for Slot {
+    fn from(b: Buffer) -> Self {
+        Slot::State(b)
+    }
+}
+
+/// A parameter to save: its name, group, optional shape, optional θ, and its
+/// [`TensorState`] — the state buffers its group's layout has, and its own step count.
 ///
 /// ```
 /// use sage_checkpoint::Entry;
+/// use sage_core::{Algorithm, Config, TensorState};
 /// use sage_cpu::Cpu;
-/// let (m, v, ibar) = (vec![0f32; 6], vec![0f32; 6], vec![0f32; 6]);
-/// let e = Entry::<Cpu, f32, f32>::new("layer0.weight")
-///     .shape(&[2, 3])
-///     .m(&m[..]).v(&v[..]).ibar(&ibar[..]);
-/// assert_eq!(e.name, "layer0.weight");
+/// let cfg = Config::reference(Algorithm::adamw(), 2e-5);
+/// let mut state = TensorState::new(cfg.state_layout(true), || vec![0f32; 6]);
+/// state.step = 41;
+/// let e = Entry::<Cpu, f32, f32>::new("layer0.weight", &state).shape(&[2, 3]);
+/// assert_eq!((e.name, e.state.step), ("layer0.weight", 41));
 /// ```
 pub struct Entry<'a, B: Backend + ?Sized, P: Element, S: Element> {
     /// Stable parameter name (the key in the file).
     pub name: &'a str,
     /// Parameter group index.
     pub group: usize,
-    /// Shape (default: one dimension of the buffer's length).
+    /// Shape (default: one dimension of the parameter's length).
     pub shape: Option<&'a [usize]>,
     /// θ, when the checkpoint should carry it.
     pub param: Option<&'a B::Buf<P>>,
-    /// `m`, `v`, `ibar`.
-    pub state: [Option<&'a B::Buf<S>>; 3],
+    /// The state buffers (borrowed) and the tensor's step count.
+    pub state: TensorState<&'a B::Buf<S>>,
 }
 
 impl<'a, B: Backend + ?Sized, S: Element> Entry<'a, B, S, S> {
-    /// An entry named `name`, group 0, no buffers yet.
-    pub fn new(name: &'a str) -> Self {
+    /// An entry named `name`, group 0, saving `state`: whatever holds the backend's buffers —
+    /// the owned `TensorState<B::Owned<S>>` a training loop keeps, a `StateMut` a step
+    /// borrowed, or a `TensorState` of references.
+    pub fn new<T: Borrow<B::Buf<S>>, N: Borrow<u64>>(
+        name: &'a str,
+        state: &'a TensorState<T, N>,
+    ) -> Self {
         Entry {
             name,
             group: 0,
             shape: None,
             param: None,
-            state: [None, None, None],
+            state: TensorState {
+                m: state.m.as_ref().map(Borrow::borrow),
+                v: state.v.as_ref().map(Borrow::borrow),
+                ibar: state.ibar.as_ref().map(Borrow::borrow),
+                step: *state.step.borrow(),
+            },
         }
     }
 }
@@ -115,7 +128,7 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> Entry<'a, B, P, S> {
         self.group = g;
         self
     }
-    /// Sets the shape (its product must be the buffers' length).
+    /// Sets the shape (its product must be the parameter's length).
     pub fn shape(mut self, shape: &'a [usize]) -> Self {
         self.shape = Some(shape);
         self
@@ -130,34 +143,21 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> Entry<'a, B, P, S> {
             state: self.state,
         }
     }
-    /// Sets `m`.
-    pub fn m(mut self, b: &'a B::Buf<S>) -> Self {
-        self.state[0] = Some(b);
-        self
-    }
-    /// Sets `v`.
-    pub fn v(mut self, b: &'a B::Buf<S>) -> Self {
-        self.state[1] = Some(b);
-        self
-    }
-    /// Sets `ibar`.
-    pub fn ibar(mut self, b: &'a B::Buf<S>) -> Self {
-        self.state[2] = Some(b);
-        self
-    }
-    /// Sets all three state slots at once (absent ones as `None`).
-    pub fn state(
-        mut self,
-        m: Option<&'a B::Buf<S>>,
-        v: Option<&'a B::Buf<S>>,
-        ibar: Option<&'a B::Buf<S>>,
-    ) -> Self {
-        self.state = [m, v, ibar];
-        self
-    }
 }
 
-/// A parameter's buffers to restore into; the mutable twin of [`Entry`].
+/// A parameter to restore into; the mutable twin of [`Entry`]. Its state is the
+/// [`StateMut`] a step takes (`state.view()`): restoring writes every buffer and sets the
+/// tensor's step count.
+///
+/// ```
+/// use sage_checkpoint::EntryMut;
+/// use sage_core::{Algorithm, Config, TensorState};
+/// use sage_cpu::Cpu;
+/// let cfg = Config::reference(Algorithm::adamw(), 2e-5);
+/// let mut state = TensorState::new(cfg.state_layout(true), || vec![0f32; 6]);
+/// let e = EntryMut::<Cpu, f32, f32>::new("layer0.weight", state.view()).shape(&[2, 3]);
+/// assert_eq!(e.name, "layer0.weight");
+/// ```
 pub struct EntryMut<'a, B: Backend + ?Sized, P: Element, S: Element> {
     /// Stable parameter name.
     pub name: &'a str,
@@ -167,19 +167,19 @@ pub struct EntryMut<'a, B: Backend + ?Sized, P: Element, S: Element> {
     pub shape: Option<&'a [usize]>,
     /// θ, when it should be restored (then the checkpoint must hold it).
     pub param: Option<&'a mut B::Buf<P>>,
-    /// `m`, `v`, `ibar`.
-    pub state: [Option<&'a mut B::Buf<S>>; 3],
+    /// The state buffers to fill, and the step count to set.
+    pub state: StateMut<'a, B::Buf<S>>,
 }
 
 impl<'a, B: Backend + ?Sized, S: Element> EntryMut<'a, B, S, S> {
-    /// An entry named `name`, group 0, no buffers yet.
-    pub fn new(name: &'a str) -> Self {
+    /// An entry named `name`, group 0, restoring into `state`.
+    pub fn new(name: &'a str, state: StateMut<'a, B::Buf<S>>) -> Self {
         EntryMut {
             name,
             group: 0,
             shape: None,
             param: None,
-            state: [None, None, None],
+            state,
         }
     }
 }
@@ -205,31 +205,6 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> EntryMut<'a, B, P, S> {
             state: self.state,
         }
     }
-    /// Sets `m`.
-    pub fn m(mut self, b: &'a mut B::Buf<S>) -> Self {
-        self.state[0] = Some(b);
-        self
-    }
-    /// Sets `v`.
-    pub fn v(mut self, b: &'a mut B::Buf<S>) -> Self {
-        self.state[1] = Some(b);
-        self
-    }
-    /// Sets `ibar`.
-    pub fn ibar(mut self, b: &'a mut B::Buf<S>) -> Self {
-        self.state[2] = Some(b);
-        self
-    }
-    /// Sets all three state slots at once (absent ones as `None`).
-    pub fn state(
-        mut self,
-        m: Option<&'a mut B::Buf<S>>,
-        v: Option<&'a mut B::Buf<S>>,
-        ibar: Option<&'a mut B::Buf<S>>,
-    ) -> Self {
-        self.state = [m, v, ibar];
-        self
-    }
 }
 
 /// How strictly [`load`] compares the checkpoint's configuration with the optimizer's.
@@ -239,7 +214,8 @@ pub enum ConfigCheck {
     #[default]
     Exact,
     /// Only what decides the state and its meaning must agree (the algorithm, SGD momentum
-    /// on/off, the number of groups and which have SAGE): for resuming with, say, a new rate.
+    /// on/off, the number of groups and which have SAGE): for resuming with, say, a new rate,
+    /// decay or schedule.
     StateCompatible,
 }
 
@@ -247,16 +223,21 @@ pub enum ConfigCheck {
 // The index stored under `sage.params`.
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
 struct IndexBuffer {
     buffer: String,
     fnv: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
 struct IndexEntry {
     name: String,
     group: usize,
     shape: Vec<usize>,
+    /// The tensor's own step count (format version 2 on; version 1 has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    step: Option<u64>,
     buffers: Vec<IndexBuffer>,
 }
 
@@ -271,8 +252,37 @@ pub struct ParamInfo {
     pub shape: Vec<usize>,
     /// Number of elements (product of the shape).
     pub len: usize,
-    /// Which buffers are stored.
-    pub buffers: BTreeSet<Buffer>,
+    /// The tensor's own step count: updates applied to it so far (for a version-1 file, the
+    /// file's optimizer count).
+    pub step: u64,
+    /// Which state buffers are stored (exactly those its group's layout has).
+    pub layout: StateLayout,
+    /// Storage type of its state buffers (`None` when it has none).
+    pub state_dtype: Option<DType>,
+    /// Storage type of θ (`None` when θ was not saved).
+    pub param_dtype: Option<DType>,
+}
+
+impl ParamInfo {
+    /// Whether `slot` is stored.
+    pub fn has(&self, slot: impl Into<Slot>) -> bool {
+        match slot.into() {
+            Slot::Param => self.param_dtype.is_some(),
+            Slot::State(b) => self.layout.needs(b),
+        }
+    }
+
+    /// Storage type of `slot`, when it is stored.
+    pub fn dtype(&self, slot: impl Into<Slot>) -> Option<DType> {
+        let slot = slot.into();
+        if !self.has(slot) {
+            return None;
+        }
+        match slot {
+            Slot::Param => self.param_dtype,
+            Slot::State(_) => self.state_dtype,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -396,21 +406,64 @@ fn checked_len(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b))
 }
 
+/// `Group 1 (AdamW-SAGE)`-style description for errors.
+fn describe(config: &Config, index: usize, g: &ParamGroup) -> String {
+    format!(
+        "group {index} ({}{})",
+        config.algorithm.name(),
+        if g.sage { "-SAGE" } else { "" }
+    )
+}
+
+/// A state problem from sage-core's check ([`StateLayout::check`]) as an error naming the
+/// buffer's key, with `context` after sage-core's wording.
+fn state_problem(name: &str, p: ParamProblem, context: &str) -> CheckpointError {
+    let tensor = match p {
+        ParamProblem::MissingState { buffer, .. }
+        | ParamProblem::UnexpectedState { buffer }
+        | ParamProblem::StateLength { buffer, .. } => format!("{name}.{buffer}"),
+        _ => name.to_string(),
+    };
+    CheckpointError::tensor(tensor, format!("{p}{context}"))
+}
+
+/// Refuses a count that cannot advance (its next update could not be counted).
+fn check_step(tensor: &str, step: u64) -> Result<(), CheckpointError> {
+    if step == u64::MAX {
+        Err(CheckpointError::tensor(
+            tensor,
+            format!(
+                "{}: its next update could not be counted",
+                ParamProblem::StepOverflow { step }
+            ),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Save.
 
-/// Writes a checkpoint: the step counter, `config` and `groups`, and every buffer of
-/// `entries` (read from `backend`), keyed by parameter name.
+/// Writes a checkpoint: the optimizer's step count `step`, `config` and `groups`, and every
+/// entry of `entries` — its buffers (read from `backend`) keyed by parameter name, and its own
+/// step count.
 ///
-/// Refused with an error naming the tensor: an empty or repeated name, an unknown group,
-/// state buffers that do not match the group's layout, lengths that disagree with each other
-/// or with the shape, two keys that collide.
-pub fn save<B: HostAccess, P: Element, S: Element>(
+/// `entries` is a slice, array or `Vec` of [`Entry`]s, or a tuple of them for a model that
+/// mixes storage types ([`EntrySet`]); `&()` saves none.
+///
+/// Refused with an error naming the tensor (or field), before anything is returned: an
+/// invalid configuration, an empty or repeated name, an unknown group, state buffers that do
+/// not match the group's layout ([`TensorState::check`]), lengths that disagree with each
+/// other or with the shape, two keys that collide, a step count of `u64::MAX` (the tensor's,
+/// or the optimizer's: the next update could not be counted, and [`load`] would refuse the
+/// file).
+pub fn save<'a, B: HostBuffers, E: EntrySet<'a, B> + ?Sized>(
     backend: &mut B,
     step: u64,
     config: &Config,
     groups: &[ParamGroup],
-    entries: &[Entry<'_, B, P, S>],
+    entries: &E,
 ) -> Result<Vec<u8>, CheckpointError> {
     config
         .validate()
@@ -420,136 +473,23 @@ pub fn save<B: HostAccess, P: Element, S: Element>(
             CheckpointError::format(format!("group.{i}.{}", e.field), e.to_string())
         })?;
     }
-    let mut names = BTreeSet::new();
-    let mut keys = BTreeSet::new();
-    let mut index = Vec::with_capacity(entries.len());
-    let mut views: Vec<(String, OwnedView)> = Vec::new();
-    for e in entries {
-        let name = e.name;
-        if name.is_empty() {
-            return Err(CheckpointError::tensor("", "empty parameter name"));
-        }
-        if !names.insert(name) {
-            return Err(CheckpointError::tensor(name, "name given twice"));
-        }
-        let group = groups.get(e.group).ok_or_else(|| {
-            CheckpointError::tensor(
-                name,
-                format!("group {} does not exist ({} groups)", e.group, groups.len()),
-            )
-        })?;
-        let layout = config.state_layout(group.sage);
-        // Every buffer's length, to agree with each other and with the shape.
-        let mut len: Option<usize> = None;
-        let mut agree = |what: Buffer, n: usize| -> Result<(), CheckpointError> {
-            match len {
-                Some(l) if l != n => Err(CheckpointError::tensor(
-                    what.key(name),
-                    format!("{n} elements, but the parameter's other buffers have {l}"),
-                )),
-                _ => {
-                    len = Some(n);
-                    Ok(())
-                }
-            }
-        };
-        if let Some(p) = e.param {
-            agree(Buffer::Param, backend.len(p))?;
-        }
-        for (k, which) in Buffer::STATE.into_iter().enumerate() {
-            match (which.needed(layout), e.state[k]) {
-                (true, None) => {
-                    return Err(CheckpointError::tensor(
-                        name,
-                        format!(
-                            "no `{}` buffer given, but group {} ({}{}) has one",
-                            which.name(),
-                            e.group,
-                            config.algorithm.name(),
-                            if group.sage { "-SAGE" } else { "" }
-                        ),
-                    ))
-                }
-                (false, Some(_)) => {
-                    return Err(CheckpointError::tensor(
-                        name,
-                        format!(
-                            "a `{}` buffer was given, but group {} ({}{}) has none",
-                            which.name(),
-                            e.group,
-                            config.algorithm.name(),
-                            if group.sage { "-SAGE" } else { "" }
-                        ),
-                    ))
-                }
-                (true, Some(b)) => agree(which, backend.len(b))?,
-                (false, None) => {}
-            }
-        }
-        let shape: Vec<usize> = match (e.shape, len) {
-            (Some(s), Some(n)) => {
-                if checked_len(s) != Some(n) {
-                    return Err(CheckpointError::tensor(
-                        name,
-                        format!("shape {s:?} does not hold its {n} elements"),
-                    ));
-                }
-                s.to_vec()
-            }
-            (Some(s), None) => s.to_vec(),
-            (None, n) => vec![n.unwrap_or(0)],
-        };
-        let mut buffers = Vec::new();
-        let mut push =
-            |which: Buffer, dtype: DType, data: Vec<u8>| -> Result<(), CheckpointError> {
-                let key = which.key(name);
-                if !keys.insert(key.clone()) {
-                    return Err(CheckpointError::tensor(
-                        key,
-                        "this key is taken by another parameter's buffer (rename one)",
-                    ));
-                }
-                buffers.push(IndexBuffer {
-                    buffer: which.name().into(),
-                    fnv: Fnv64::hex(&data),
-                });
-                views.push((
-                    key,
-                    OwnedView {
-                        dtype: st_dtype(dtype),
-                        shape: shape.clone(),
-                        data,
-                    },
-                ));
-                Ok(())
-            };
-        if let Some(p) = e.param {
-            let host = backend
-                .to_host(p)
-                .map_err(|error| CheckpointError::Backend {
-                    tensor: Buffer::Param.key(name),
-                    error,
-                })?;
-            push(Buffer::Param, P::DTYPE, encode(&host))?;
-        }
-        for (k, which) in Buffer::STATE.into_iter().enumerate() {
-            if let Some(b) = e.state[k] {
-                let host = backend
-                    .to_host(b)
-                    .map_err(|error| CheckpointError::Backend {
-                        tensor: which.key(name),
-                        error,
-                    })?;
-                push(which, S::DTYPE, encode(&host))?;
-            }
-        }
-        index.push(IndexEntry {
-            name: name.to_string(),
-            group: e.group,
-            shape,
-            buffers,
-        });
+    if step == u64::MAX {
+        return Err(CheckpointError::format(
+            KEY_STEP,
+            format!("the optimizer's step count {step} cannot advance (u64 overflow)"),
+        ));
     }
+    let mut c = Collect {
+        backend,
+        config,
+        groups,
+        names: BTreeSet::new(),
+        keys: BTreeSet::new(),
+        index: Vec::new(),
+        views: Vec::new(),
+    };
+    entries.visit(&mut c)?;
+    let Collect { index, views, .. } = c;
     let mut meta: BTreeMap<String, String> = config_pairs(config, groups).into_iter().collect();
     meta.insert(KEY_FORMAT.into(), FORMAT_NAME.into());
     meta.insert(KEY_VERSION.into(), FORMAT_VERSION.to_string());
@@ -576,13 +516,140 @@ pub fn save<B: HostAccess, P: Element, S: Element>(
     })
 }
 
-/// [`save`] with the optimizer's step counter, configuration and groups.
-pub fn save_optimizer<B: HostAccess, G: AsRef<[ParamGroup]>, P: Element, S: Element>(
+/// [`save`] with the optimizer's step count, configuration and groups.
+pub fn save_optimizer<'a, B: HostBuffers, G: AsRef<[ParamGroup]>, E: EntrySet<'a, B> + ?Sized>(
     opt: &mut Optimizer<B, G>,
-    entries: &[Entry<'_, B, P, S>],
+    entries: &E,
 ) -> Result<Vec<u8>, CheckpointError> {
     let (step, config, groups) = (opt.steps(), *opt.config(), opt.groups().to_vec());
     save(opt.backend_mut(), step, &config, &groups, entries)
+}
+
+/// Validates each entry and reads its buffers to the host.
+struct Collect<'c, B> {
+    backend: &'c mut B,
+    config: &'c Config,
+    groups: &'c [ParamGroup],
+    names: BTreeSet<String>,
+    keys: BTreeSet<String>,
+    index: Vec<IndexEntry>,
+    views: Vec<(String, OwnedView)>,
+}
+
+impl<'a, B: HostBuffers> VisitEntries<'a, B> for Collect<'_, B> {
+    type Error = CheckpointError;
+    fn entries<P: Element, S: Element>(
+        &mut self,
+        entries: &[Entry<'a, B, P, S>],
+    ) -> Result<(), CheckpointError> {
+        entries.iter().try_for_each(|e| self.entry(e))
+    }
+}
+
+impl<B: HostBuffers> Collect<'_, B> {
+    fn entry<P: Element, S: Element>(
+        &mut self,
+        e: &Entry<'_, B, P, S>,
+    ) -> Result<(), CheckpointError> {
+        let name = e.name;
+        if name.is_empty() {
+            return Err(CheckpointError::tensor("", "empty parameter name"));
+        }
+        if !self.names.insert(name.to_string()) {
+            return Err(CheckpointError::tensor(name, "name given twice"));
+        }
+        let group = self.groups.get(e.group).ok_or_else(|| {
+            CheckpointError::tensor(
+                name,
+                format!(
+                    "group {} does not exist ({} groups)",
+                    e.group,
+                    self.groups.len()
+                ),
+            )
+        })?;
+        check_step(name, e.state.step)?;
+        let backend = &mut *self.backend;
+        // The parameter's length: θ's, else the shape's, else its state's.
+        let len = match (e.param, e.shape) {
+            (Some(p), _) => backend.len(p),
+            (None, Some(s)) => checked_len(s)
+                .ok_or_else(|| CheckpointError::tensor(name, format!("shape {s:?} overflows")))?,
+            (None, None) => Buffer::ALL
+                .iter()
+                .find_map(|&b| e.state.get(b))
+                .map_or(0, |b| backend.len(*b)),
+        };
+        let layout = self.config.state_layout(group.sage);
+        e.state
+            .check(layout, len, self.config.algorithm.name(), |b| {
+                backend.len(*b)
+            })
+            .map_err(|p| {
+                state_problem(
+                    name,
+                    p,
+                    &format!(", for {}", describe(self.config, e.group, group)),
+                )
+            })?;
+        let shape = match e.shape {
+            Some(s) if checked_len(s) != Some(len) => {
+                return Err(CheckpointError::tensor(
+                    name,
+                    format!("shape {s:?} does not hold its {len} elements"),
+                ))
+            }
+            Some(s) => s.to_vec(),
+            None => vec![len],
+        };
+        let mut buffers = Vec::new();
+        let mut stored = Vec::new();
+        if let Some(p) = e.param {
+            let key = Slot::Param.key(name);
+            let host = backend
+                .to_host(p)
+                .map_err(|err| CheckpointError::backend(&key, err))?;
+            stored.push((Slot::Param, P::DTYPE, encode(&host)));
+        }
+        for b in Buffer::ALL {
+            if let Some(buf) = e.state.get(b) {
+                let key = Slot::State(b).key(name);
+                let host = backend
+                    .to_host(*buf)
+                    .map_err(|err| CheckpointError::backend(&key, err))?;
+                stored.push((Slot::State(b), S::DTYPE, encode(&host)));
+            }
+        }
+        for (slot, dtype, data) in stored {
+            let key = slot.key(name);
+            if !self.keys.insert(key.clone()) {
+                return Err(CheckpointError::tensor(
+                    key,
+                    "this key is taken by another parameter's buffer (rename one)",
+                ));
+            }
+            buffers.push(IndexBuffer {
+                buffer: slot.name().into(),
+                fnv: Fnv64::hex(&data),
+            });
+            self.views.push((
+                key,
+                OwnedView {
+                    dtype: st_dtype(dtype),
+                    shape: shape.clone(),
+                    data,
+                },
+            ));
+        }
+        self.index.push(IndexEntry {
+            name: name.to_string(),
+            group: e.group,
+            shape,
+            step: Some(e.state.step),
+            buffers,
+        });
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -590,28 +657,31 @@ pub fn save_optimizer<B: HostAccess, G: AsRef<[ParamGroup]>, P: Element, S: Elem
 
 /// A checkpoint read and validated completely: format, version, checksums of the header and
 /// of every tensor, the configuration, and the index against the stored tensors (each
-/// parameter has exactly the buffers its group's layout needs, with its shape and one
-/// storage type per kind). Borrows the file's bytes; nothing is copied until a buffer is read.
+/// parameter has exactly the buffers its group's layout needs, with its shape, one storage
+/// type for its state, and a step count that can advance). Borrows the file's bytes; nothing
+/// is copied until a buffer is read.
+///
+/// Reads the current format ([`FORMAT_VERSION`]) and every older one from
+/// [`OLDEST_VERSION`]: a version-1 file, which stored one optimizer-wide count, gives every
+/// tensor that count (every tensor had been stepped at every update).
 pub struct Checkpoint<'data> {
     tensors: SafeTensors<'data>,
+    version: u32,
     step: u64,
     config: Config,
     groups: Vec<ParamGroup>,
     params: Vec<ParamInfo>,
     by_name: BTreeMap<String, usize>,
-    state_dtype: Option<DType>,
-    param_dtype: Option<DType>,
 }
 
 impl std::fmt::Debug for Checkpoint<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checkpoint")
+            .field("version", &self.version)
             .field("step", &self.step)
             .field("config", &self.config)
             .field("groups", &self.groups)
             .field("params", &self.params)
-            .field("state_dtype", &self.state_dtype)
-            .field("param_dtype", &self.param_dtype)
             .finish()
     }
 }
@@ -651,15 +721,18 @@ impl<'data> Checkpoint<'data> {
                 ))
             }
         }
-        let version = meta
+        let version_s = meta
             .get(KEY_VERSION)
             .ok_or_else(|| CheckpointError::format(KEY_VERSION, "missing"))?;
-        if version.parse::<u32>().ok() != Some(FORMAT_VERSION) {
-            return Err(CheckpointError::Version {
-                found: version.clone(),
-                supported: FORMAT_VERSION,
-            });
-        }
+        let version = match version_s.parse::<u32>() {
+            Ok(v) if (OLDEST_VERSION..=FORMAT_VERSION).contains(&v) => v,
+            _ => {
+                return Err(CheckpointError::Version {
+                    found: version_s.clone(),
+                    supported: FORMAT_VERSION,
+                })
+            }
+        };
         let stored_sum = meta
             .get(KEY_CHECKSUM)
             .ok_or_else(|| CheckpointError::format(KEY_CHECKSUM, "missing"))?;
@@ -682,7 +755,13 @@ impl<'data> Checkpoint<'data> {
         let step = step_s.parse::<u64>().map_err(|_| {
             CheckpointError::format(KEY_STEP, format!("not an unsigned integer: {step_s:?}"))
         })?;
-        let (config, groups) = parse_config(&meta)?;
+        if step == u64::MAX {
+            return Err(CheckpointError::format(
+                KEY_STEP,
+                format!("the optimizer's step count {step} cannot advance (u64 overflow)"),
+            ));
+        }
+        let (config, groups) = parse_config(&meta, version)?;
         let index: Vec<IndexEntry> = serde_json::from_str(
             meta.get(KEY_PARAMS)
                 .ok_or_else(|| CheckpointError::format(KEY_PARAMS, "missing"))?,
@@ -692,7 +771,6 @@ impl<'data> Checkpoint<'data> {
         let mut params = Vec::with_capacity(index.len());
         let mut by_name = BTreeMap::new();
         let mut used_keys = BTreeSet::new();
-        let (mut state_dtype, mut param_dtype) = (None, None);
         for e in index {
             let name = e.name.clone();
             if name.is_empty() {
@@ -713,29 +791,55 @@ impl<'data> Checkpoint<'data> {
             let len = checked_len(&e.shape).ok_or_else(|| {
                 CheckpointError::tensor(&name, format!("shape {:?} overflows", e.shape))
             })?;
-            let layout = config.state_layout(group.sage);
-            let mut present = BTreeSet::new();
-            for b in &e.buffers {
-                let which = Buffer::parse(&b.buffer).ok_or_else(|| {
-                    CheckpointError::tensor(&name, format!("unknown buffer {:?}", b.buffer))
-                })?;
-                if !present.insert(which) {
+            let tensor_step = match (version, e.step) {
+                // Version 1: one count, every tensor stepped at every update.
+                (1, None) => step,
+                (1, Some(_)) => {
                     return Err(CheckpointError::tensor(
                         &name,
-                        format!("buffer `{}` listed twice", which.name()),
+                        "a step count in a version 1 index (version 1 had none)",
+                    ))
+                }
+                (_, Some(s)) => s,
+                (_, None) => {
+                    return Err(CheckpointError::tensor(&name, "no step count in the index"))
+                }
+            };
+            check_step(&name, tensor_step)?;
+            let mut info = ParamInfo {
+                name,
+                group: e.group,
+                shape: e.shape,
+                len,
+                step: tensor_step,
+                layout: StateLayout::default(),
+                state_dtype: None,
+                param_dtype: None,
+            };
+            let name = info.name.as_str();
+            let mut present: Vec<Slot> = Vec::new();
+            for b in &e.buffers {
+                let slot = Slot::parse(&b.buffer).ok_or_else(|| {
+                    CheckpointError::tensor(name, format!("unknown buffer {:?}", b.buffer))
+                })?;
+                if present.contains(&slot) {
+                    return Err(CheckpointError::tensor(
+                        name,
+                        format!("buffer `{}` listed twice", slot.name()),
                     ));
                 }
-                let key = which.key(&name);
+                present.push(slot);
+                let key = slot.key(name);
                 let view = tensors.tensor(&key).map_err(|_| {
                     CheckpointError::tensor(&key, "listed in the index but not stored")
                 })?;
-                if view.shape() != e.shape.as_slice() {
+                if view.shape() != info.shape.as_slice() {
                     return Err(CheckpointError::tensor(
                         &key,
                         format!(
                             "stored with shape {:?}, the index says {:?}",
                             view.shape(),
-                            e.shape
+                            info.shape
                         ),
                     ));
                 }
@@ -745,52 +849,47 @@ impl<'data> Checkpoint<'data> {
                         format!("dtype {} is not a SAGE storage type", view.dtype()),
                     )
                 })?;
-                let slot = if which == Buffer::Param {
-                    &mut param_dtype
-                } else {
-                    &mut state_dtype
-                };
-                match *slot {
-                    Some(d) if d != dtype => {
-                        return Err(CheckpointError::tensor(
-                            &key,
-                            format!("stored as {dtype}, other buffers of its kind as {d}"),
-                        ))
+                match slot {
+                    Slot::Param => info.param_dtype = Some(dtype),
+                    Slot::State(buffer) => {
+                        match info.state_dtype {
+                            Some(d) if d != dtype => {
+                                return Err(CheckpointError::tensor(
+                                    &key,
+                                    format!(
+                                        "stored as {dtype}, the tensor's other state buffers as {d}"
+                                    ),
+                                ))
+                            }
+                            _ => info.state_dtype = Some(dtype),
+                        }
+                        match buffer {
+                            Buffer::M => info.layout.m = true,
+                            Buffer::V => info.layout.v = true,
+                            Buffer::Ibar => info.layout.ibar = true,
+                        }
                     }
-                    _ => *slot = Some(dtype),
                 }
                 if Fnv64::hex(view.data()) != b.fnv {
                     return Err(CheckpointError::Checksum { tensor: key });
                 }
                 used_keys.insert(key);
             }
-            for which in Buffer::STATE {
-                match (which.needed(layout), present.contains(&which)) {
-                    (true, false) => {
-                        return Err(CheckpointError::tensor(
-                            &name,
-                            format!("no `{}` buffer stored, but its group has one", which.name()),
-                        ))
-                    }
-                    (false, true) => {
-                        return Err(CheckpointError::tensor(
-                            &name,
-                            format!(
-                                "a `{}` buffer is stored, but its group has none",
-                                which.name()
-                            ),
-                        ))
-                    }
-                    _ => {}
-                }
-            }
-            params.push(ParamInfo {
-                name,
-                group: e.group,
-                shape: e.shape,
-                len,
-                buffers: present,
-            });
+            // Exactly the buffers the file's own configuration gives this tensor's group.
+            let stored = info.layout;
+            config
+                .state_layout(group.sage)
+                .check(len, config.algorithm.name(), |b| {
+                    stored.needs(b).then_some(len)
+                })
+                .map_err(|p| {
+                    state_problem(
+                        name,
+                        p,
+                        &format!(", for the file's {}", describe(&config, e.group, group)),
+                    )
+                })?;
+            params.push(info);
         }
         if let Some((k, _, _)) = infos.iter().find(|(k, _, _)| !used_keys.contains(k)) {
             return Err(CheckpointError::tensor(
@@ -800,17 +899,21 @@ impl<'data> Checkpoint<'data> {
         }
         Ok(Checkpoint {
             tensors,
+            version,
             step,
             config,
             groups,
             params,
             by_name,
-            state_dtype,
-            param_dtype,
         })
     }
 
-    /// The step counter at save time (the next update is `step() + 1`).
+    /// The file's format version ([`OLDEST_VERSION`] to [`FORMAT_VERSION`]).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+    /// The optimizer's step count at save time (each tensor's own count is
+    /// [`ParamInfo::step`]).
     pub fn step(&self) -> u64 {
         self.step
     }
@@ -830,47 +933,31 @@ impl<'data> Checkpoint<'data> {
     pub fn param(&self, name: &str) -> Option<&ParamInfo> {
         self.by_name.get(name).map(|&i| &self.params[i])
     }
-    /// Storage type of the state buffers (`None` when there are none).
-    pub fn state_dtype(&self) -> Option<DType> {
-        self.state_dtype
-    }
-    /// Storage type of the parameters (`None` when θ was not saved).
-    pub fn param_dtype(&self) -> Option<DType> {
-        self.param_dtype
+
+    fn bytes(&self, name: &str, slot: Slot) -> Option<(DType, &'data [u8])> {
+        let d = self.param(name)?.dtype(slot)?;
+        let view = self.tensors.tensor(&slot.key(name)).ok()?;
+        Some((d, view.data()))
     }
 
-    fn dtype_of(&self, which: Buffer) -> Option<DType> {
-        if which == Buffer::Param {
-            self.param_dtype
-        } else {
-            self.state_dtype
-        }
+    /// Slot `slot` (θ, or a [`Buffer`]) of parameter `name`, widened to f32 (`None` when it is
+    /// not stored).
+    pub fn read_f32(&self, name: &str, slot: impl Into<Slot>) -> Option<Vec<f32>> {
+        self.bytes(name, slot.into()).map(|(d, b)| decode_f32(d, b))
     }
 
-    fn bytes(&self, name: &str, which: Buffer) -> Option<&'data [u8]> {
-        let info = self.param(name)?;
-        if !info.buffers.contains(&which) {
-            return None;
-        }
-        self.tensors.tensor(&which.key(name)).ok().map(|v| v.data())
-    }
-
-    /// Buffer `which` of parameter `name`, widened to f32 (`None` when it is not stored).
-    pub fn read_f32(&self, name: &str, which: Buffer) -> Option<Vec<f32>> {
-        let d = self.dtype_of(which)?;
-        self.bytes(name, which).map(|b| decode_f32(d, b))
-    }
-
-    /// Buffer `which` of parameter `name` in its stored type `E`; an error names the tensor
-    /// when it is absent or stored as another type.
-    pub fn read<E: Element>(&self, name: &str, which: Buffer) -> Result<Vec<E>, CheckpointError> {
-        let key = which.key(name);
-        let bytes = self
-            .bytes(name, which)
-            .ok_or_else(|| CheckpointError::tensor(&key, "not in the checkpoint"))?;
-        match self.dtype_of(which) {
-            Some(d) if d == E::DTYPE => Ok(decode::<E>(bytes)),
-            Some(d) => Err(CheckpointError::tensor(
+    /// Slot `slot` (θ, or a [`Buffer`]) of parameter `name` in its stored type `E`; an error
+    /// names the tensor when it is absent or stored as another type.
+    pub fn read<E: Element>(
+        &self,
+        name: &str,
+        slot: impl Into<Slot>,
+    ) -> Result<Vec<E>, CheckpointError> {
+        let slot = slot.into();
+        let key = slot.key(name);
+        match self.bytes(name, slot) {
+            Some((d, bytes)) if d == E::DTYPE => Ok(decode::<E>(bytes)),
+            Some((d, _)) => Err(CheckpointError::tensor(
                 key,
                 format!("stored as {d}, requested as {}", E::DTYPE),
             )),
@@ -878,126 +965,82 @@ impl<'data> Checkpoint<'data> {
         }
     }
 
+    /// Parameter `name`'s state on the host: every stored buffer as `S`, and its step count.
+    pub fn state<S: Element>(&self, name: &str) -> Result<TensorState<Vec<S>>, CheckpointError> {
+        let info = self
+            .param(name)
+            .ok_or_else(|| CheckpointError::tensor(name, "not in the checkpoint"))?;
+        let mut state = TensorState::try_new(info.layout, |b| self.read::<S>(name, b))?;
+        state.step = info.step;
+        Ok(state)
+    }
+
+    /// Slot `slot` of parameter `name` as a new buffer on `backend`
+    /// ([`HostBuffers::upload`]).
+    pub fn upload<B: HostBuffers, E: Element>(
+        &self,
+        backend: &mut B,
+        name: &str,
+        slot: impl Into<Slot>,
+    ) -> Result<B::Owned<E>, CheckpointError> {
+        let slot = slot.into();
+        let data = self.read::<E>(name, slot)?;
+        backend
+            .upload(&data)
+            .map_err(|e| CheckpointError::backend(slot.key(name), e))
+    }
+
+    /// Parameter `name`'s state as new buffers on `backend`, with its step count: resuming
+    /// on a backend without allocating the buffers first. ([`restore`](Self::restore) fills
+    /// buffers that exist, checking the whole model first.)
+    pub fn upload_state<B: HostBuffers, S: Element>(
+        &self,
+        backend: &mut B,
+        name: &str,
+    ) -> Result<TensorState<B::Owned<S>>, CheckpointError> {
+        self.state::<S>(name)?.try_map(|b, data| {
+            backend
+                .upload(&data)
+                .map_err(|e| CheckpointError::backend(Slot::State(b).key(name), e))
+        })
+    }
+
     /// Checks `entries` against this checkpoint — the same names (none missing, none extra),
-    /// groups, shapes or lengths, buffers, storage types — and only then copies every buffer
-    /// into them through `backend`.
+    /// groups, shapes or lengths, state buffers ([`TensorState::check`] against the layout
+    /// stored), storage types — and only then copies every buffer into them through
+    /// `backend` and sets every entry's step count to the tensor's stored count.
+    ///
+    /// `entries` is a slice, array or `Vec` of [`EntryMut`]s, or a tuple of them for a model
+    /// that mixes storage types ([`EntrySetMut`]).
     ///
     /// Nothing is written unless every check passes. A backend copy that fails midway (a
     /// device error, not a file problem) is reported naming the tensor; buffers copied before
-    /// it hold the checkpoint's values.
-    pub fn restore<B: HostAccess, P: Element, S: Element>(
+    /// it hold the checkpoint's values, and no step count has been changed (counts are set
+    /// once every copy succeeded).
+    pub fn restore<'a, B: HostBuffers, E: EntrySetMut<'a, B> + ?Sized>(
         &self,
         backend: &mut B,
-        entries: &mut [EntryMut<'_, B, P, S>],
+        entries: &mut E,
     ) -> Result<(), CheckpointError> {
-        let mut seen = BTreeSet::new();
-        for e in entries.iter() {
-            let name = e.name;
-            if !seen.insert(name) {
-                return Err(CheckpointError::tensor(name, "given twice"));
-            }
-            let info = self.param(name).ok_or_else(|| {
-                CheckpointError::tensor(name, "not in the checkpoint (no state saved for it)")
-            })?;
-            if info.group != e.group {
-                return Err(CheckpointError::tensor(
-                    name,
-                    format!(
-                        "group {} in the checkpoint, group {} here",
-                        info.group, e.group
-                    ),
-                ));
-            }
-            if let Some(s) = e.shape {
-                if s != info.shape.as_slice() {
-                    return Err(CheckpointError::tensor(
-                        name,
-                        format!("shape {:?} in the checkpoint, {s:?} here", info.shape),
-                    ));
-                }
-            }
-            let slots: [(Buffer, Option<usize>); 4] = [
-                (Buffer::Param, e.param.as_deref().map(|b| backend.len(b))),
-                (Buffer::M, e.state[0].as_deref().map(|b| backend.len(b))),
-                (Buffer::V, e.state[1].as_deref().map(|b| backend.len(b))),
-                (Buffer::Ibar, e.state[2].as_deref().map(|b| backend.len(b))),
-            ];
-            for (which, given) in slots {
-                let key = which.key(name);
-                let stored = info.buffers.contains(&which);
-                match (stored, given) {
-                    (true, None) if which != Buffer::Param => {
-                        return Err(CheckpointError::tensor(
-                            key,
-                            "in the checkpoint, but no buffer was given to restore it into",
-                        ))
-                    }
-                    // θ in the file but not asked for: the framework restores weights itself.
-                    (true, None) => {}
-                    (false, Some(_)) => {
-                        return Err(CheckpointError::tensor(
-                            key,
-                            "a buffer was given, but the checkpoint has none",
-                        ))
-                    }
-                    (true, Some(n)) => {
-                        if n != info.len {
-                            return Err(CheckpointError::tensor(
-                                key,
-                                format!(
-                                    "{} elements in the checkpoint, the buffer has {n}",
-                                    info.len
-                                ),
-                            ));
-                        }
-                        let want = if which == Buffer::Param {
-                            P::DTYPE
-                        } else {
-                            S::DTYPE
-                        };
-                        let have = self.dtype_of(which).unwrap_or(want);
-                        if have != want {
-                            return Err(CheckpointError::tensor(
-                                key,
-                                format!("stored as {have}, the buffer holds {want}"),
-                            ));
-                        }
-                    }
-                    (false, None) => {}
-                }
-            }
-        }
-        if let Some(missing) = self.params.iter().find(|p| !seen.contains(p.name.as_str())) {
+        let mut check = CheckTargets {
+            ckpt: self,
+            backend: &*backend,
+            seen: BTreeSet::new(),
+        };
+        entries.visit_mut(&mut check)?;
+        let seen = check.seen;
+        if let Some(missing) = self.params.iter().find(|p| !seen.contains(&p.name)) {
             return Err(CheckpointError::tensor(
                 &missing.name,
                 "in the checkpoint but not among the tensors to restore (a partial load is refused)",
             ));
         }
-        // Everything checked: now write.
-        for e in entries.iter_mut() {
-            let name = e.name;
-            if let Some(p) = e.param.as_deref_mut() {
-                let data: Vec<P> = self.read(name, Buffer::Param)?;
-                backend
-                    .write_host(p, &data)
-                    .map_err(|error| CheckpointError::Backend {
-                        tensor: Buffer::Param.key(name),
-                        error,
-                    })?;
-            }
-            for (k, which) in Buffer::STATE.into_iter().enumerate() {
-                if let Some(b) = e.state[k].as_deref_mut() {
-                    let data: Vec<S> = self.read(name, which)?;
-                    backend
-                        .write_host(b, &data)
-                        .map_err(|error| CheckpointError::Backend {
-                            tensor: which.key(name),
-                            error,
-                        })?;
-                }
-            }
-        }
-        Ok(())
+        // Everything checked: now write, then set the counts.
+        entries.visit_mut(&mut WriteTargets {
+            ckpt: self,
+            backend,
+        })?;
+        entries.visit_mut(&mut SetCounts { ckpt: self })
     }
 
     /// Checks this checkpoint's configuration against `config` and `groups` under `check`.
@@ -1051,16 +1094,183 @@ impl<'data> Checkpoint<'data> {
     }
 }
 
+/// Restore, first pass: every entry against the checkpoint, nothing written.
+struct CheckTargets<'c, 'data, B> {
+    ckpt: &'c Checkpoint<'data>,
+    backend: &'c B,
+    seen: BTreeSet<String>,
+}
+
+impl<'a, B: HostBuffers> VisitEntriesMut<'a, B> for CheckTargets<'_, '_, B> {
+    type Error = CheckpointError;
+    fn entries<P: Element, S: Element>(
+        &mut self,
+        entries: &mut [EntryMut<'a, B, P, S>],
+    ) -> Result<(), CheckpointError> {
+        entries.iter().try_for_each(|e| self.entry(e))
+    }
+}
+
+impl<B: HostBuffers> CheckTargets<'_, '_, B> {
+    fn entry<P: Element, S: Element>(
+        &mut self,
+        e: &EntryMut<'_, B, P, S>,
+    ) -> Result<(), CheckpointError> {
+        let name = e.name;
+        if !self.seen.insert(name.to_string()) {
+            return Err(CheckpointError::tensor(name, "given twice"));
+        }
+        let info = self.ckpt.param(name).ok_or_else(|| {
+            CheckpointError::tensor(name, "not in the checkpoint (no state saved for it)")
+        })?;
+        if info.group != e.group {
+            return Err(CheckpointError::tensor(
+                name,
+                format!(
+                    "group {} in the checkpoint, group {} here",
+                    info.group, e.group
+                ),
+            ));
+        }
+        if let Some(s) = e.shape {
+            if s != info.shape.as_slice() {
+                return Err(CheckpointError::tensor(
+                    name,
+                    format!("shape {:?} in the checkpoint, {s:?} here", info.shape),
+                ));
+            }
+        }
+        let key = Slot::Param.key(name);
+        match (info.param_dtype, e.param.as_deref()) {
+            // θ in the file but not asked for: the framework restores weights itself.
+            (_, None) => {}
+            (None, Some(_)) => {
+                return Err(CheckpointError::tensor(
+                    key,
+                    "a buffer was given for θ, but the checkpoint has none",
+                ))
+            }
+            (Some(have), Some(p)) => {
+                let n = self.backend.len(p);
+                if n != info.len {
+                    return Err(CheckpointError::tensor(
+                        key,
+                        format!(
+                            "{} elements in the checkpoint, the buffer has {n}",
+                            info.len
+                        ),
+                    ));
+                }
+                if have != P::DTYPE {
+                    return Err(CheckpointError::tensor(
+                        key,
+                        format!("stored as {have}, the buffer holds {}", P::DTYPE),
+                    ));
+                }
+            }
+        }
+        let backend = self.backend;
+        let file_group = &self.ckpt.groups[info.group];
+        e.state
+            .check(
+                info.layout,
+                info.len,
+                self.ckpt.config.algorithm.name(),
+                |b| backend.len(&**b),
+            )
+            .map_err(|p| {
+                state_problem(
+                    name,
+                    p,
+                    &format!(
+                        ", for the checkpoint's {}",
+                        describe(&self.ckpt.config, info.group, file_group)
+                    ),
+                )
+            })?;
+        if let (Some(have), Some(b)) = (
+            info.state_dtype,
+            Buffer::ALL.into_iter().find(|&b| info.layout.needs(b)),
+        ) {
+            if have != S::DTYPE {
+                return Err(CheckpointError::tensor(
+                    Slot::State(b).key(name),
+                    format!("stored as {have}, the buffer holds {}", S::DTYPE),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Restore, second pass: the copies.
+struct WriteTargets<'c, 'data, B> {
+    ckpt: &'c Checkpoint<'data>,
+    backend: &'c mut B,
+}
+
+impl<'a, B: HostBuffers> VisitEntriesMut<'a, B> for WriteTargets<'_, '_, B> {
+    type Error = CheckpointError;
+    fn entries<P: Element, S: Element>(
+        &mut self,
+        entries: &mut [EntryMut<'a, B, P, S>],
+    ) -> Result<(), CheckpointError> {
+        for e in entries.iter_mut() {
+            let name = e.name;
+            if let Some(p) = e.param.as_deref_mut() {
+                let data: Vec<P> = self.ckpt.read(name, Slot::Param)?;
+                self.backend
+                    .write_host(p, &data)
+                    .map_err(|err| CheckpointError::host(Slot::Param.key(name), err))?;
+            }
+            for b in Buffer::ALL {
+                if let Some(buf) = e.state.get_mut(b) {
+                    let data: Vec<S> = self.ckpt.read(name, b)?;
+                    self.backend
+                        .write_host(&mut **buf, &data)
+                        .map_err(|err| CheckpointError::host(Slot::State(b).key(name), err))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Restore, last pass: the step counts.
+struct SetCounts<'c, 'data> {
+    ckpt: &'c Checkpoint<'data>,
+}
+
+impl<'a, B: HostBuffers> VisitEntriesMut<'a, B> for SetCounts<'_, '_> {
+    type Error = CheckpointError;
+    fn entries<P: Element, S: Element>(
+        &mut self,
+        entries: &mut [EntryMut<'a, B, P, S>],
+    ) -> Result<(), CheckpointError> {
+        for e in entries.iter_mut() {
+            // Checked in the first pass: every entry is in the checkpoint.
+            if let Some(info) = self.ckpt.param(e.name) {
+                *e.state.step = info.step;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Loads `bytes` into `opt` and `entries`: parses and validates the whole file, compares its
 /// configuration with the optimizer's under `check`, checks every entry, and only then writes
-/// every buffer and sets the step counter. Returns the parsed checkpoint.
+/// every buffer, sets every entry's step count to its tensor's stored count and the
+/// optimizer's count to the file's. Returns the parsed checkpoint.
+///
+/// A file of format version 1 (one optimizer-wide count) sets every tensor's count to that
+/// count (see [`OLDEST_VERSION`]).
 ///
 /// Any mismatch or corruption is an `Err` naming the tensor (or field) and the reason, and
-/// leaves the optimizer and every buffer untouched.
-pub fn load<'d, B: HostAccess, G: AsRef<[ParamGroup]>, P: Element, S: Element>(
+/// leaves the optimizer and every buffer and count untouched.
+pub fn load<'d, 'a, B: HostBuffers, G: AsRef<[ParamGroup]>, E: EntrySetMut<'a, B> + ?Sized>(
     opt: &mut Optimizer<B, G>,
     bytes: &'d [u8],
-    entries: &mut [EntryMut<'_, B, P, S>],
+    entries: &mut E,
     check: ConfigCheck,
 ) -> Result<Checkpoint<'d>, CheckpointError> {
     let ckpt = Checkpoint::parse(bytes)?;

@@ -1,26 +1,31 @@
 //! Sensitivity diagnostics: what SAGE's state says about a model, read on any backend through
-//! [`HostAccess`] (one host copy per buffer read).
+//! [`HostBuffers`] (one host copy per buffer read).
 //!
 //! - Ī alone (from the state, or from a [`Checkpoint`]): per-tensor mean, variance, extremes and
 //!   quantiles — the smoothed sensitivity `|θ·g|`, the importance score the sensitivity-pruning
 //!   literature uses.
 //! - U and the modulation `s` need the current θ and gradient `g` as well: they are what the
-//!   **next** update (`t = step + 1`) would compute, through `sage_core::formula` — Ī advanced
+//!   **next** update would compute (the tensor's own `t = step + 1`, its count in its
+//!   [`TensorState`]; the optimizer's count drives the schedule under
+//!   `ScheduleCount::Optimizer`), through `sage_core::formula` — Ī advanced
 //!   by this `|θ·g|` and rounded to its storage type, `Ī' = Ī·ibar_scale(t)`, `U = |I − Ī'|`,
 //!   `s` by the configured modulation. Clipping is not applied unless a `grad_scale` (the
 //!   clipping coefficient) is given. The share of elements with `s > 1` (rate raised: low,
 //!   unstable sensitivity) and `s < 1` (rate lowered) follows.
 //! - [`export_importance`]: Ī of every parameter as an f32 safetensors file, keyed by name.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt;
 
 use sage_core::formula::{self, Accumulate};
-use sage_core::{Backend, Coeffs, Config, Element, ParamGroup, StepScalars};
+use sage_core::{
+    Backend, Buffer, Coeffs, Config, Element, HostBuffers, ParamGroup, ParamProblem, StepScalars,
+    TensorState,
+};
 
-use crate::checkpoint::{Buffer, Checkpoint};
+use crate::checkpoint::Checkpoint;
 use crate::error::CheckpointError;
-use crate::host::HostAccess;
 
 /// The quantiles every [`Summary`] reports.
 pub const QUANTILES: [f64; 7] = [0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99];
@@ -138,6 +143,8 @@ pub struct TensorDiagnostics {
     pub name: String,
     /// Elements.
     pub len: usize,
+    /// The tensor's next update `t` (its count plus one): what the bias corrections use.
+    pub t: u64,
     /// The stored Ī (not bias-corrected; multiply by `ibar_scale` for Ī').
     pub ibar: Summary,
     /// `1/(1 − β0^t)` of the next update, or 1 without bias correction.
@@ -178,8 +185,8 @@ pub struct Probe<'a, B: Backend + ?Sized, P: Element, S: Element> {
     pub name: &'a str,
     /// Group index (its SAGE settings and rate scale apply).
     pub group: usize,
-    /// The stored Ī.
-    pub ibar: &'a B::Buf<S>,
+    /// The tensor's state: its Ī (which must be present) and its step count.
+    pub state: TensorState<&'a B::Buf<S>>,
     /// Current θ; without θ and the gradient only Ī is reported.
     pub param: Option<&'a B::Buf<P>>,
     /// The gradient the next step will see.
@@ -189,12 +196,21 @@ pub struct Probe<'a, B: Backend + ?Sized, P: Element, S: Element> {
 }
 
 impl<'a, B: Backend + ?Sized, S: Element> Probe<'a, B, S, S> {
-    /// Ī alone.
-    pub fn new(name: &'a str, group: usize, ibar: &'a B::Buf<S>) -> Self {
+    /// Ī alone, from a tensor's state (owned, a step's `StateMut`, or references).
+    pub fn new<T: Borrow<B::Buf<S>>, N: Borrow<u64>>(
+        name: &'a str,
+        group: usize,
+        state: &'a TensorState<T, N>,
+    ) -> Self {
         Probe {
             name,
             group,
-            ibar,
+            state: TensorState {
+                m: state.m.as_ref().map(Borrow::borrow),
+                v: state.v.as_ref().map(Borrow::borrow),
+                ibar: state.ibar.as_ref().map(Borrow::borrow),
+                step: *state.step.borrow(),
+            },
             param: None,
             grad: None,
             grad_scale: 1.0,
@@ -208,7 +224,7 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> Probe<'a, B, P, S> {
         Probe {
             name: self.name,
             group: self.group,
-            ibar: self.ibar,
+            state: self.state,
             param: Some(param),
             grad: Some(grad),
             grad_scale: self.grad_scale,
@@ -221,29 +237,45 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> Probe<'a, B, P, S> {
     }
 }
 
-/// Diagnostics of one tensor whose state was advanced `step` times under `config`/`groups`.
-pub fn diagnose<B: HostAccess, P: Element, S: Element>(
+/// Diagnostics of one tensor under `config`/`groups`, at the optimizer's count
+/// `optimizer_step` (the tensor's own count is in `probe.state`): its next update is the
+/// tensor's `t = probe.state.step + 1` during the optimizer's `optimizer_step + 1`, as
+/// `Optimizer::step` would compute it.
+pub fn diagnose<B: HostBuffers, P: Element, S: Element>(
     backend: &mut B,
     config: &Config,
     groups: &[ParamGroup],
-    step: u64,
+    optimizer_step: u64,
     probe: &Probe<'_, B, P, S>,
 ) -> Result<TensorDiagnostics, CheckpointError> {
     let name = probe.name;
     let group = groups.get(probe.group).ok_or_else(|| {
         CheckpointError::tensor(name, format!("group {} does not exist", probe.group))
     })?;
+    let next = |step: u64| {
+        step.checked_add(1).ok_or_else(|| {
+            CheckpointError::tensor(name, ParamProblem::StepOverflow { step }.to_string())
+        })
+    };
+    let (t, opt_t) = (next(probe.state.step)?, next(optimizer_step)?);
+    let ibar_buf = probe.state.ibar.ok_or_else(|| {
+        CheckpointError::tensor(
+            format!("{name}.ibar"),
+            "no Ī in this state (its group has SAGE off?)",
+        )
+    })?;
     let host_err = |which: &str| {
         let key = format!("{name}.{which}");
-        move |error| CheckpointError::Backend { tensor: key, error }
+        move |error| CheckpointError::backend(key, error)
     };
-    let ibar = backend.to_host(probe.ibar).map_err(host_err("ibar"))?;
+    let ibar = backend.to_host(ibar_buf).map_err(host_err("ibar"))?;
     let ibar_f: Vec<f32> = ibar.iter().map(|x| x.to_f32()).collect();
-    let scalars = StepScalars::new(config, step + 1);
+    let scalars = StepScalars::at(config, t, opt_t);
     let k = Coeffs::new(config, &scalars, group, probe.grad_scale);
     let mut out = TensorDiagnostics {
         name: name.to_string(),
         len: ibar.len(),
+        t,
         ibar: Summary::of(&ibar_f),
         ibar_scale: scalars.ibar_scale,
         u: None,
@@ -307,9 +339,12 @@ pub fn checkpoint_ibar(c: &Checkpoint<'_>) -> Vec<(String, Summary)> {
 }
 
 /// Ī of each named tensor as an f32 safetensors file keyed by the parameter name, with
-/// metadata `sage.kind = importance`, `sage.score = ibar`, `sage.step`. Ī is stored as is:
-/// bias correction scales every tensor of a step alike, so rankings do not change.
-pub fn export_importance<B: HostAccess, S: Element>(
+/// metadata `sage.kind = importance`, `sage.score = ibar`, `sage.step` (the optimizer's count
+/// `step`). Ī is stored as is, not bias-corrected: with every tensor stepped alike, the
+/// correction scales them all by the same factor, so rankings do not change (tensors whose
+/// own counts differ get slightly different factors, `1/(1 − β0^t)`, negligible once
+/// `β0^t` is small).
+pub fn export_importance<B: HostBuffers, S: Element>(
     backend: &mut B,
     step: u64,
     tensors: &[(&str, &B::Buf<S>)],
@@ -318,10 +353,7 @@ pub fn export_importance<B: HostAccess, S: Element>(
     for (name, buf) in tensors {
         let v = backend
             .to_host(*buf)
-            .map_err(|error| CheckpointError::Backend {
-                tensor: format!("{name}.ibar"),
-                error,
-            })?;
+            .map_err(|error| CheckpointError::backend(format!("{name}.ibar"), error))?;
         host.push((name.to_string(), v.iter().map(|x| x.to_f32()).collect()));
     }
     write_importance(step, host)

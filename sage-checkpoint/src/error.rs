@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::host::HostError;
+use sage_core::{BackendError, ErrorKind, HostError};
 
 /// A checkpoint that cannot be saved, parsed or loaded.
 #[derive(Clone, Debug, PartialEq)]
@@ -25,7 +25,9 @@ pub enum CheckpointError {
     Version {
         /// The version in the file.
         found: String,
-        /// The version this build reads and writes.
+        /// The version this build writes, the newest it reads
+        /// ([`FORMAT_VERSION`](crate::FORMAT_VERSION)); it reads every version from
+        /// [`OLDEST_VERSION`](crate::format::OLDEST_VERSION) on.
         supported: u32,
     },
     /// The stored bytes of a tensor (or of the header) do not match their checksum.
@@ -42,7 +44,8 @@ pub enum CheckpointError {
         /// The optimizer's value.
         expected: String,
     },
-    /// A problem with one tensor: missing, unexpected, wrong shape, dtype, group, buffers.
+    /// A problem with one tensor: missing, unexpected, wrong shape, dtype, group, buffers, a
+    /// step count that cannot advance.
     Tensor {
         /// The tensor (parameter name, or the safetensors key of one of its buffers).
         tensor: String,
@@ -53,8 +56,11 @@ pub enum CheckpointError {
     Backend {
         /// The tensor being copied.
         tensor: String,
+        /// The backend error's kind ([`ErrorKind::LengthMismatch`] for a host slice of the
+        /// wrong length).
+        kind: ErrorKind,
         /// The backend's message.
-        error: HostError,
+        message: String,
     },
     /// The safetensors writer refused the data.
     Write {
@@ -76,6 +82,23 @@ impl CheckpointError {
             reason: reason.into(),
         }
     }
+    pub(crate) fn backend<E: BackendError>(tensor: impl Into<String>, error: E) -> Self {
+        CheckpointError::Backend {
+            tensor: tensor.into(),
+            kind: error.kind(),
+            message: error.to_string(),
+        }
+    }
+    pub(crate) fn host<E: BackendError>(tensor: impl Into<String>, error: HostError<E>) -> Self {
+        match error {
+            HostError::Backend(e) => Self::backend(tensor, e),
+            e @ HostError::Length { .. } => CheckpointError::Backend {
+                tensor: tensor.into(),
+                kind: ErrorKind::LengthMismatch,
+                message: e.to_string(),
+            },
+        }
+    }
 }
 
 impl fmt::Display for CheckpointError {
@@ -87,7 +110,8 @@ impl fmt::Display for CheckpointError {
             }
             CheckpointError::Version { found, supported } => write!(
                 f,
-                "checkpoint format version {found} is not supported (this build reads {supported})"
+                "checkpoint format version {found} is not supported (this build reads versions {} to {supported})",
+                crate::format::OLDEST_VERSION
             ),
             CheckpointError::Checksum { tensor } => write!(
                 f,
@@ -102,8 +126,10 @@ impl fmt::Display for CheckpointError {
                 "configuration mismatch: `{field}` is {file} in the checkpoint but {expected} in the optimizer"
             ),
             CheckpointError::Tensor { tensor, reason } => write!(f, "tensor `{tensor}`: {reason}"),
-            CheckpointError::Backend { tensor, error } => {
-                write!(f, "tensor `{tensor}`: backend copy failed: {error}")
+            CheckpointError::Backend {
+                tensor, message, ..
+            } => {
+                write!(f, "tensor `{tensor}`: backend copy failed: {message}")
             }
             CheckpointError::Write { reason } => write!(f, "cannot write checkpoint: {reason}"),
         }

@@ -9,13 +9,21 @@ use std::collections::BTreeMap;
 
 use sage_core::{
     Algorithm, Config, DecayMode, EpsStyle, Modulation, ParamGroup, Preset, Schedule,
-    ScheduleClock, SensitivityConfig,
+    ScheduleClock, ScheduleCount, SensitivityConfig,
 };
 
 use crate::error::CheckpointError;
 
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. Version 2 added each tensor's own step count (and
+/// `config.schedule_count`, and spells β1, β2 as `config.betas.0`, `config.betas.1`, the field
+/// names of sage-core's `ConfigError`).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads. A version-1 file (one optimizer-wide step
+/// count) loads with every tensor's count set to that count, which is what it meant: every
+/// tensor had been stepped at every update. Its configuration gets the `schedule_count` of its
+/// preset (`paper`: `Optimizer`, `reference`: `Tensor`), as `Config::paper` and
+/// `Config::reference` set it; with every count equal the two give the same rates.
+pub const OLDEST_VERSION: u32 = 1;
 /// Value of the `sage.format` metadata key.
 pub const FORMAT_NAME: &str = "sage-checkpoint";
 
@@ -23,9 +31,10 @@ pub const FORMAT_NAME: &str = "sage-checkpoint";
 pub const KEY_FORMAT: &str = "sage.format";
 /// Metadata key: [`FORMAT_VERSION`].
 pub const KEY_VERSION: &str = "sage.version";
-/// Metadata key: the optimizer's step counter.
+/// Metadata key: the optimizer's step count (each tensor's own count is in the index).
 pub const KEY_STEP: &str = "sage.step";
-/// Metadata key: the JSON index of parameters (name, group, shape, buffers, checksums).
+/// Metadata key: the JSON index of parameters (name, group, shape, step count, buffers,
+/// checksums).
 pub const KEY_PARAMS: &str = "sage.params";
 /// Metadata key: checksum over every other metadata entry and every tensor's name, dtype and
 /// shape.
@@ -73,6 +82,10 @@ fn flag(b: bool) -> String {
 
 /// The configuration and groups as ordered `(key, value)` pairs, the way they are stored.
 /// The order is the comparison order: the first differing key is the one an error names.
+///
+/// Every key is `config.` (or `group.{i}.`) followed by the field name sage-core's
+/// `ConfigError` uses for that field (`config.beta0`, `config.betas.1`,
+/// `config.schedule.t_total`, `group.0.weight_decay`), so a validation error names the key.
 pub fn config_pairs(cfg: &Config, groups: &[ParamGroup]) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = Vec::new();
     let mut put = |k: &str, val: String| v.push((k.to_string(), val));
@@ -104,8 +117,8 @@ pub fn config_pairs(cfg: &Config, groups: &[ParamGroup]) -> Vec<(String, String)
                 _ => "adamax",
             };
             put("config.algorithm", name.into());
-            put("config.beta1", num(beta1));
-            put("config.beta2", num(beta2));
+            put("config.betas.0", num(beta1));
+            put("config.betas.1", num(beta2));
         }
     }
     put("config.lr", num(cfg.lr));
@@ -174,6 +187,14 @@ pub fn config_pairs(cfg: &Config, groups: &[ParamGroup]) -> Vec<(String, String)
         match cfg.schedule_clock {
             ScheduleClock::Current => "current",
             ScheduleClock::Lagged => "lagged",
+        }
+        .into(),
+    );
+    put(
+        "config.schedule_count",
+        match cfg.schedule_count {
+            ScheduleCount::Tensor => "tensor",
+            ScheduleCount::Optimizer => "optimizer",
         }
         .into(),
     );
@@ -251,10 +272,52 @@ impl Reader<'_> {
 /// Most groups a checkpoint may declare: a corrupt count must not make us allocate wildly.
 const MAX_GROUPS: u64 = 1 << 16;
 
-/// The configuration and groups back from the metadata, validated (the error names the key).
+/// The metadata of a version-1 file in version 2's terms: `config.beta1`, `config.beta2`
+/// renamed to `config.betas.0`, `config.betas.1`, and `config.schedule_count` from the preset
+/// (see [`OLDEST_VERSION`]). Keys version 1 did not have are refused as unknown.
+fn upgrade_v1(
+    meta: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, CheckpointError> {
+    let mut m = meta.clone();
+    for k in ["config.betas.0", "config.betas.1", "config.schedule_count"] {
+        if m.contains_key(k) {
+            return Err(CheckpointError::format(
+                k,
+                "unknown configuration key (in a version 1 file)",
+            ));
+        }
+    }
+    for (old, new) in [
+        ("config.beta1", "config.betas.0"),
+        ("config.beta2", "config.betas.1"),
+    ] {
+        if let Some(v) = m.remove(old) {
+            m.insert(new.into(), v);
+        }
+    }
+    let count = match m.get("config.preset").map(String::as_str) {
+        Some("paper") => "optimizer",
+        Some("reference") => "tensor",
+        // An unknown preset is refused by the parser, naming `config.preset`.
+        _ => return Ok(m),
+    };
+    m.insert("config.schedule_count".into(), count.into());
+    Ok(m)
+}
+
+/// The configuration and groups back from the metadata of a file of format `version`,
+/// validated (the error names the key).
 pub fn parse_config(
     meta: &BTreeMap<String, String>,
+    version: u32,
 ) -> Result<(Config, Vec<ParamGroup>), CheckpointError> {
+    let upgraded;
+    let meta = if version == 1 {
+        upgraded = upgrade_v1(meta)?;
+        &upgraded
+    } else {
+        meta
+    };
     let r = Reader(meta);
     let preset = r.choice(
         "config.preset",
@@ -267,7 +330,7 @@ pub fn parse_config(
             nesterov: r.bool("config.nesterov")?,
         },
         name @ ("adam" | "adamw" | "adamax") => {
-            let (beta1, beta2) = (r.f64("config.beta1")?, r.f64("config.beta2")?);
+            let (beta1, beta2) = (r.f64("config.betas.0")?, r.f64("config.betas.1")?);
             match name {
                 "adam" => Algorithm::Adam { beta1, beta2 },
                 "adamw" => Algorithm::AdamW { beta1, beta2 },
@@ -346,6 +409,13 @@ pub fn parse_config(
             &[
                 ("current", ScheduleClock::Current),
                 ("lagged", ScheduleClock::Lagged),
+            ],
+        )?,
+        schedule_count: r.choice(
+            "config.schedule_count",
+            &[
+                ("tensor", ScheduleCount::Tensor),
+                ("optimizer", ScheduleCount::Optimizer),
             ],
         )?,
         global_clip: r.opt_f64("config.global_clip")?,

@@ -2,16 +2,24 @@
 //!
 //! Portable checkpoints of a SAGE optimizer's state, and sensitivity diagnostics.
 //!
-//! - [`save`] / [`load`]: the step counter, the whole configuration and groups, a format
-//!   version, and every state buffer (`m`, `v`, `ibar`; θ optionally) of every parameter keyed
-//!   by its stable name, as one [safetensors](https://github.com/huggingface/safetensors)
-//!   file. A checkpoint saved on one backend loads on any other.
+//! - [`save`] / [`load`]: the optimizer's step count, the whole configuration and groups, a
+//!   format version, and every tensor's [`TensorState`](sage_core::TensorState) — its state
+//!   buffers (`m`, `v`, `ibar`; θ optionally) and its own step count — keyed by its stable
+//!   name, as one [safetensors](https://github.com/huggingface/safetensors) file.
+//! - Generic over [`sage_core::HostBuffers`], the host-copy capability each backend implements
+//!   in its own crate: this crate depends on sage-core only, and a checkpoint saved on one
+//!   backend restores on any other.
 //! - Loading validates everything before writing anything: format, version, checksums of the
-//!   header and of every tensor (a flipped bit anywhere is caught), the configuration, and
-//!   every name, group, shape, buffer and storage type against the tensors being restored.
-//!   Every refusal is a [`CheckpointError`] naming the tensor (or field) and the reason.
-//! - [`HostAccess`]: the one backend capability needed (copy a buffer to and from host
-//!   memory), implemented for sage-cpu, sage-cuda and sage-opencl.
+//!   header and of every tensor (a flipped bit anywhere is caught), the configuration, every
+//!   name, group, shape, buffer and storage type against the tensors being restored (the
+//!   buffer check is sage-core's [`StateLayout::check`](sage_core::StateLayout::check)), and
+//!   every step count (`u64::MAX` could not advance). Every refusal is a [`CheckpointError`]
+//!   naming the tensor (or field) and the reason.
+//! - Format version 2 ([`FORMAT_VERSION`]) stores each tensor's count; version-1 files (one
+//!   optimizer-wide count) still load, every tensor getting that count
+//!   ([`format::OLDEST_VERSION`]).
+//! - A model that mixes storage types is saved and restored in one call: pass a tuple of entry
+//!   slices ([`EntrySet`], [`EntrySetMut`]).
 //! - [`diagnostics`]: per-tensor statistics of Ī and U, the share of elements whose
 //!   modulation is above or below 1, and an importance-score export for pruning.
 #![deny(missing_docs)]
@@ -20,18 +28,17 @@ pub mod checkpoint;
 pub mod diagnostics;
 pub mod error;
 pub mod format;
-#[cfg(feature = "cpu")]
-#[doc(hidden)]
-pub mod fuzzing;
-pub mod host;
+pub mod set;
 
 pub use checkpoint::{
-    load, save, save_optimizer, write_file, Buffer, Checkpoint, ConfigCheck, Entry, EntryMut,
-    ParamInfo,
+    load, save, save_optimizer, write_file, Checkpoint, ConfigCheck, Entry, EntryMut, ParamInfo,
+    Slot,
 };
 pub use error::CheckpointError;
-pub use format::FORMAT_VERSION;
-pub use host::{HostAccess, HostError};
+pub use format::{FORMAT_VERSION, OLDEST_VERSION};
+/// The state buffers, as sage-core names them (`m`, `v`, `ibar`).
+pub use sage_core::Buffer;
+pub use set::{EntrySet, EntrySetMut};
 
 // The README's example compiles and runs as a doc test.
 #[cfg(doctest)]

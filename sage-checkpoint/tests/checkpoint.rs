@@ -1,19 +1,30 @@
-//! Save/load on the CPU backend: bit-exact resume, and every kind of bad file refused with an
-//! error that names the tensor or field and the reason.
+//! Save/load on the CPU backend: bit-exact resume with per-tensor step counts, version-1
+//! files, mixed storage types, and every kind of bad file refused with an error that names
+//! the tensor or field and the reason.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
+use sage_checkpoint::format::{config_pairs, Fnv64};
 use sage_checkpoint::{
-    load, save_optimizer, Buffer, Checkpoint, CheckpointError, ConfigCheck, Entry, EntryMut,
+    load, save, save_optimizer, Checkpoint, CheckpointError, ConfigCheck, Entry, EntryMut, Slot,
+    FORMAT_VERSION,
 };
-use sage_core::{bf16, Algorithm, Config, Optimizer, ParamGroup, ParamTensor, Schedule};
+use sage_core::{
+    bf16, Accumulate, Algorithm, ApplyArgs, Backend, BackendError, Buffer, Coeffs, Config,
+    DecayMode, Element, ErrorKind, HostBuffers, Optimizer, ParamGroup, ParamTensor, Schedule,
+    ScheduleCount, TensorState,
+};
 use sage_cpu::Cpu;
 
 const NAMES: [&str; 3] = ["enc.weight", "enc.bias", "head.weight"];
 const SHAPES: [&[usize]; 3] = [&[3, 4], &[4], &[5]];
 const GROUP: [usize; 3] = [0, 1, 0];
+
+/// Written by the version-1 code (sage-checkpoint at 9204f08): this test's model, every tensor
+/// stepped at each of 3 steps, saved with θ.
+const V1_FIXTURE: &[u8] = include_bytes!("fixtures/v1-adamw-3steps.safetensors");
 
 fn config() -> Config {
     Config::reference(Algorithm::adamw(), 2e-3)
@@ -29,11 +40,20 @@ fn groups() -> Vec<ParamGroup> {
     vec![ParamGroup::sage().weight_decay(0.01), ParamGroup::plain()]
 }
 
-/// Parameters and state of the three tensors, `[m, v, ibar]` (ibar empty where SAGE is off).
+/// `enc.bias` gets no gradient at steps 1 and 5 (0-based): its count falls behind.
+fn sometimes(t: usize, k: usize) -> bool {
+    !(k == 1 && (t == 1 || t == 5))
+}
+
+fn always(_: usize, _: usize) -> bool {
+    true
+}
+
+/// Parameters and each tensor's state (ibar only where SAGE is on).
 #[derive(Clone, Debug, PartialEq)]
 struct Model {
     params: Vec<Vec<f32>>,
-    state: Vec<[Vec<f32>; 3]>,
+    state: Vec<TensorState<Vec<f32>>>,
 }
 
 impl Model {
@@ -52,14 +72,18 @@ impl Model {
             .iter()
             .enumerate()
             .map(|(t, p)| {
-                let ib = if GROUP[t] == 0 { p.len() } else { 0 };
-                [vec![0.0; p.len()], vec![0.0; p.len()], vec![0.0; ib]]
+                TensorState::new(config().state_layout(GROUP[t] == 0), || vec![0.0; p.len()])
             })
             .collect();
         Model { params, state }
     }
 
-    fn step(&mut self, opt: &mut Optimizer<Cpu, Vec<ParamGroup>>, t: usize) {
+    fn step<G: AsRef<[ParamGroup]>>(
+        &mut self,
+        opt: &mut Optimizer<Cpu, G>,
+        t: usize,
+        present: fn(usize, usize) -> bool,
+    ) {
         let grads: Vec<Vec<f32>> = self
             .params
             .iter()
@@ -79,17 +103,13 @@ impl Model {
             .zip(&grads)
             .enumerate()
         {
-            let [m, v, ib] = st;
-            tensors.push(
-                ParamTensor::new(&mut p[..], &g[..])
-                    .name(NAMES[k])
-                    .group(GROUP[k])
-                    .state(
-                        Some(&mut m[..]),
-                        Some(&mut v[..]),
-                        (GROUP[k] == 0).then_some(&mut ib[..]),
-                    ),
-            );
+            if present(t, k) {
+                tensors.push(
+                    ParamTensor::new(&mut p[..], &g[..], st.view())
+                        .name(NAMES[k])
+                        .group(GROUP[k]),
+                );
+            }
         }
         assert!(opt.step(&mut tensors).unwrap().applied());
     }
@@ -97,16 +117,10 @@ impl Model {
     fn entries(&self) -> Vec<Entry<'_, Cpu, f32, f32>> {
         (0..3)
             .map(|k| {
-                let [m, v, ib] = &self.state[k];
-                Entry::new(NAMES[k])
+                Entry::new(NAMES[k], &self.state[k])
                     .group(GROUP[k])
                     .shape(SHAPES[k])
                     .param(&self.params[k][..])
-                    .state(
-                        Some(&m[..]),
-                        Some(&v[..]),
-                        (GROUP[k] == 0).then_some(&ib[..]),
-                    )
             })
             .collect()
     }
@@ -116,18 +130,33 @@ impl Model {
             .iter_mut()
             .zip(self.state.iter_mut())
             .enumerate()
-            .map(|(k, (p, [m, v, ib]))| {
-                EntryMut::new(NAMES[k])
+            .map(|(k, (p, st))| {
+                EntryMut::new(NAMES[k], st.view())
                     .group(GROUP[k])
                     .shape(SHAPES[k])
                     .param(&mut p[..])
-                    .state(
-                        Some(&mut m[..]),
-                        Some(&mut v[..]),
-                        (GROUP[k] == 0).then_some(&mut ib[..]),
-                    )
             })
             .collect()
+    }
+
+    fn steps(&self) -> Vec<u64> {
+        self.state.iter().map(|s| s.step).collect()
+    }
+
+    /// Bit patterns of every value, and the counts: equal means bit for bit.
+    fn bits(&self) -> (Vec<u32>, Vec<u64>) {
+        let vals = self
+            .params
+            .iter()
+            .flatten()
+            .chain(
+                self.state
+                    .iter()
+                    .flat_map(|s| Buffer::ALL.into_iter().filter_map(|b| s.get(b)).flatten()),
+            )
+            .map(|x| x.to_bits())
+            .collect();
+        (vals, self.steps())
     }
 }
 
@@ -135,12 +164,12 @@ fn optimizer() -> Optimizer<Cpu, Vec<ParamGroup>> {
     Optimizer::new(Cpu, config(), groups()).unwrap()
 }
 
-/// A model trained for 3 steps and its checkpoint.
+/// A model trained for 3 steps (`enc.bias` absent from one) and its checkpoint.
 fn saved() -> (Model, Vec<u8>) {
     let mut model = Model::new();
     let mut opt = optimizer();
     for t in 0..3 {
-        model.step(&mut opt, t);
+        model.step(&mut opt, t, sometimes);
     }
     let bytes = save_optimizer(&mut opt, &model.entries()).unwrap();
     (model, bytes)
@@ -166,28 +195,22 @@ fn tensor_err(e: CheckpointError) -> (String, String) {
 }
 
 #[test]
-fn resume_on_cpu_is_bit_exact() {
+fn resume_with_per_tensor_counts_is_bit_exact() {
     let mut whole = Model::new();
     let mut o1 = optimizer();
     for t in 0..8 {
-        whole.step(&mut o1, t);
+        whole.step(&mut o1, t, sometimes);
     }
-    let (_, bytes) = saved();
+    assert_eq!(whole.steps(), [8, 6, 8]);
+    let (model, bytes) = saved();
+    assert_eq!(model.steps(), [3, 2, 3]);
     let (mut resumed, mut o2) = load_fresh(&bytes).unwrap();
     assert_eq!(o2.steps(), 3);
+    assert_eq!(resumed, model);
     for t in 3..8 {
-        resumed.step(&mut o2, t);
+        resumed.step(&mut o2, t, sometimes);
     }
-    // Bit for bit: compare the bit patterns, not the values with a tolerance.
-    let bits = |m: &Model| -> Vec<u32> {
-        m.params
-            .iter()
-            .flatten()
-            .chain(m.state.iter().flat_map(|s| s.iter().flatten()))
-            .map(|x| x.to_bits())
-            .collect()
-    };
-    assert_eq!(bits(&resumed), bits(&whole));
+    assert_eq!(resumed.bits(), whole.bits());
     assert_eq!(o2.steps(), o1.steps());
 }
 
@@ -195,22 +218,47 @@ fn resume_on_cpu_is_bit_exact() {
 fn parse_reports_contents() {
     let (model, bytes) = saved();
     let c = Checkpoint::parse(&bytes).unwrap();
+    assert_eq!((c.version(), FORMAT_VERSION), (2, 2));
     assert_eq!(c.step(), 3);
     assert_eq!(*c.config(), config());
     assert_eq!(c.groups(), groups().as_slice());
     assert_eq!(c.params().len(), 3);
     let head = c.param("head.weight").unwrap();
-    assert_eq!(head.shape, vec![5]);
-    assert!(head.buffers.contains(&Buffer::Ibar));
-    assert!(!c.param("enc.bias").unwrap().buffers.contains(&Buffer::Ibar));
+    assert_eq!(
+        (head.shape.as_slice(), head.len, head.step),
+        (&[5][..], 5, 3)
+    );
+    assert_eq!(head.layout, config().state_layout(true));
+    assert!(head.has(Buffer::Ibar) && head.has(Slot::Param));
+    let bias = c.param("enc.bias").unwrap();
+    assert_eq!(bias.step, 2, "the bias missed a step");
+    assert!(!bias.has(Buffer::Ibar));
+    assert_eq!(
+        (bias.state_dtype, bias.param_dtype),
+        (Some(sage_core::DType::F32), Some(sage_core::DType::F32))
+    );
     assert_eq!(
         c.read::<f32>("head.weight", Buffer::Ibar).unwrap(),
-        model.state[2][2]
+        *model.state[2].ibar.as_ref().unwrap()
     );
     assert_eq!(
-        c.read_f32("enc.weight", Buffer::Param).unwrap(),
+        c.read_f32("enc.weight", Slot::Param).unwrap(),
         model.params[0]
     );
+    // The whole state of a tensor, on the host or uploaded to a backend.
+    assert_eq!(c.state::<f32>("enc.bias").unwrap(), model.state[1]);
+    assert_eq!(
+        c.upload_state::<_, f32>(&mut Cpu, "enc.weight").unwrap(),
+        model.state[0]
+    );
+    assert_eq!(
+        c.upload::<_, f32>(&mut Cpu, "enc.weight", Slot::Param)
+            .unwrap(),
+        model.params[0]
+    );
+    let (t, why) = tensor_err(c.read::<bf16>("enc.weight", Buffer::M).unwrap_err());
+    assert_eq!(t, "enc.weight.m");
+    assert!(why.contains("stored as f32"), "{why}");
     // The file reads as plain safetensors with the same names sage-candle uses.
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut names = st.names();
@@ -242,7 +290,7 @@ fn every_truncation_is_an_error() {
             Err(e) => assert!(!e.to_string().is_empty()),
         }
     }
-    // Loading a truncated file leaves the buffers alone.
+    // Loading a truncated file leaves the buffers and counts alone.
     let mut model = Model::new();
     let before = model.clone();
     let mut opt = optimizer();
@@ -311,7 +359,7 @@ fn a_flipped_value_names_its_tensor() {
     assert!(e.to_string().contains("checksum"), "{e}");
 }
 
-/// Rewrites a checkpoint's metadata (the checksum is not updated unless `fix_sum`).
+/// Rewrites a checkpoint's metadata; the header checksum is not updated.
 fn rewrite(bytes: &[u8], edit: impl FnOnce(&mut HashMap<String, String>)) -> Vec<u8> {
     let st = SafeTensors::deserialize(bytes).unwrap();
     let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
@@ -321,21 +369,73 @@ fn rewrite(bytes: &[u8], edit: impl FnOnce(&mut HashMap<String, String>)) -> Vec
     safetensors::serialize(views, Some(meta)).unwrap()
 }
 
+/// Rewrites a checkpoint's metadata and recomputes `sage.checksum` the way the format
+/// defines it (FNV-1a over every other metadata entry, then every tensor's key, dtype and
+/// shape, all sorted): a well-formed file with the edited contents. Written out here so the
+/// test also pins the checksum's definition.
+fn reseal(bytes: &[u8], edit: impl FnOnce(&mut HashMap<String, String>)) -> Vec<u8> {
+    let st = SafeTensors::deserialize(bytes).unwrap();
+    let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    edit(&mut meta);
+    let sorted: BTreeMap<&String, &String> = meta.iter().collect();
+    let mut h = Fnv64::default();
+    for (k, v) in sorted.iter().filter(|(k, _)| k.as_str() != "sage.checksum") {
+        h.write(k.as_bytes());
+        h.write(&[0xff]);
+        h.write(v.as_bytes());
+        h.write(&[0xff]);
+    }
+    let mut ts = st.tensors();
+    ts.sort_by(|a, b| a.0.cmp(&b.0));
+    for (k, v) in &ts {
+        h.write(k.as_bytes());
+        h.write(&[0xff]);
+        h.write(v.dtype().to_string().as_bytes());
+        h.write(&[0xff]);
+        for &s in v.shape() {
+            h.write(&(s as u64).to_le_bytes());
+        }
+        h.write(&[0xfe]);
+    }
+    meta.insert("sage.checksum".into(), format!("{:016x}", h.finish()));
+    safetensors::serialize(ts, Some(meta)).unwrap()
+}
+
+/// Edits the JSON index of a checkpoint (then reseals it).
+fn edit_index(bytes: &[u8], edit: impl FnOnce(&mut Vec<serde_json::Value>)) -> Vec<u8> {
+    reseal(bytes, |m| {
+        let mut index: Vec<serde_json::Value> = serde_json::from_str(&m["sage.params"]).unwrap();
+        edit(&mut index);
+        m.insert("sage.params".into(), serde_json::to_string(&index).unwrap());
+    })
+}
+
+#[test]
+fn reseal_reproduces_the_checksum() {
+    let (_, bytes) = saved();
+    let again = reseal(&bytes, |_| {});
+    assert_eq!(Checkpoint::parse(&again).unwrap().step(), 3);
+}
+
 #[test]
 fn version_mismatch_is_refused() {
     let (_, bytes) = saved();
-    let b = rewrite(&bytes, |m| {
-        m.insert("sage.version".into(), "2".into());
-    });
-    let e = load_fresh(&b).err().unwrap();
-    assert_eq!(
-        e,
-        CheckpointError::Version {
-            found: "2".into(),
-            supported: 1
-        }
-    );
-    assert!(e.to_string().contains("version 2"), "{e}");
+    for v in ["3", "0", "two"] {
+        let b = rewrite(&bytes, |m| {
+            m.insert("sage.version".into(), v.into());
+        });
+        let e = load_fresh(&b).err().unwrap();
+        assert_eq!(
+            e,
+            CheckpointError::Version {
+                found: v.into(),
+                supported: 2
+            }
+        );
+        assert!(e.to_string().contains(&format!("version {v}")), "{e}");
+        assert!(e.to_string().contains("versions 1 to 2"), "{e}");
+    }
 }
 
 #[test]
@@ -366,6 +466,81 @@ fn not_a_sage_checkpoint() {
 }
 
 #[test]
+fn a_step_count_that_cannot_advance_is_refused_naming_the_tensor() {
+    let (_, bytes) = saved();
+    let b = edit_index(&bytes, |ix| ix[2]["step"] = serde_json::json!(u64::MAX));
+    let mut model = Model::new();
+    let mut opt = optimizer();
+    let (t, why) =
+        tensor_err(load(&mut opt, &b, &mut model.entries_mut(), ConfigCheck::Exact).unwrap_err());
+    assert_eq!(t, "head.weight");
+    assert!(
+        why.contains("18446744073709551615") && why.contains("cannot advance"),
+        "{why}"
+    );
+    assert_eq!(model, Model::new(), "nothing written");
+    assert_eq!(opt.steps(), 0);
+    // One below is fine: the tensor can still take a step.
+    let b = edit_index(&bytes, |ix| ix[2]["step"] = serde_json::json!(u64::MAX - 1));
+    let (m, _) = load_fresh(&b).unwrap();
+    assert_eq!(m.state[2].step, u64::MAX - 1);
+    // The optimizer's own count.
+    let b = reseal(&bytes, |m| {
+        m.insert("sage.step".into(), u64::MAX.to_string());
+    });
+    let e = load_fresh(&b).err().unwrap();
+    assert!(
+        matches!(&e, CheckpointError::Format { what, .. } if what == "sage.step"),
+        "{e}"
+    );
+    // Nor does save write such a file.
+    let mut model = Model::new();
+    model.state[1].step = u64::MAX;
+    let (t, why) = tensor_err(save_optimizer(&mut optimizer(), &model.entries()).unwrap_err());
+    assert_eq!(t, "enc.bias");
+    assert!(why.contains("cannot advance"), "{why}");
+    let mut opt = optimizer();
+    opt.set_steps(u64::MAX);
+    let e = save_optimizer(&mut opt, &Model::new().entries()).unwrap_err();
+    assert!(
+        matches!(&e, CheckpointError::Format { what, .. } if what == "sage.step"),
+        "{e}"
+    );
+}
+
+#[test]
+fn malformed_index_entries_are_refused() {
+    let (_, bytes) = saved();
+    // A version-2 index must give every tensor its count.
+    let b = edit_index(&bytes, |ix| {
+        ix[1].as_object_mut().unwrap().remove("step");
+    });
+    let (t, why) = tensor_err(load_fresh(&b).err().unwrap());
+    assert_eq!(t, "enc.bias");
+    assert!(why.contains("no step count"), "{why}");
+    // Fields nobody reads are refused, not ignored.
+    let b = edit_index(&bytes, |ix| ix[0]["steps"] = serde_json::json!(3));
+    let e = load_fresh(&b).err().unwrap();
+    assert!(
+        matches!(&e, CheckpointError::Format { what, .. } if what == "sage.params"),
+        "{e}"
+    );
+    let b = edit_index(&bytes, |ix| ix[0]["step"] = serde_json::json!(-1));
+    assert!(load_fresh(&b).is_err());
+    // A buffer the file's configuration does not give the tensor: sage-core's check.
+    let b = edit_index(&bytes, |ix| {
+        let bufs = ix[0]["buffers"].as_array_mut().unwrap();
+        bufs.retain(|x| x["buffer"] != "ibar");
+    });
+    let (t, why) = tensor_err(Checkpoint::parse(&b).unwrap_err());
+    assert_eq!(t, "enc.weight.ibar");
+    assert!(
+        why.contains("SAGE needs it") && why.contains("group 0"),
+        "{why}"
+    );
+}
+
+#[test]
 fn config_mismatch_names_the_field() {
     let (_, bytes) = saved();
     let mut model = Model::new();
@@ -388,6 +563,25 @@ fn config_mismatch_names_the_field() {
     assert!(e.to_string().contains("config.beta0"), "{e}");
     assert_eq!(model, Model::new(), "nothing written");
 
+    let mut other = config();
+    other.schedule_count = ScheduleCount::Optimizer;
+    let mut opt = Optimizer::new(Cpu, other, groups()).unwrap();
+    let e = load(
+        &mut opt,
+        &bytes,
+        &mut model.entries_mut(),
+        ConfigCheck::Exact,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        CheckpointError::Config {
+            field: "config.schedule_count".into(),
+            file: "tensor".into(),
+            expected: "optimizer".into()
+        }
+    );
+
     let gs = vec![ParamGroup::sage().weight_decay(0.02), ParamGroup::plain()];
     let mut opt = Optimizer::new(Cpu, config(), gs.clone()).unwrap();
     let e = load(
@@ -401,8 +595,8 @@ fn config_mismatch_names_the_field() {
         matches!(&e, CheckpointError::Config { field, .. } if field == "group.0.weight_decay"),
         "{e}"
     );
-    // A new rate or decay keeps the state layout: allowed when asked for.
-    let mut opt = Optimizer::new(Cpu, config().beta0(0.8), gs).unwrap();
+    // A new rate, decay or schedule count keeps the state layout: allowed when asked for.
+    let mut opt = Optimizer::new(Cpu, other.beta0(0.8), gs).unwrap();
     load(
         &mut opt,
         &bytes,
@@ -411,6 +605,7 @@ fn config_mismatch_names_the_field() {
     )
     .unwrap();
     assert_eq!(opt.steps(), 3);
+    assert_eq!(model.steps(), [3, 2, 3]);
     // Another algorithm with the same buffers (Adamax's `u` in Adam's `v` slot) never is.
     let mut opt =
         Optimizer::new(Cpu, Config::reference(Algorithm::adamax(), 2e-3), groups()).unwrap();
@@ -474,36 +669,34 @@ fn shape_and_length_mismatch_is_refused() {
     assert_eq!(t, "enc.weight");
     assert!(why.contains("[3, 4]") && why.contains("[4, 3]"), "{why}");
 
-    // Buffers of the wrong length (shape unchecked).
+    // A state buffer of the wrong length (shape unchecked): sage-core's check names it.
     let mut short = [0f32; 4];
     let mut entries = model.entries_mut();
     entries[2].shape = None;
-    entries[2].state[0] = Some(&mut short[..]);
+    entries[2].state.m = Some(&mut short[..]);
     let (t, why) =
         tensor_err(load(&mut opt, &bytes, &mut entries, ConfigCheck::Exact).unwrap_err());
     assert_eq!(t, "head.weight.m");
-    assert!(why.contains("5 elements") && why.contains("has 4"), "{why}");
+    assert!(
+        why.contains("has 4 elements") && why.contains("has 5"),
+        "{why}"
+    );
 }
 
 #[test]
 fn dtype_mismatch_is_refused() {
-    let (model, bytes) = saved();
+    let (_, bytes) = saved();
     // Same layout, bf16 state buffers: the f32 checkpoint does not silently convert.
-    let mut m16: Vec<[Vec<bf16>; 3]> = model
-        .state
-        .iter()
-        .map(|s| s.clone().map(|b| vec![bf16::ZERO; b.len()]))
+    let mut m16: Vec<TensorState<Vec<bf16>>> = (0..3)
+        .map(|k| {
+            let n = SHAPES[k].iter().product();
+            TensorState::new(config().state_layout(GROUP[k] == 0), || vec![bf16::ZERO; n])
+        })
         .collect();
     let mut entries: Vec<EntryMut<'_, Cpu, bf16, bf16>> = m16
         .iter_mut()
         .enumerate()
-        .map(|(k, [m, v, ib])| {
-            EntryMut::new(NAMES[k]).group(GROUP[k]).state(
-                Some(&mut m[..]),
-                Some(&mut v[..]),
-                (GROUP[k] == 0).then_some(&mut ib[..]),
-            )
-        })
+        .map(|(k, st)| EntryMut::new(NAMES[k], st.view()).group(GROUP[k]))
         .collect();
     let mut opt = optimizer();
     let (t, why) =
@@ -528,11 +721,21 @@ fn group_and_buffer_mismatch_is_refused() {
     assert!(why.contains("group 1 in the checkpoint"), "{why}");
 
     let mut entries = model.entries_mut();
-    entries[0].state[2] = None;
+    entries[0].state.ibar = None;
     let (t, why) =
         tensor_err(load(&mut opt, &bytes, &mut entries, ConfigCheck::Exact).unwrap_err());
     assert_eq!(t, "enc.weight.ibar");
-    assert!(why.contains("no buffer was given"), "{why}");
+    assert!(why.contains("missing") && why.contains("SAGE"), "{why}");
+
+    let mut extra = [0f32; 4];
+    let mut entries = model.entries_mut();
+    entries[1].state.ibar = Some(&mut extra[..]);
+    let (t, why) =
+        tensor_err(load(&mut opt, &bytes, &mut entries, ConfigCheck::Exact).unwrap_err());
+    assert_eq!(t, "enc.bias.ibar");
+    assert!(why.contains("not used"), "{why}");
+    drop(entries);
+    assert_eq!(model, Model::new());
 }
 
 #[test]
@@ -540,10 +743,13 @@ fn save_refuses_inconsistent_entries() {
     let model = Model::new();
     let mut opt = optimizer();
     let mut e = model.entries();
-    e[0].state[2] = None;
+    e[0].state.ibar = None;
     let (t, why) = tensor_err(save_optimizer(&mut opt, &e).unwrap_err());
-    assert_eq!(t, "enc.weight");
-    assert!(why.contains("`ibar`"), "{why}");
+    assert_eq!(t, "enc.weight.ibar");
+    assert!(
+        why.contains("missing") && why.contains("group 0 (AdamW-SAGE)"),
+        "{why}"
+    );
 
     let mut e = model.entries();
     e[1].name = "enc.weight";
@@ -558,11 +764,19 @@ fn save_refuses_inconsistent_entries() {
     let (t, _) = tensor_err(save_optimizer(&mut opt, &e).unwrap_err());
     assert_eq!(t, "enc.weight");
 
+    let short = [0f32; 3];
+    let mut e = model.entries();
+    e[2].state.v = Some(&short[..]);
+    let (t, why) = tensor_err(save_optimizer(&mut opt, &e).unwrap_err());
+    assert_eq!(t, "head.weight.v");
+    assert!(why.contains("has 3 elements"), "{why}");
+
     // `a` + `.m` would collide with a parameter named `a.m`.
-    let (p, m, v) = (vec![0f32; 2], vec![0f32; 2], vec![0f32; 2]);
+    let p = [0f32; 2];
+    let st = TensorState::new(config().state_layout(false), || vec![0f32; 2]);
     let e: Vec<Entry<'_, Cpu, f32, f32>> = vec![
-        Entry::new("a").group(1).param(&p[..]).m(&m[..]).v(&v[..]),
-        Entry::new("a.m").group(1).param(&p[..]).m(&m[..]).v(&v[..]),
+        Entry::new("a", &st).group(1).param(&p[..]),
+        Entry::new("a.m", &st).group(1).param(&p[..]),
     ];
     let (t, why) = tensor_err(save_optimizer(&mut opt, &e).unwrap_err());
     assert_eq!(t, "a.m");
@@ -616,31 +830,436 @@ fn every_config_round_trips_exactly() {
             if j % 2 == 1 {
                 cfg = cfg.per_tensor_clip(0.7).global_clip(1.0 / 7.0);
             }
+            if j % 3 == 0 {
+                cfg.schedule_count = match cfg.schedule_count {
+                    ScheduleCount::Tensor => ScheduleCount::Optimizer,
+                    ScheduleCount::Optimizer => ScheduleCount::Tensor,
+                };
+            }
             let gs = vec![ParamGroup::sage().lr_scale(1.0 / 3.0), ParamGroup::plain()];
             let mut opt = Optimizer::new(Cpu, cfg, gs.clone()).unwrap();
-            opt.set_steps(u64::MAX - (i as u64));
-            let bytes = save_optimizer::<_, _, f32, f32>(&mut opt, &[]).unwrap();
+            opt.set_steps(u64::MAX - 1 - (i as u64));
+            let bytes = save_optimizer(&mut opt, &()).unwrap();
             let c = Checkpoint::parse(&bytes).unwrap();
             assert_eq!(*c.config(), cfg);
             assert_eq!(c.groups(), gs.as_slice());
-            assert_eq!(c.step(), u64::MAX - i as u64);
+            assert_eq!(c.step(), u64::MAX - 1 - i as u64);
+        }
+    }
+}
+
+/// Every field sage-core's `Config::validate` can refuse is named by its checkpoint key:
+/// `config.` + the `ConfigError` field (`config.beta0`, `config.betas.1`, ...).
+#[test]
+fn config_error_fields_are_checkpoint_keys() {
+    let adam = Config::paper(Algorithm::adam(), 1e-3);
+    let sgd = Config::paper(Algorithm::sgd(0.9), 1e-3);
+    let warm = adam.schedule(Schedule::CosineWarmup {
+        warmup_steps: 1,
+        total_steps: 10,
+        cycles: 0.5,
+    });
+    let inv = adam.schedule(Schedule::InverseSqrt {
+        warmup_steps: 10,
+        init_factor: 0.5,
+    });
+    let ppb = adam.schedule(Schedule::WarmupLinearPpb {
+        warmup: 0.1,
+        t_total: 10,
+    });
+    let mut bad: Vec<(Config, Config, &str)> = Vec::new();
+    let mut push = |valid: Config, edit: &dyn Fn(&mut Config), field: &'static str| {
+        let mut c = valid;
+        edit(&mut c);
+        bad.push((valid, c, field));
+    };
+    push(adam, &|c| c.lr = f64::NAN, "config.lr");
+    push(adam, &|c| c.eps = 0.0, "config.eps");
+    push(
+        adam,
+        &|c| {
+            c.algorithm = Algorithm::Adam {
+                beta1: 1.0,
+                beta2: 0.9,
+            }
+        },
+        "config.betas.0",
+    );
+    push(
+        adam,
+        &|c| {
+            c.algorithm = Algorithm::Adam {
+                beta1: 0.9,
+                beta2: -0.1,
+            }
+        },
+        "config.betas.1",
+    );
+    push(adam, &|c| c.sensitivity.beta0 = 1.0, "config.beta0");
+    push(adam, &|c| c.sensitivity.eps_num = -1.0, "config.eps_num");
+    push(adam, &|c| c.sensitivity.eps_den = 0.0, "config.eps_den");
+    push(adam, &|c| c.decay = DecayMode::InStep, "config.decay");
+    push(adam, &|c| c.global_clip = Some(0.0), "config.global_clip");
+    push(
+        adam,
+        &|c| c.per_tensor_clip = Some(f64::INFINITY),
+        "config.per_tensor_clip",
+    );
+    push(
+        sgd,
+        &|c| c.algorithm = Algorithm::sgd(1.5),
+        "config.momentum",
+    );
+    push(
+        sgd,
+        &|c| {
+            c.algorithm = Algorithm::Sgd {
+                momentum: 0.9,
+                dampening: 2.0,
+                nesterov: false,
+            }
+        },
+        "config.dampening",
+    );
+    push(
+        sgd,
+        &|c| {
+            c.algorithm = Algorithm::Sgd {
+                momentum: 0.0,
+                dampening: 0.0,
+                nesterov: true,
+            }
+        },
+        "config.nesterov",
+    );
+    push(
+        ppb,
+        &|c| {
+            c.schedule = Schedule::WarmupLinearPpb {
+                warmup: 1.5,
+                t_total: 10,
+            }
+        },
+        "config.schedule.warmup",
+    );
+    push(
+        ppb,
+        &|c| {
+            c.schedule = Schedule::WarmupLinearPpb {
+                warmup: 0.1,
+                t_total: 0,
+            }
+        },
+        "config.schedule.t_total",
+    );
+    push(
+        warm,
+        &|c| {
+            c.schedule = Schedule::CosineWarmup {
+                warmup_steps: 1,
+                total_steps: 10,
+                cycles: 0.0,
+            }
+        },
+        "config.schedule.cycles",
+    );
+    push(
+        warm,
+        &|c| {
+            c.schedule = Schedule::CosineWarmup {
+                warmup_steps: 11,
+                total_steps: 10,
+                cycles: 0.5,
+            }
+        },
+        "config.schedule.warmup_steps",
+    );
+    push(
+        inv,
+        &|c| {
+            c.schedule = Schedule::InverseSqrt {
+                warmup_steps: 10,
+                init_factor: 2.0,
+            }
+        },
+        "config.schedule.init_factor",
+    );
+    for (valid, c, field) in bad {
+        let keys: Vec<String> = config_pairs(&valid, &[])
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            keys.iter().any(|k| k == field),
+            "{field} is not a key of {keys:?}"
+        );
+        let e = save(&mut Cpu, 0, &c, &[], &()).unwrap_err();
+        match e {
+            CheckpointError::Format { what, .. } => assert_eq!(what, field),
+            other => panic!("{field}: {other}"),
+        }
+    }
+    for (g, field) in [
+        (
+            ParamGroup::sage().weight_decay(-1.0),
+            "group.0.weight_decay",
+        ),
+        (ParamGroup::sage().lr_scale(f64::NAN), "group.0.lr_scale"),
+    ] {
+        let keys: Vec<String> = config_pairs(&adam, &[ParamGroup::sage()])
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert!(keys.iter().any(|k| k == field), "{field}");
+        match save(&mut Cpu, 0, &adam, &[g], &()).unwrap_err() {
+            CheckpointError::Format { what, .. } => assert_eq!(what, field),
+            other => panic!("{field}: {other}"),
         }
     }
 }
 
 #[test]
-fn garbage_is_an_error() {
-    for b in [
-        &b""[..],
-        b"\xff\xff\xff\xff\xff\xff\xff\xff{}",
-        b"\x02\x00\x00\x00\x00\x00\x00\x00{}",
-        b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ",
-    ] {
-        assert!(Checkpoint::parse(b).is_err());
+fn version_1_files_load_with_every_count_at_the_file_count() {
+    let c = Checkpoint::parse(V1_FIXTURE).unwrap();
+    assert_eq!((c.version(), c.step()), (1, 3));
+    // The old keys read as today's fields; the preset gives the schedule count.
+    assert_eq!(*c.config(), config());
+    assert_eq!(c.config().schedule_count, ScheduleCount::Tensor);
+    assert!(c.params().iter().all(|p| p.step == 3));
+
+    // The v1 file holds exactly what this build computes for 3 steps with every tensor
+    // present, and resuming from it equals the uninterrupted run, bit for bit.
+    let mut whole = Model::new();
+    let mut o1 = optimizer();
+    for t in 0..3 {
+        whole.step(&mut o1, t, always);
     }
-    let e = Checkpoint::parse(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ").unwrap_err();
+    let (mut resumed, mut o2) = load_fresh(V1_FIXTURE).unwrap();
+    assert_eq!(o2.steps(), 3);
+    assert_eq!(resumed.steps(), [3, 3, 3]);
+    assert_eq!(resumed.bits(), whole.bits());
+    for t in 3..8 {
+        whole.step(&mut o1, t, sometimes);
+        resumed.step(&mut o2, t, sometimes);
+    }
+    assert_eq!(resumed.bits(), whole.bits());
+
+    // Saved again, it is a version-2 file with the same contents.
+    let (model, _) = load_fresh(V1_FIXTURE).unwrap();
+    let mut opt = optimizer();
+    opt.set_steps(3);
+    let again = save_optimizer(&mut opt, &model.entries()).unwrap();
+    let c2 = Checkpoint::parse(&again).unwrap();
+    assert_eq!(c2.version(), 2);
+    assert_eq!(c2.params(), c.params());
+
+    // Keys version 1 did not have are refused, as are per-tensor counts in its index.
+    let b = reseal(V1_FIXTURE, |m| {
+        m.insert("config.schedule_count".into(), "optimizer".into());
+    });
+    let e = Checkpoint::parse(&b).unwrap_err();
     assert!(
-        matches!(&e, CheckpointError::Format { what, .. } if what == "__metadata__"),
+        matches!(&e, CheckpointError::Format { what, .. } if what == "config.schedule_count"),
         "{e}"
     );
+    let b = edit_index(V1_FIXTURE, |ix| ix[0]["step"] = serde_json::json!(2));
+    let (t, why) = tensor_err(Checkpoint::parse(&b).unwrap_err());
+    assert_eq!(t, "enc.weight");
+    assert!(why.contains("version 1"), "{why}");
+    // A version-1 file at the last count is refused like a version-2 one.
+    let b = reseal(V1_FIXTURE, |m| {
+        m.insert("sage.step".into(), u64::MAX.to_string());
+    });
+    assert!(Checkpoint::parse(&b).is_err());
+}
+
+#[test]
+fn mixed_storage_types_save_and_restore_in_one_call() {
+    // A bf16 weight with bf16 state (SAGE) and an f32 bias with f32 state (plain).
+    let cfg = config();
+    let gs = groups();
+    let n = 12;
+    let mut w: Vec<bf16> = (0..n)
+        .map(|i| bf16::from_f32(i as f32 * 0.1 - 0.4))
+        .collect();
+    let mut b = vec![0.25f32, -0.5, 0.125];
+    let mut sw = TensorState::new(cfg.state_layout(true), || vec![bf16::ZERO; n]);
+    let mut sb = TensorState::new(cfg.state_layout(false), || vec![0f32; 3]);
+    let mut opt = Optimizer::new(Cpu, cfg, gs.clone()).unwrap();
+    let gw: Vec<bf16> = (0..n)
+        .map(|i| bf16::from_f32(0.01 * i as f32 - 0.05))
+        .collect();
+    let gb = [0.1f32, -0.2, 0.05];
+    for t in 0..3 {
+        let mut ws =
+            [ParamTensor::<Cpu, bf16, bf16>::new(&mut w[..], &gw[..], sw.view()).name("w")];
+        if t == 1 {
+            opt.step(&mut ws).unwrap();
+        } else {
+            let mut bs = [
+                ParamTensor::<Cpu, f32, f32>::new(&mut b[..], &gb[..], sb.view())
+                    .name("b")
+                    .group(1),
+            ];
+            opt.step(&mut (&mut ws[..], &mut bs[..])).unwrap();
+        }
+    }
+    assert_eq!((sw.step, sb.step), (3, 2));
+    let set = (
+        [Entry::<Cpu, bf16, bf16>::new("w", &sw).param(&w[..])],
+        vec![Entry::<Cpu, f32, f32>::new("b", &sb).group(1).param(&b[..])],
+    );
+    let bytes = save_optimizer(&mut opt, &set).unwrap();
+    let c = Checkpoint::parse(&bytes).unwrap();
+    let dt = |name: &str| {
+        let p = c.param(name).unwrap();
+        (p.param_dtype, p.state_dtype, p.step)
+    };
+    use sage_core::DType;
+    assert_eq!(dt("w"), (Some(DType::Bf16), Some(DType::Bf16), 3));
+    assert_eq!(dt("b"), (Some(DType::F32), Some(DType::F32), 2));
+
+    let mut w2 = vec![bf16::ZERO; n];
+    let mut b2 = vec![0f32; 3];
+    let mut sw2 = TensorState::new(cfg.state_layout(true), || vec![bf16::ZERO; n]);
+    let mut sb2 = TensorState::new(cfg.state_layout(false), || vec![0f32; 3]);
+    let mut opt2 = Optimizer::new(Cpu, cfg, gs).unwrap();
+    {
+        let mut targets = (
+            [EntryMut::<Cpu, bf16, bf16>::new("w", sw2.view()).param(&mut w2[..])],
+            [EntryMut::<Cpu, f32, f32>::new("b", sb2.view())
+                .group(1)
+                .param(&mut b2[..])],
+        );
+        load(&mut opt2, &bytes, &mut targets, ConfigCheck::Exact).unwrap();
+    }
+    assert_eq!((w2, b2, opt2.steps()), (w, b, 3));
+    assert_eq!((sw2, sb2), (sw, sb));
+}
+
+/// A backend that delegates to `Cpu` and fails its host writes after `fail_after` of them.
+#[derive(Clone)]
+struct Flaky {
+    writes: usize,
+    fail_after: usize,
+}
+
+#[derive(Debug)]
+struct Lost;
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("device lost")
+    }
+}
+impl BackendError for Lost {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::DeviceLost
+    }
+}
+
+impl Backend for Flaky {
+    type Error = Lost;
+    type Buf<E: Element> = [E];
+    fn len<E: Element>(&self, b: &[E]) -> usize {
+        b.len()
+    }
+    fn sq_norm_chunks<E: Element>(
+        &mut self,
+        b: &[E],
+        first: usize,
+        out: &mut [f64],
+    ) -> Result<(), Lost> {
+        Cpu.sq_norm_chunks(b, first, out).map_err(|e| match e {})
+    }
+    fn accumulate<P: Element, S: Element>(
+        &mut self,
+        which: Accumulate,
+        acc: &mut [S],
+        param: &[P],
+        grad: &[P],
+        k: &Coeffs,
+    ) -> Result<(), Lost> {
+        Cpu.accumulate(which, acc, param, grad, k)
+            .map_err(|e| match e {})
+    }
+    fn apply<P: Element, S: Element>(
+        &mut self,
+        t: ApplyArgs<'_, Self, P, S>,
+        k: &Coeffs,
+    ) -> Result<(), Lost> {
+        let t = ApplyArgs::<Cpu, P, S> {
+            param: t.param,
+            grad: t.grad,
+            m: t.m,
+            v: t.v,
+            ibar: t.ibar,
+        };
+        Cpu.apply(t, k).map_err(|e| match e {})
+    }
+}
+
+impl HostBuffers for Flaky {
+    type Owned<E: Element> = Vec<E>;
+    fn describe(&self, out: &mut dyn std::fmt::Write) -> std::fmt::Result {
+        out.write_str("flaky")
+    }
+    fn upload<E: Element>(&mut self, data: &[E]) -> Result<Vec<E>, Lost> {
+        Ok(data.to_vec())
+    }
+    fn copy_to_host<E: Element>(&mut self, buf: &[E], out: &mut [E]) -> Result<(), Lost> {
+        out.copy_from_slice(buf);
+        Ok(())
+    }
+    fn copy_from_host<E: Element>(&mut self, buf: &mut [E], data: &[E]) -> Result<(), Lost> {
+        if self.writes == self.fail_after {
+            return Err(Lost);
+        }
+        self.writes += 1;
+        buf.copy_from_slice(data);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_backend_failure_midway_names_the_tensor_and_leaves_every_count() {
+    let (_, bytes) = saved();
+    let mut model = Model::new();
+    for s in &mut model.state {
+        s.step = 17;
+    }
+    let mut opt = Optimizer::new(
+        Flaky {
+            writes: 0,
+            fail_after: 5,
+        },
+        config(),
+        groups(),
+    )
+    .unwrap();
+    opt.set_steps(17);
+    let mut entries: Vec<EntryMut<'_, Flaky, f32, f32>> = model
+        .params
+        .iter_mut()
+        .zip(model.state.iter_mut())
+        .enumerate()
+        .map(|(k, (p, st))| {
+            EntryMut::new(NAMES[k], st.view())
+                .group(GROUP[k])
+                .param(&mut p[..])
+        })
+        .collect();
+    let e = load(&mut opt, &bytes, &mut entries, ConfigCheck::Exact).unwrap_err();
+    // θ, m, v, ibar of enc.weight, then θ of enc.bias; its `m` fails.
+    assert_eq!(
+        e,
+        CheckpointError::Backend {
+            tensor: "enc.bias.m".into(),
+            kind: ErrorKind::DeviceLost,
+            message: "device lost".into()
+        }
+    );
+    assert!(e.to_string().contains("enc.bias.m"), "{e}");
+    drop(entries);
+    assert_eq!(model.steps(), [17, 17, 17], "no count changed");
+    assert_eq!(opt.steps(), 17);
 }

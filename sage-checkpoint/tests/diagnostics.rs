@@ -6,8 +6,8 @@ use sage_checkpoint::diagnostics::{
     checkpoint_ibar, checkpoint_importance, diagnose, export_importance, lowest_mask, Probe,
     Summary,
 };
-use sage_checkpoint::{save_optimizer, Checkpoint, Entry};
-use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
+use sage_checkpoint::{save_optimizer, Checkpoint, CheckpointError, Entry};
+use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor, TensorState};
 use sage_cpu::Cpu;
 
 #[test]
@@ -30,7 +30,7 @@ fn next_step_modulation_matches_the_optimizer() {
     let mut opt = Optimizer::new(Cpu, cfg, groups).unwrap();
     let n = 257;
     let mut p: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-    let (mut m, mut v, mut ib) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let mut st = TensorState::new(cfg.state_layout(true), || vec![0f32; n]);
     let grad = |t: usize| -> Vec<f32> {
         (0..n)
             .map(|i| ((i * 13 + t * 7) % 17) as f32 * 0.01 - 0.08)
@@ -38,16 +38,14 @@ fn next_step_modulation_matches_the_optimizer() {
     };
     for t in 0..4 {
         let g = grad(t);
-        opt.step(&mut [ParamTensor::new(&mut p[..], &g[..])
-            .m(&mut m[..])
-            .v(&mut v[..])
-            .ibar(&mut ib[..])])
+        opt.step(&mut [ParamTensor::new(&mut p[..], &g[..], st.view())])
             .unwrap();
     }
+    let ib = st.ibar.clone().unwrap();
     let g = grad(4);
-    let probe = Probe::<Cpu, f32, f32>::new("w", 0, &ib[..]).with(&p[..], &g[..]);
+    let probe = Probe::<Cpu, f32, f32>::new("w", 0, &st).with(&p[..], &g[..]);
     let d = diagnose(&mut Cpu, &cfg, &groups, opt.steps(), &probe).unwrap();
-    assert_eq!(d.len, n);
+    assert_eq!((d.len, d.t), (n, 5));
     let share = d.share.unwrap();
     assert!((share.above + share.below + share.equal - 1.0).abs() < 1e-12);
 
@@ -80,18 +78,11 @@ fn next_step_modulation_matches_the_optimizer() {
         &cfg,
         &groups,
         opt.steps(),
-        &Probe::<Cpu, f32, f32>::new("w", 0, &ib[..]),
+        &Probe::<Cpu, f32, f32>::new("w", 0, &st),
     )
     .unwrap();
     assert!(only.u.is_none() && only.share.is_none());
-    let bytes = save_optimizer(
-        &mut opt,
-        &[Entry::<Cpu, f32, f32>::new("w")
-            .m(&m[..])
-            .v(&v[..])
-            .ibar(&ib[..])],
-    )
-    .unwrap();
+    let bytes = save_optimizer(&mut opt, &[Entry::<Cpu, f32, f32>::new("w", &st)]).unwrap();
     let c = Checkpoint::parse(&bytes).unwrap();
     assert_eq!(checkpoint_ibar(&c), vec![("w".to_string(), only.ibar)]);
 
@@ -109,6 +100,44 @@ fn next_step_modulation_matches_the_optimizer() {
             .collect();
         assert_eq!(back, ib);
     }
+}
+
+#[test]
+fn the_next_update_follows_the_tensors_own_count() {
+    let cfg = Config::paper(Algorithm::adam(), 1e-2).beta0(0.7);
+    let groups = [ParamGroup::sage(), ParamGroup::plain()];
+    let mut st = TensorState::new(cfg.state_layout(true), || vec![0.5f32; 8]);
+    // Absent from most of the optimizer's 9 steps: its next update is its own 2nd.
+    st.step = 1;
+    let d = diagnose(
+        &mut Cpu,
+        &cfg,
+        &groups,
+        9,
+        &Probe::<Cpu, f32, f32>::new("w", 0, &st),
+    )
+    .unwrap();
+    assert_eq!(d.t, 2);
+    assert!((d.ibar_scale - 1.0 / (1.0 - 0.7f64.powi(2))).abs() < 1e-6);
+    // A count that cannot advance, and a state without Ī, are errors naming the tensor.
+    st.step = u64::MAX;
+    let e = diagnose(
+        &mut Cpu,
+        &cfg,
+        &groups,
+        9,
+        &Probe::<Cpu, f32, f32>::new("w", 0, &st),
+    );
+    assert!(matches!(e, Err(CheckpointError::Tensor { tensor, .. }) if tensor == "w"));
+    let plain = TensorState::new(cfg.state_layout(false), || vec![0.5f32; 8]);
+    let e = diagnose(
+        &mut Cpu,
+        &cfg,
+        &groups,
+        9,
+        &Probe::<Cpu, f32, f32>::new("b", 1, &plain),
+    );
+    assert!(matches!(e, Err(CheckpointError::Tensor { tensor, .. }) if tensor == "b.ibar"));
 }
 
 #[test]
