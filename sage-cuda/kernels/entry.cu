@@ -1,7 +1,7 @@
 /*
  * sage-cuda's entry kernels, after the prelude and the shared body: storage types, the
- * chunked multi-tensor step, the single-tensor step, the two primitives and the one-launch
- * squared-norm reduction. Host-side layouts: sage-cuda/src/plan.rs.
+ * chunked multi-tensor step, the single-tensor step, the two primitives and the squared norms
+ * on sage_core's chunk grid (all tensors' chunk partials in one launch, folded per tensor). Host-side layouts: sage-cuda/src/plan.rs.
  */
 #define SAGE_CHUNK 65536u
 #define SAGE_THREADS 512
@@ -12,7 +12,7 @@ typedef unsigned long long sage_u64;
 typedef struct {
     sage_u64 param, grad, m, v, ibar, n;
     SAGE_U32 coeff;       /* index into the launch's coefficient table */
-    SAGE_U32 first_chunk; /* index of this tensor's first chunk in the chunk table */
+    SAGE_U32 first_chunk; /* its first chunk in the chunk table (norms: its first partial) */
     sage_u64 reserved;
 } sage_tensor;
 
@@ -209,64 +209,84 @@ __device__ __forceinline__ double sage_block_sum(double x, double* smem) {
     return x;
 }
 
-/* Squared norms of many tensors' `grad` buffers in one launch: block b sums chunk b in f64
- * into partials[b]; the last block of a tensor to finish (counted with an atomic) sums that
- * tensor's partials in a fixed order into out[tensor] and re-arms the counter to 0.
- * NaN and +-Inf propagate into the sum. */
+/* Squared norms on sage_core's chunk grid (sage_core::norm): a tensor is cut into chunks of
+ * SAGE_NORM_CHUNK elements from its first element; each chunk's partial sum of squares is one
+ * f64, computed by one block of SAGE_NORM_THREADS threads; a tensor's squared norm is its
+ * partials added first to last. */
+#define SAGE_NORM_CHUNK 4096u
+#define SAGE_NORM_THREADS 256
+static_assert(SAGE_NORM_CHUNK % (4u * SAGE_NORM_THREADS) == 0, "whole quads per thread");
+
+/* Sum of squares of one chunk of `len` (<= SAGE_NORM_CHUNK) elements, by the whole block, in
+ * f64 (each square is exact there: it cannot overflow, and NaN or +-Inf propagate). Thread t
+ * adds the quads t, t + T, t + 2T, ... (elements 4q .. 4q + 3, in order), loaded four at a
+ * time where the chunk is aligned and one at a time otherwise: the same additions in the same
+ * order either way, and then the same block tree, so the partial depends on the chunk's
+ * contents only, never on where it lies in memory or which launch computes it. Valid in
+ * thread 0. */
 template <class E>
-__device__ __forceinline__ void sage_sqnorm(const sage_tensor* __restrict__ tensors,
-                                            const sage_chunk_desc* __restrict__ chunks,
-                                            double* partials, unsigned* counters, double* out) {
-    __shared__ double smem[32];
-    __shared__ bool last;
-    const sage_chunk_desc c = chunks[blockIdx.x];
-    const sage_tensor t = tensors[c.tensor];
-    const sage_u64 base = (sage_u64)c.chunk * SAGE_CHUNK;
-    const sage_u64 rest = base < t.n ? t.n - base : 0;
-    const unsigned len = rest < SAGE_CHUNK ? (unsigned)rest : SAGE_CHUNK;
-    const typename E::T* g = reinterpret_cast<const typename E::T*>(t.grad) + base;
+__device__ __forceinline__ double sage_chunk_sq(const typename E::T* __restrict__ x, unsigned len, double* smem) {
+    const bool vec = sage_aligned<E>(x);
     double acc = 0.0;
-    unsigned start = 0;
-    if (sage_aligned<E>(g)) {
-        const unsigned len4 = len & ~3u;
-        for (unsigned i = threadIdx.x * 4u; i < len4; i += blockDim.x * 4u) {
-            const typename E::V gv = *reinterpret_cast<const typename E::V*>(g + i);
+    for (unsigned i = threadIdx.x * 4u; i < len; i += blockDim.x * 4u) {
+        if (vec && i + 4u <= len) {
+            const typename E::V v = *reinterpret_cast<const typename E::V*>(x + i);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const double x = (double)E::ld(gv.x[j]);
-                acc += x * x;
+                const double d = (double)E::ld(v.x[j]);
+                acc += d * d;
+            }
+        } else {
+            for (unsigned j = i; j < i + 4u && j < len; ++j) {
+                const double d = (double)E::ld(x[j]);
+                acc += d * d;
             }
         }
-        start = len4;
     }
-    for (unsigned i = start + threadIdx.x; i < len; i += blockDim.x) {
-        const double x = (double)E::ld(g[i]);
-        acc += x * x;
+    return sage_block_sum(acc, smem);
+}
+
+/* The chunk partials of `count` (>= 1) tensors' `grad` buffers in one launch, back to back in
+ * tensor order (sage_core's Backend::grad_norm_partials): block b writes partials[b], a chunk
+ * of the last tensor whose first partial (`first_chunk`, counted in norm chunks here) is <= b.
+ * An empty tensor has no partial and is never that last one. */
+template <class E>
+__device__ __forceinline__ void sage_norm_partials(const sage_tensor* __restrict__ tensors, unsigned count,
+                                                   double* __restrict__ partials) {
+    __shared__ double smem[32];
+    const unsigned b = blockIdx.x;
+    unsigned lo = 0, hi = count - 1u;
+    while (lo < hi) {
+        const unsigned mid = lo + (hi - lo + 1u) / 2u;
+        if (tensors[mid].first_chunk <= b) lo = mid;
+        else hi = mid - 1u;
     }
-    acc = sage_block_sum(acc, smem);
-    const unsigned nchunks = (unsigned)((t.n + SAGE_CHUNK - 1) / SAGE_CHUNK);
-    if (threadIdx.x == 0) {
-        partials[blockIdx.x] = acc;
-        __threadfence();
-        last = atomicAdd(&counters[c.tensor], 1u) == nchunks - 1u;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    /* volatile: the other blocks' partials are read from L2, not a stale L1 line. */
-    const volatile double* p = partials + t.first_chunk;
-    double s = 0.0;
-    for (unsigned i = threadIdx.x; i < nchunks; i += blockDim.x) s += p[i];
-    s = sage_block_sum(s, smem);
-    if (threadIdx.x == 0) {
-        out[c.tensor] = s;
-        counters[c.tensor] = 0u;
+    const sage_tensor t = tensors[lo];
+    const sage_u64 base = (sage_u64)(b - t.first_chunk) * SAGE_NORM_CHUNK;
+    const sage_u64 rest = t.n - base;
+    const unsigned len = rest < SAGE_NORM_CHUNK ? (unsigned)rest : SAGE_NORM_CHUNK;
+    const double s = sage_chunk_sq<E>(reinterpret_cast<const typename E::T*>(t.grad) + base, len, smem);
+    if (threadIdx.x == 0) partials[b] = s;
+}
+
+/* Each tensor's squared norm: its partials added in f64 from the first chunk to the last, as
+ * sage_core::norm::fold does (the same IEEE additions in the same order: the same bits); an
+ * empty tensor gets 0. One thread per tensor, after sage_norm_partials on the same stream. */
+__device__ __forceinline__ void sage_norm_fold(const sage_tensor* __restrict__ tensors, unsigned count,
+                                               const double* __restrict__ partials, double* __restrict__ out) {
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+        const sage_tensor t = tensors[i];
+        const sage_u64 chunks = (t.n + SAGE_NORM_CHUNK - 1u) / SAGE_NORM_CHUNK;
+        const double* p = partials + t.first_chunk;
+        double s = 0.0;
+        for (sage_u64 c = 0; c < chunks; ++c) s += p[c];
+        out[i] = s;
     }
 }
 
 /* extern "C" entry points, instantiated per storage combination by the lines kernels.rs
  * appends (one NVRTC program per combination, compiled when first used): names are
- * `<kernel>_<P>_<S>` and `sage_sqnorm_<E>`. */
+ * `<kernel>_<P>_<S>`, and `sage_norm_partials_<E>` and `sage_norm_fold_<E>`. */
 #define SAGE_ENTRIES(PN, PT, SN, ST)                                                                      \
     extern "C" __global__ void __launch_bounds__(SAGE_THREADS)                                           \
         sage_mt_step_##PN##_##SN(const sage_coeffs* coeffs, const sage_tensor* tensors,                  \
@@ -287,9 +307,12 @@ __device__ __forceinline__ void sage_sqnorm(const sage_tensor* __restrict__ tens
         sage_apply_pass<PT, ST>(k, param, grad, m, v, ibar, n);                                          \
     }
 
-#define SAGE_NORM_ENTRY(EN, ET)                                                                     \
-    extern "C" __global__ void __launch_bounds__(SAGE_THREADS)                                     \
-        sage_sqnorm_##EN(const sage_tensor* tensors, const sage_chunk_desc* chunks, double* partials, \
-                         unsigned* counters, double* out) {                                        \
-        sage_sqnorm<ET>(tensors, chunks, partials, counters, out);                                 \
+#define SAGE_NORM_ENTRY(EN, ET)                                                                   \
+    extern "C" __global__ void __launch_bounds__(SAGE_NORM_THREADS)                              \
+        sage_norm_partials_##EN(const sage_tensor* tensors, unsigned count, double* partials) {  \
+        sage_norm_partials<ET>(tensors, count, partials);                                        \
+    }                                                                                            \
+    extern "C" __global__ void sage_norm_fold_##EN(const sage_tensor* tensors, unsigned count,    \
+                                                   const double* partials, double* out) {        \
+        sage_norm_fold(tensors, count, partials, out);                                           \
     }

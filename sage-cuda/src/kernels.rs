@@ -39,7 +39,7 @@ pub const PTX_DIR_ENV: &str = "SAGE_CUDA_PTX_DIR";
 pub const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::Bf16];
 
 /// One NVRTC program: the step kernels of one parameter/state storage combination, or the
-/// squared-norm kernel of one storage type.
+/// squared-norm kernels of one storage type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Program {
     /// `sage_{mt_step,step1,accumulate,apply}_<P>_<S>`.
@@ -49,7 +49,8 @@ pub enum Program {
         /// State storage.
         s: DType,
     },
-    /// `sage_sqnorm_<E>`.
+    /// `sage_norm_partials_<E>` (chunk partials on sage-core's norm grid) and
+    /// `sage_norm_fold_<E>` (each tensor's partials added in chunk order).
     SqNorm {
         /// Buffer storage.
         e: DType,
@@ -92,7 +93,10 @@ impl Program {
                 .iter()
                 .map(|k| format!("sage_{k}_{p}_{s}"))
                 .collect(),
-            Program::SqNorm { e } => vec![format!("sage_sqnorm_{e}")],
+            Program::SqNorm { e } => ["norm_partials", "norm_fold"]
+                .iter()
+                .map(|k| format!("sage_{k}_{e}"))
+                .collect(),
         }
     }
 
@@ -356,6 +360,32 @@ mod tests {
                 }));
             }
         }
+    }
+
+    /// The kernel source's grid constants are the host's (plan.rs) and sage-core's.
+    #[test]
+    fn norm_grid_constants_agree() {
+        for (def, v) in [
+            ("#define SAGE_NORM_CHUNK", crate::plan::NORM_CHUNK),
+            (
+                "#define SAGE_NORM_THREADS",
+                crate::plan::NORM_THREADS as usize,
+            ),
+            ("#define SAGE_CHUNK", crate::plan::CHUNK),
+            ("#define SAGE_THREADS", crate::plan::THREADS as usize),
+        ] {
+            let line = ENTRY
+                .lines()
+                .find(|l| l.starts_with(&format!("{def} ")))
+                .unwrap_or_else(|| panic!("{def} missing"));
+            let n: usize = line[def.len()..]
+                .trim()
+                .trim_end_matches('u')
+                .parse()
+                .unwrap();
+            assert_eq!(n, v, "{line}");
+        }
+        assert_eq!(crate::plan::NORM_CHUNK, sage_core::norm::NORM_CHUNK);
     }
 
     #[test]

@@ -8,23 +8,32 @@
 //! driver ([`Cuda::new`] then returns a `NotAvailable` error). Its buffers are cudarc's
 //! [`CudaSlice`], the type candle and burn hold their tensors in, so a framework's parameters
 //! are stepped in place: [`Backend::Buf<E>`](sage_core::Backend::Buf) is `CudaSlice<E>`.
+//! [`Cuda`] also implements [`HostBuffers`] (uploads and host copies), so checkpoints and the
+//! conformance suite work on it without depending on this crate.
 //!
 //! Kernels come from the source shared with the OpenCL backend (`sage_core::gpu`), compiled
 //! by NVRTC for the device's architecture once per process and storage combination
 //! ([`kernels`]). Parameters and gradients may be f32, f16 or bf16, state f32, f16 or bf16;
 //! arithmetic is f32 with no FMA contraction, so results match the CPU formula.
 //!
+//! Gradient norms follow sage-core's chunk grid ([`sage_core::norm`]): one block computes
+//! the f64 partial of each 4096-element chunk (a fixed in-block tree, so a partial depends on
+//! its chunk's contents only), all tensors' chunks in one launch; a second launch folds each
+//! tensor's partials in chunk order, one thread per tensor, which is `norm::fold` bit for bit.
+//!
 //! ```no_run
-//! use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
+//! use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor, TensorState};
 //! use sage_cuda::Cuda;
 //!
-//! let mut gpu = Cuda::new(0)?; // Err(NotAvailable) without a driver or device
+//! let gpu = Cuda::new(0)?; // Err(NotAvailable) without a driver or device
 //! let (mut w, g) = (gpu.upload(&[0.5f32, -0.25, 1.0])?, gpu.upload(&[0.1f32, 0.2, 0.3])?);
-//! let (mut m, mut v, mut ibar) = (gpu.zeros::<f32>(3)?, gpu.zeros::<f32>(3)?, gpu.zeros::<f32>(3)?);
 //! let cfg = Config::reference(Algorithm::adamw(), 1e-3).beta0(0.8);
+//! // m, v and Ī on the device, and the tensor's own step count.
+//! let mut state = TensorState::try_new(cfg.state_layout(true), |_| gpu.zeros::<f32>(3))?;
 //! let mut opt = Optimizer::new(gpu, cfg, [ParamGroup::sage()]).expect("valid config");
-//! opt.step(&mut [ParamTensor::new(&mut w, &g).m(&mut m).v(&mut v).ibar(&mut ibar)])
+//! opt.step(&mut [ParamTensor::new(&mut w, &g, state.view())])
 //!     .expect("step");
+//! assert_eq!(state.step, 1);
 //! let w_host = opt.backend_mut().download(&w)?;
 //! # Ok::<(), sage_cuda::CudaError>(())
 //! ```
@@ -45,7 +54,10 @@ use cudarc::driver::{
     DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg, SyncOnDrop, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
-use sage_core::{Accumulate, ApplyArgs, Backend, Coeffs, DType, Element, ParamTensor, TensorMut};
+use sage_core::norm;
+use sage_core::{
+    Accumulate, ApplyArgs, Backend, Coeffs, DType, Element, HostBuffers, ParamTensor, TensorMut,
+};
 
 pub use error::CudaError;
 use kernels::Program;
@@ -92,7 +104,6 @@ struct Scratch {
     next_staging: usize,
     meta: Option<CudaSlice<u8>>,
     partials: Option<CudaSlice<f64>>,
-    counters: Option<CudaSlice<u32>>,
     out: Option<CudaSlice<f64>>,
 }
 
@@ -303,11 +314,9 @@ impl Cuda {
 
     /// The contents of `buf` (waits for the stream).
     pub fn download<E: Element>(&self, buf: &CudaSlice<E>) -> Result<Vec<E>, CudaError> {
-        match E::DTYPE {
-            DType::F32 => self.download_as::<E, f32>(buf),
-            DType::F16 => self.download_as::<E, half::f16>(buf),
-            DType::Bf16 => self.download_as::<E, half::bf16>(buf),
-        }
+        let mut out = vec![E::default(); buf.len()];
+        self.read(buf, &mut out)?;
+        Ok(out)
     }
 
     fn upload_as<E: Element, T: DeviceRepr + ValidAsZeroBits + 'static>(
@@ -357,23 +366,6 @@ impl Cuda {
         }
     }
 
-    fn download_as<E: Element, T: DeviceRepr + 'static>(
-        &self,
-        buf: &CudaSlice<E>,
-    ) -> Result<Vec<E>, CudaError> {
-        let typed: &CudaSlice<T> = (buf as &dyn Any)
-            .downcast_ref()
-            .ok_or_else(type_confusion)?;
-        if typed.is_empty() {
-            return Ok(Vec::new());
-        }
-        let host: Vec<T> = self
-            .stream
-            .clone_dtoh(typed)
-            .map_err(|e| CudaError::driver("download", e))?;
-        same_owned(host).ok_or_else(type_confusion)
-    }
-
     /// Copies `bytes` into the scratch metadata buffer (one host-to-device copy) and returns
     /// its device address.
     fn upload_meta(&mut self, bytes: &[u8]) -> Result<u64, CudaError> {
@@ -416,42 +408,57 @@ impl Cuda {
         Ok(meta)
     }
 
-    /// Squared norms of the `grad` buffers (of storage `e`) of `entries`: one launch, one
-    /// read-back.
-    fn sq_norms(&mut self, e: DType, entries: &[TensorEntry]) -> Result<Vec<f64>, CudaError> {
-        let packed = plan::pack(
-            &entries
-                .iter()
-                .map(|t| (*t, Coeffs::default()))
-                .collect::<Vec<_>>(),
-        )?;
-        let n = entries.len();
+    /// The chunk partials of the `grad` buffers (of storage `e`) of `entries` on sage-core's
+    /// norm grid, back to back in entry order, into the scratch `partials` buffer: one launch,
+    /// one block per chunk. Returns the device addresses of the launch's tensor table and of
+    /// the partials, and the number of partials; `None` when there are none (all empty).
+    fn norm_partials(
+        &mut self,
+        e: DType,
+        entries: &[TensorEntry],
+    ) -> Result<Option<(u64, u64, usize)>, CudaError> {
+        let packed = plan::pack_norm(entries)?;
         if packed.n_chunks == 0 {
-            return Ok(vec![0.0; n]);
+            return Ok(None);
         }
-        let prog = Program::SqNorm { e };
-        let name = format!("sage_sqnorm_{e}");
-        let f = self.function(prog, &name)?;
-        let meta = self.upload_meta(&packed.bytes)?;
+        let name = format!("sage_norm_partials_{e}");
+        let f = self.function(Program::SqNorm { e }, &name)?;
+        let tensors = self.upload_meta(&packed.bytes)? + packed.tensors_at as u64;
         let stream = self.stream.clone();
         let partials = raw(
             grow(&stream, &mut self.scratch.partials, packed.n_chunks)?,
             &stream,
         );
-        let counters = raw(grow(&stream, &mut self.scratch.counters, n)?, &stream);
+        let count = entries.len() as u32;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&tensors).arg(&count).arg(&partials);
+        // SAFETY: the table describes live buffers of the lengths given, one block per
+        // partial; the scratch holds a slot for each.
+        unsafe { b.launch(grid(packed.n_chunks as u32, plan::NORM_THREADS)) }
+            .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
+        Ok(Some((tensors, partials, packed.n_chunks)))
+    }
+
+    /// Squared norms of the `grad` buffers (of storage `e`) of `entries`: the chunk partials in
+    /// one launch, each entry's partials folded in chunk order by one thread in a second
+    /// (`sage_core::norm::fold`, the same bits), one read-back of one value per entry.
+    fn sq_norms(&mut self, e: DType, entries: &[TensorEntry]) -> Result<Vec<f64>, CudaError> {
+        let n = entries.len();
+        let Some((tensors, partials, _)) = self.norm_partials(e, entries)? else {
+            return Ok(vec![0.0; n]);
+        };
+        let name = format!("sage_norm_fold_{e}");
+        let f = self.function(Program::SqNorm { e }, &name)?;
+        let stream = self.stream.clone();
         let out_buf = grow(&stream, &mut self.scratch.out, n)?;
         let out = raw(out_buf, &stream);
-        let tensors = meta + packed.tensors_at as u64;
-        let chunks = meta + packed.chunks_at as u64;
+        let count = n as u32;
         let mut b = stream.launch_builder(&f);
-        b.arg(&tensors)
-            .arg(&chunks)
-            .arg(&partials)
-            .arg(&counters)
-            .arg(&out);
-        // SAFETY: the tables describe live buffers of the lengths given; scratch is sized
-        // for the chunk and tensor counts.
-        unsafe { b.launch(grid(packed.n_chunks as u32, THREADS)) }
+        b.arg(&tensors).arg(&count).arg(&partials).arg(&out);
+        let threads = plan::NORM_THREADS;
+        // SAFETY: the table and partials the launch before wrote, on this stream; one output
+        // slot per entry (the kernel strides over them).
+        unsafe { b.launch(grid(count.div_ceil(threads), threads)) }
             .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
         let mut host = vec![0f64; n];
         stream
@@ -460,13 +467,91 @@ impl Cuda {
         stream
             .synchronize()
             .map_err(|e| CudaError::driver(format!("run {name}"), e))?;
-        // Empty tensors have no block, so nothing wrote their slot.
-        for (h, t) in host.iter_mut().zip(entries) {
-            if t.n == 0 {
-                *h = 0.0;
-            }
-        }
         Ok(host)
+    }
+
+    /// The chunk partials of the `grad` buffers of `entries` (see [`norm_partials`]) copied to
+    /// `out`, which must hold exactly their number.
+    fn partials_to_host(
+        &mut self,
+        e: DType,
+        entries: &[TensorEntry],
+        out: &mut [f64],
+    ) -> Result<(), CudaError> {
+        let expected: u64 = entries.iter().map(|t| plan::norm_chunks_of(t.n)).sum();
+        same_len("norm partials", expected as usize, out.len())?;
+        let Some((_, _, n)) = self.norm_partials(e, entries)? else {
+            return Ok(());
+        };
+        let stream = self.stream.clone();
+        let partials = grow(&stream, &mut self.scratch.partials, n)?;
+        stream
+            .memcpy_dtoh(&partials.slice(0..n), out)
+            .map_err(|e| CudaError::driver("read back norm partials", e))?;
+        stream
+            .synchronize()
+            .map_err(|e| CudaError::driver("run sage_norm_partials", e))
+    }
+
+    /// Copies `buf` into `out` (same length) and waits for the copy.
+    fn read_as<E: Element, T: DeviceRepr + 'static>(
+        &self,
+        buf: &CudaSlice<E>,
+        out: &mut [E],
+    ) -> Result<(), CudaError> {
+        let typed: &CudaSlice<T> = (buf as &dyn Any)
+            .downcast_ref()
+            .ok_or_else(type_confusion)?;
+        let host: &mut [T] = same_slice_mut(out).ok_or_else(type_confusion)?;
+        self.stream
+            .memcpy_dtoh(typed, host)
+            .map_err(|e| CudaError::driver("download", e))?;
+        self.synchronize()
+    }
+
+    /// Copies `data` into `buf` (same length), in place (a framework may hold the buffer's
+    /// address), and waits for the copy.
+    fn write_as<E: Element, T: DeviceRepr + 'static>(
+        &self,
+        buf: &mut CudaSlice<E>,
+        data: &[E],
+    ) -> Result<(), CudaError> {
+        let typed: &mut CudaSlice<T> = (buf as &mut dyn Any)
+            .downcast_mut()
+            .ok_or_else(type_confusion)?;
+        let host: &[T] = same_slice(data).ok_or_else(type_confusion)?;
+        self.stream
+            .memcpy_htod(host, typed)
+            .map_err(|e| CudaError::driver("upload", e))?;
+        self.synchronize()
+    }
+
+    /// Copies `buf` into `out`, which must have its length (waits for the stream).
+    pub fn read<E: Element>(&self, buf: &CudaSlice<E>, out: &mut [E]) -> Result<(), CudaError> {
+        same_len("host slice", buf.len(), out.len())?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        match E::DTYPE {
+            DType::F32 => self.read_as::<E, f32>(buf, out),
+            DType::F16 => self.read_as::<E, half::f16>(buf, out),
+            DType::Bf16 => self.read_as::<E, half::bf16>(buf, out),
+        }
+    }
+
+    /// Copies `data` into `buf`, which must have its length, in place: the allocation (and
+    /// any framework's handle to it) stays. Ordered after everything queued before; returns
+    /// once the copy is done.
+    pub fn write<E: Element>(&self, buf: &mut CudaSlice<E>, data: &[E]) -> Result<(), CudaError> {
+        same_len("host slice", buf.len(), data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        match E::DTYPE {
+            DType::F32 => self.write_as::<E, f32>(buf, data),
+            DType::F16 => self.write_as::<E, half::f16>(buf, data),
+            DType::Bf16 => self.write_as::<E, half::bf16>(buf, data),
+        }
     }
 }
 
@@ -479,6 +564,16 @@ fn same_slice<A: 'static, B: 'static>(x: &[A]) -> Option<&[B]> {
     if TypeId::of::<A>() == TypeId::of::<B>() {
         // SAFETY: A and B are the same type.
         Some(unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<B>(), x.len()) })
+    } else {
+        None
+    }
+}
+
+/// `x` as a mutable slice of `B`, when `A` is `B`.
+fn same_slice_mut<A: 'static, B: 'static>(x: &mut [A]) -> Option<&mut [B]> {
+    if TypeId::of::<A>() == TypeId::of::<B>() {
+        // SAFETY: A and B are the same type.
+        Some(unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<B>(), x.len()) })
     } else {
         None
     }
@@ -598,6 +693,27 @@ fn step_program<P: Element, S: Element>() -> Program {
     }
 }
 
+/// The norm-launch entries of the tensors' gradients, with the guards that order other
+/// streams' later writes after the launch reads them.
+fn grad_entries<'s, P: Element, S: Element>(
+    tensors: &'s [ParamTensor<'_, Cuda, P, S>],
+    stream: &'s CudaStream,
+) -> (Vec<TensorEntry>, Vec<SyncOnDrop<'s>>) {
+    tensors
+        .iter()
+        .map(|t| {
+            let g = t.grad();
+            let (grad, guard) = g.device_ptr(stream);
+            let e = TensorEntry {
+                grad,
+                n: g.len() as u64,
+                ..TensorEntry::default()
+            };
+            (e, guard)
+        })
+        .unzip()
+}
+
 impl Backend for Cuda {
     type Error = CudaError;
     type Buf<E: Element> = CudaSlice<E>;
@@ -606,6 +722,38 @@ impl Backend for Cuda {
         buf.len()
     }
 
+    fn sq_norm_chunks<E: Element>(
+        &mut self,
+        buf: &CudaSlice<E>,
+        first: usize,
+        out: &mut [f64],
+    ) -> Result<(), CudaError> {
+        let chunks = norm::chunk_count(buf.len());
+        let end = first.saturating_add(out.len());
+        if end > chunks {
+            return Err(CudaError::LengthMismatch {
+                what: "norm chunks (first + count)",
+                expected: chunks,
+                got: end,
+            });
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        // The range as a buffer of its own: a partial depends on its chunk's contents only.
+        let start = first * norm::NORM_CHUNK;
+        let stream = self.stream.clone();
+        let (grad, _g) = buf.device_ptr(&stream);
+        let e = TensorEntry {
+            grad: grad + (start * E::DTYPE.size()) as u64,
+            n: (buf.len() - start).min(out.len() * norm::NORM_CHUNK) as u64,
+            ..TensorEntry::default()
+        };
+        self.partials_to_host(E::DTYPE, &[e], out)
+    }
+
+    /// One launch for the partials and one for their fold, whatever the length (the provided
+    /// method would read the partials back 32 at a time); the same bits.
     fn sq_norm<E: Element>(&mut self, buf: &CudaSlice<E>) -> Result<f64, CudaError> {
         let stream = self.stream.clone();
         let (grad, _g) = buf.device_ptr(&stream);
@@ -740,6 +888,8 @@ impl Backend for Cuda {
         Ok(())
     }
 
+    /// Every tensor's chunk partials in one launch, each tensor's fold by one thread in a
+    /// second, one read-back of one value per tensor.
     fn grad_sq_norms<P: Element, S: Element>(
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
@@ -749,24 +899,24 @@ impl Backend for Cuda {
         }
         let stream = self.stream.clone();
         let norms = {
-            let mut guards = Vec::with_capacity(tensors.len());
-            let mut entries = Vec::with_capacity(tensors.len());
-            for t in tensors.iter() {
-                let g = t.grad();
-                let (grad, guard) = g.device_ptr(&stream);
-                guards.push(guard);
-                entries.push(TensorEntry {
-                    grad,
-                    n: g.len() as u64,
-                    ..TensorEntry::default()
-                });
-            }
+            let (entries, _guards) = grad_entries(tensors, &stream);
             self.sq_norms(P::DTYPE, &entries)?
         };
         for (t, x) in tensors.iter_mut().zip(norms) {
             t.set_grad_sq_norm(x);
         }
         Ok(())
+    }
+
+    /// Every tensor's chunk partials in one launch and one read-back.
+    fn grad_norm_partials<P: Element, S: Element>(
+        &mut self,
+        tensors: &[ParamTensor<'_, Self, P, S>],
+        out: &mut [f64],
+    ) -> Result<(), CudaError> {
+        let stream = self.stream.clone();
+        let (entries, _guards) = grad_entries(tensors, &stream);
+        self.partials_to_host(P::DTYPE, &entries, out)
     }
 
     fn step_tensors<P: Element, S: Element>(
@@ -838,6 +988,44 @@ impl Backend for Cuda {
     }
 }
 
+/// Host copies for checkpoints, the conformance suite and anything else generic over
+/// [`HostBuffers`]: owned buffers are cudarc's `CudaSlice`s, every copy waits for the stream.
+impl HostBuffers for Cuda {
+    type Owned<E: Element> = CudaSlice<E>;
+
+    /// `cuda:N (device name)`.
+    fn describe(&self, out: &mut dyn fmt::Write) -> fmt::Result {
+        out.write_str(&self.name)
+    }
+
+    /// Every storage type: f16 and bf16 are converted with PTX instructions and bit
+    /// arithmetic that every supported GPU has.
+    fn supports(&self, d: DType) -> bool {
+        let _ = d;
+        true
+    }
+
+    fn upload<E: Element>(&mut self, data: &[E]) -> Result<CudaSlice<E>, CudaError> {
+        Cuda::upload(self, data)
+    }
+
+    fn copy_to_host<E: Element>(
+        &mut self,
+        buf: &CudaSlice<E>,
+        out: &mut [E],
+    ) -> Result<(), CudaError> {
+        self.read(buf, out)
+    }
+
+    fn copy_from_host<E: Element>(
+        &mut self,
+        buf: &mut CudaSlice<E>,
+        data: &[E],
+    ) -> Result<(), CudaError> {
+        self.write(buf, data)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -862,6 +1050,9 @@ mod tests {
         let x = [1.0f32, 2.0];
         assert_eq!(same_slice::<f32, f32>(&x), Some(&x[..]));
         assert!(same_slice::<f32, half::f16>(&x).is_none());
+        let mut y = [1.0f32, 2.0];
+        assert_eq!(same_slice_mut::<f32, f32>(&mut y).map(|s| s.len()), Some(2));
+        assert!(same_slice_mut::<f32, half::bf16>(&mut y).is_none());
         assert_eq!(same_owned::<Vec<f32>, Vec<f32>>(vec![3.0]), Some(vec![3.0]));
         assert!(same_owned::<Vec<f32>, Vec<half::bf16>>(vec![3.0]).is_none());
     }

@@ -6,6 +6,10 @@
 //! - tensor: `param, grad, m, v, ibar, n: u64; coeff, first_chunk: u32; reserved: u64` (64 bytes),
 //!   absent buffers as 0;
 //! - chunk: `tensor, chunk: u32` (8 bytes): one per block, 65536 elements each.
+//!
+//! A norm launch ([`pack_norm`]) has only the tensor table: there `first_chunk` is the
+//! tensor's first partial on sage-core's norm grid ([`NORM_CHUNK`] elements per partial, one
+//! block each), and a block finds its tensor by binary search over it.
 
 use sage_core::Coeffs;
 
@@ -23,6 +27,11 @@ pub const TENSOR_BYTES: usize = 64;
 pub const CHUNK_BYTES: usize = 8;
 /// Most blocks in one launch's x dimension.
 pub const MAX_CHUNKS: usize = (1 << 31) - 1;
+/// Elements per chunk of the norm grid: one block's partial (`sage_core::norm::NORM_CHUNK`,
+/// `SAGE_NORM_CHUNK` in the kernel source).
+pub const NORM_CHUNK: usize = sage_core::norm::NORM_CHUNK;
+/// Threads per block of the norm kernel (`SAGE_NORM_THREADS`).
+pub const NORM_THREADS: u32 = 256;
 
 /// One tensor of a launch, as raw device addresses (0 = absent).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -63,6 +72,11 @@ pub struct Packed {
 /// Chunks covering `n` elements.
 pub fn chunks_of(n: u64) -> u64 {
     n.div_ceil(CHUNK as u64)
+}
+
+/// Norm chunks (partials) covering `n` elements.
+pub fn norm_chunks_of(n: u64) -> u64 {
+    n.div_ceil(NORM_CHUNK as u64)
 }
 
 /// The bytes of `k` in the device layout (`sage_coeffs`).
@@ -134,12 +148,7 @@ pub fn pack(tensors: &[(TensorEntry, Coeffs)]) -> Result<Packed, CudaError> {
     bytes.resize(tensors_at, 0);
     let mut first = 0u32;
     for ((t, _), &ci) in tensors.iter().zip(&index) {
-        for w in [t.param, t.grad, t.m, t.v, t.ibar, t.n] {
-            bytes.extend_from_slice(&w.to_le_bytes());
-        }
-        bytes.extend_from_slice(&(ci as u32).to_le_bytes());
-        bytes.extend_from_slice(&first.to_le_bytes());
-        bytes.extend_from_slice(&0u64.to_le_bytes());
+        tensor_record(&mut bytes, t, ci as u32, first);
         // Fits: the total was checked against MAX_CHUNKS above.
         first += chunks_of(t.n) as u32;
     }
@@ -158,6 +167,46 @@ pub fn pack(tensors: &[(TensorEntry, Coeffs)]) -> Result<Packed, CudaError> {
         n_coeffs: coeffs.len(),
         n_tensors: tensors.len(),
         n_chunks,
+    })
+}
+
+/// Appends the 64-byte record of `t` (`sage_tensor`).
+fn tensor_record(bytes: &mut Vec<u8>, t: &TensorEntry, coeff: u32, first: u32) {
+    for w in [t.param, t.grad, t.m, t.v, t.ibar, t.n] {
+        bytes.extend_from_slice(&w.to_le_bytes());
+    }
+    bytes.extend_from_slice(&coeff.to_le_bytes());
+    bytes.extend_from_slice(&first.to_le_bytes());
+    bytes.extend_from_slice(&0u64.to_le_bytes());
+}
+
+/// Packs the tensor table of a norm launch over the `grad` buffers of `tensors`: each record's
+/// `first_chunk` is the tensor's first partial on the norm grid, so the partials come out back
+/// to back in tensor order. `n_chunks` is the launch's grid size (the number of partials);
+/// there is no coefficient table or chunk list (`tensors_at` is 0, `chunks_at` the end).
+pub fn pack_norm(tensors: &[TensorEntry]) -> Result<Packed, CudaError> {
+    let total: u64 = tensors.iter().map(|t| norm_chunks_of(t.n)).sum();
+    if total > MAX_CHUNKS as u64 || tensors.len() > u32::MAX as usize {
+        return Err(CudaError::TooLarge(format!(
+            "{total} norm chunks of {NORM_CHUNK} elements in {} tensors (at most {MAX_CHUNKS})",
+            tensors.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(tensors.len() * TENSOR_BYTES);
+    let mut first = 0u32;
+    for t in tensors {
+        tensor_record(&mut bytes, t, 0, first);
+        // Fits: the total was checked against MAX_CHUNKS above.
+        first += norm_chunks_of(t.n) as u32;
+    }
+    Ok(Packed {
+        chunks_at: bytes.len(),
+        bytes,
+        coeffs_at: 0,
+        tensors_at: 0,
+        n_coeffs: 0,
+        n_tensors: tensors.len(),
+        n_chunks: total as usize,
     })
 }
 
@@ -293,6 +342,42 @@ mod tests {
     }
 
     #[test]
+    fn norm_tables_number_partials_back_to_back() {
+        let n = NORM_CHUNK as u64;
+        let lens = [3 * n + 1, 0, 1, n, 0];
+        let ts: Vec<TensorEntry> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| entry(l, 1000 * (i as u64 + 1)))
+            .collect();
+        let p = pack_norm(&ts).unwrap();
+        assert_eq!((p.n_tensors, p.n_chunks, p.n_coeffs), (5, 4 + 1 + 1, 0));
+        assert_eq!(p.tensors_at, 0);
+        assert_eq!(p.bytes.len(), 5 * TENSOR_BYTES);
+        let firsts: Vec<u32> = (0..5)
+            .map(|i| u32_at(&p.bytes, i * TENSOR_BYTES + 52))
+            .collect();
+        assert_eq!(firsts, [0, 4, 4, 5, 6]);
+        for (i, t) in ts.iter().enumerate() {
+            assert_eq!(u64_at(&p.bytes, i * TENSOR_BYTES + 8), t.grad);
+            assert_eq!(u64_at(&p.bytes, i * TENSOR_BYTES + 40), t.n);
+        }
+        // The kernel's search: block b belongs to the last tensor whose first partial is <= b,
+        // never an empty one, and every partial of every tensor has exactly one block.
+        let mut seen = vec![0u64; 5];
+        for b in 0..p.n_chunks as u32 {
+            let t = firsts.iter().rposition(|&f| f <= b).unwrap();
+            assert!(lens[t] > 0, "block {b} landed on empty tensor {t}");
+            assert!(((b - firsts[t]) as u64) < norm_chunks_of(lens[t]));
+            seen[t] += 1;
+        }
+        assert_eq!(seen, lens.map(norm_chunks_of));
+        assert_eq!(norm_chunks_of(0), 0);
+        assert_eq!(NORM_CHUNK % (4 * NORM_THREADS as usize), 0);
+        assert_eq!(CHUNK % NORM_CHUNK, 0);
+    }
+
+    #[test]
     fn pack_of_nothing_is_empty() {
         let p = pack(&[]).unwrap();
         assert_eq!((p.n_chunks, p.n_tensors, p.n_coeffs), (0, 0, 0));
@@ -303,6 +388,11 @@ mod tests {
     fn too_many_chunks_is_an_error() {
         let huge = (entry(u64::MAX / 2, 0), k(1.0));
         let e = pack(&[huge]).unwrap_err();
+        assert_eq!(
+            sage_core::BackendError::kind(&e),
+            sage_core::ErrorKind::TooLarge
+        );
+        let e = pack_norm(&[huge.0]).unwrap_err();
         assert_eq!(
             sage_core::BackendError::kind(&e),
             sage_core::ErrorKind::TooLarge

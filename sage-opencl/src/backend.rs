@@ -8,7 +8,10 @@ use ocl::core::{
     self, ArgVal, CommandQueue, Context, Kernel, KernelWorkGroupInfo, KernelWorkGroupInfoResult,
     Mem, MemFlags, Program, ProgramBuildInfo, ProgramBuildInfoResult,
 };
-use sage_core::{Accumulate, ApplyArgs, Backend, Coeffs, DType, Element, ParamTensor, TensorMut};
+use sage_core::norm;
+use sage_core::{
+    Accumulate, ApplyArgs, Backend, Coeffs, DType, Element, HostBuffers, ParamTensor, TensorMut,
+};
 
 use crate::buffer::{bytes, bytes_mut, ClBuffer};
 use crate::device::{describe, devices, DeviceDesc, Select};
@@ -16,8 +19,6 @@ use crate::{source, Error};
 
 /// Work-items per work-group for the elementwise kernels (lowered where a kernel allows less).
 const LOCAL: usize = 256;
-/// Elements each work-item of the reduction sums before the tree.
-const NORM_PER_ITEM: usize = 16;
 /// Most tensors one launch takes (the device's parameter size may lower it).
 const MAX_SLOTS: usize = 16;
 
@@ -53,7 +54,7 @@ impl ProgramKey {
     fn name(self) -> String {
         match self {
             ProgramKey::Step(p, s) => format!("step {p}/{s}"),
-            ProgramKey::Norm(e) => format!("sq_norm {e}"),
+            ProgramKey::Norm(e) => format!("norm partials {e}"),
         }
     }
 }
@@ -65,6 +66,9 @@ struct Shared {
     queue: CommandQueue,
     options: CString,
     slots: usize,
+    /// Whether norm partials accumulate in double (the device has `cl_khr_fp64` and the
+    /// builder did not turn it off).
+    norm_fp64: bool,
     max_alloc: u64,
     programs: Mutex<HashMap<ProgramKey, Program>>,
 }
@@ -76,6 +80,7 @@ pub struct Builder {
     queue: Option<ocl::Queue>,
     extra_options: String,
     max_slots: Option<usize>,
+    no_fp64_norms: bool,
 }
 
 impl Builder {
@@ -106,16 +111,26 @@ impl Builder {
         self
     }
 
+    /// Whether gradient-norm partials accumulate in `double` where the device has
+    /// `cl_khr_fp64` (the default). `false` takes the path of devices without it: each
+    /// 4096-element chunk scaled by a power of two from its largest magnitude and summed in
+    /// `float` (no finite input overflows; about 1e-6 relative error), for devices whose double
+    /// precision is slow.
+    pub fn f64_norms(mut self, on: bool) -> Self {
+        self.no_fp64_norms = !on;
+        self
+    }
+
     /// Opens the device: a context and an in-order queue. Kernels are built on first use.
     pub fn build(self) -> Result<OpenCl, Error> {
         let list = devices()?;
-        let Some(q) = self.queue else {
+        let Some(q) = self.queue.clone() else {
             let desc = self.select.pick(&list)?.clone();
             let context = core::create_context(None, &[desc.id], None, None)
                 .map_err(|e| Error::cl("creating a context", e))?;
             let queue = core::create_command_queue(&context, desc.id, None)
                 .map_err(|e| Error::cl("creating a queue", e))?;
-            return OpenCl::open(desc, context, queue, &self.extra_options, self.max_slots);
+            return OpenCl::open(desc, context, queue, &self);
         };
         let id = *q.device().as_core();
         let desc = match list.iter().find(|d| d.id == id) {
@@ -142,13 +157,7 @@ impl Builder {
             }
         }
         let context = q.context().as_core().clone();
-        OpenCl::open(
-            desc,
-            context,
-            q.as_core().clone(),
-            &self.extra_options,
-            self.max_slots,
-        )
+        OpenCl::open(desc, context, q.as_core().clone(), &self)
     }
 }
 
@@ -158,23 +167,30 @@ impl Builder {
 /// `ocl::Buffer`), stepped in place. Clones share the device, the queue and the compiled
 /// programs; each clone keeps its own kernel objects, so clones may live on different threads.
 ///
+/// It implements [`HostBuffers`] too (uploads and host copies), so checkpoints and the
+/// conformance suite run on it without depending on this crate.
+///
 /// ```no_run
-/// use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor};
+/// use sage_core::{Algorithm, Config, Optimizer, ParamGroup, ParamTensor, TensorState};
 /// use sage_opencl::OpenCl;
 ///
 /// let cl = OpenCl::new()?;
 /// let mut w = cl.upload(&[0.5f32, -0.25, 0.0])?;
 /// let g = cl.upload(&[0.1f32, 0.2, 0.3])?;
-/// let (mut m, mut v, mut ibar) = (cl.zeros::<f32>(3)?, cl.zeros::<f32>(3)?, cl.zeros::<f32>(3)?);
 /// let cfg = Config::reference(Algorithm::adamw(), 1e-3).beta0(0.8);
+/// // m, v and Ī on the device, and the tensor's own step count.
+/// let mut state = TensorState::try_new(cfg.state_layout(true), |_| cl.zeros::<f32>(3))?;
 /// let mut opt = Optimizer::new(cl.clone(), cfg, [ParamGroup::sage()]).unwrap();
-/// opt.step(&mut [ParamTensor::new(&mut w, &g).m(&mut m).v(&mut v).ibar(&mut ibar)]).unwrap();
+/// opt.step(&mut [ParamTensor::new(&mut w, &g, state.view())]).unwrap();
+/// assert_eq!(state.step, 1);
 /// println!("{:?}", cl.download(&w)?);
 /// # Ok::<(), sage_opencl::Error>(())
 /// ```
 pub struct OpenCl {
     shared: Arc<Shared>,
     kernels: HashMap<(ProgramKey, &'static str), (Kernel, usize)>,
+    /// Scratch for norm partials, reused across steps: the buffer and its size in bytes.
+    partials: Option<(Mem, usize)>,
 }
 
 impl Clone for OpenCl {
@@ -182,6 +198,7 @@ impl Clone for OpenCl {
         OpenCl {
             shared: self.shared.clone(),
             kernels: HashMap::new(),
+            partials: None,
         }
     }
 }
@@ -201,6 +218,26 @@ struct Item<'a> {
     m: Option<&'a Mem>,
     v: Option<&'a Mem>,
     b: Option<&'a Mem>,
+}
+
+/// Chunks `first .. first + chunks` of one buffer on the norm grid.
+struct NormItem<'a> {
+    /// `None` only for an empty buffer.
+    mem: Option<&'a Mem>,
+    len: usize,
+    first: usize,
+    chunks: usize,
+}
+
+impl<'a> NormItem<'a> {
+    fn whole<E: Element>(b: &'a ClBuffer<E>) -> Self {
+        NormItem {
+            mem: b.mem.as_ref(),
+            len: b.len,
+            first: 0,
+            chunks: norm::chunk_count(b.len),
+        }
+    }
 }
 
 fn check_len(buffer: &'static str, expected: usize, got: usize) -> Result<(), Error> {
@@ -285,9 +322,9 @@ impl OpenCl {
         desc: DeviceDesc,
         context: Context,
         queue: CommandQueue,
-        extra: &str,
-        max_slots: Option<usize>,
+        b: &Builder,
     ) -> Result<Self, Error> {
+        let (extra, max_slots) = (&b.extra_options, b.max_slots);
         let mut options = String::new();
         if desc.correctly_rounded_div_sqrt {
             // Matches the CPU's IEEE division and square root (OpenCL allows 2.5 and 3 ulp).
@@ -305,15 +342,17 @@ impl OpenCl {
         };
         Ok(OpenCl {
             shared: Arc::new(Shared {
-                desc,
                 context,
                 queue,
                 options,
                 slots,
+                norm_fp64: desc.fp64 && !b.no_fp64_norms,
+                desc,
                 max_alloc,
                 programs: Mutex::new(HashMap::new()),
             }),
             kernels: HashMap::new(),
+            partials: None,
         })
     }
 
@@ -346,7 +385,7 @@ impl OpenCl {
     /// the first step (a build takes from milliseconds to seconds).
     pub fn prepare<P: Element, S: Element>(&mut self) -> Result<(), Error> {
         self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), "sage_cl_step")?;
-        self.kernel(ProgramKey::Norm(P::DTYPE), "sage_cl_sq_norm")?;
+        self.kernel(ProgramKey::Norm(P::DTYPE), "sage_cl_norm_partials")?;
         Ok(())
     }
 
@@ -460,7 +499,7 @@ impl OpenCl {
         }
         let src = match key {
             ProgramKey::Step(p, s) => source::step_program(p, s, sh.slots),
-            ProgramKey::Norm(e) => source::norm_program(e, sh.slots, sh.desc.fp64),
+            ProgramKey::Norm(e) => source::norm_program(e, sh.slots, sh.norm_fp64),
         };
         let src = CString::new(src).expect("generated source has no NUL");
         let program = core::create_program_with_source(&sh.context, &[src])
@@ -501,8 +540,8 @@ impl OpenCl {
             _ => 1,
         };
         let mut wg = max.min(LOCAL);
-        if name == "sage_cl_sq_norm" {
-            // The tree reduction halves: a power of two.
+        if name == "sage_cl_norm_partials" {
+            // The tree reduction halves: a power of two (so it also divides the chunk).
             wg = 1 << (usize::BITS - 1 - wg.leading_zeros());
         }
         self.kernels.insert((key, name), (k.clone(), wg));
@@ -628,58 +667,91 @@ impl OpenCl {
         self.step_items::<P, S>(&items, "sage_cl_floor")
     }
 
-    /// `Σ x²` of each buffer: one launch per `slots` buffers, one read for all.
+    /// Whether gradient-norm partials accumulate in `double` here ([`Builder::f64_norms`]).
+    pub fn f64_norms(&self) -> bool {
+        self.shared.norm_fp64
+    }
+
+    /// `Σ x²` of each buffer: every chunk partial of every buffer ([`sage_core::norm`]) with
+    /// one launch per [`tensors_per_launch`](Self::tensors_per_launch) buffers and one read for
+    /// all, then each buffer's partials folded on the host in chunk order
+    /// ([`norm::fold`]): exactly what [`Backend::sq_norm_chunks`] and the fold give.
     pub fn sq_norms<E: Element>(&mut self, bufs: &[&ClBuffer<E>]) -> Result<Vec<f64>, Error> {
-        let mut out = vec![0.0; bufs.len()];
-        let nonempty: Vec<(usize, &ClBuffer<E>)> = bufs
+        let items: Vec<NormItem<'_>> = bufs.iter().map(|b| NormItem::whole(b)).collect();
+        let mut partials = vec![0f64; items.iter().map(|i| i.chunks).sum()];
+        self.norm_partials::<E>(&items, &mut partials)?;
+        let mut at = 0;
+        Ok(items
             .iter()
-            .enumerate()
-            .filter(|(_, b)| b.len > 0)
-            .map(|(i, b)| (i, *b))
-            .collect();
-        if nonempty.is_empty() {
-            return Ok(out);
+            .map(|i| {
+                let s = norm::fold(partials[at..at + i.chunks].iter().copied());
+                at += i.chunks;
+                s
+            })
+            .collect())
+    }
+
+    /// The chunk partials of `items`, back to back, into `out` (exactly their number): one
+    /// work-group per chunk, one launch per `slots` buffers, one blocking read.
+    fn norm_partials<E: Element>(
+        &mut self,
+        items: &[NormItem<'_>],
+        out: &mut [f64],
+    ) -> Result<(), Error> {
+        let total: usize = items.iter().map(|i| i.chunks).sum();
+        check_len("norm partials", total, out.len())?;
+        let live: Vec<&NormItem<'_>> = items.iter().filter(|i| i.chunks > 0).collect();
+        if live.is_empty() {
+            return Ok(());
         }
-        let (k, wg) = self.kernel(ProgramKey::Norm(E::DTYPE), "sage_cl_sq_norm")?;
+        let (k, wg) = self.kernel(ProgramKey::Norm(E::DTYPE), "sage_cl_norm_partials")?;
         let per = self.shared.slots;
-        let chunk_elems = wg * NORM_PER_ITEM;
-        // tab[2s] = len, tab[2s+1] = groups of the launch so far; each tensor's partial sums
-        // sit at [first, last) of the partials buffer.
-        let mut tab = Vec::with_capacity(2 * nonempty.len());
-        let mut ranges = Vec::with_capacity(nonempty.len());
+        let fp64 = self.shared.norm_fp64;
+        // tab[3s] = buffer length, tab[3s+1] = first chunk, tab[3s+2] = work-groups of the
+        // launch so far.
+        let mut tab = Vec::with_capacity(3 * live.len());
         let mut launches = Vec::new();
-        let mut total = 0usize;
-        for chunk in nonempty.chunks(per) {
-            let pbase = total;
+        let mut pbase = 0usize;
+        for chunk in live.chunks(per) {
             let mut end = 0usize;
-            for (_, b) in chunk {
-                let groups = b.len.div_ceil(chunk_elems);
-                ranges.push((pbase + end, pbase + end + groups));
-                end += groups;
-                tab.extend([b.len as u64, end as u64]);
+            for it in chunk {
+                end += it.chunks;
+                tab.extend([it.len as u64, it.first as u64, end as u64]);
             }
             launches.push((pbase, end));
-            total += end;
+            pbase += end;
+        }
+        if total > u32::MAX as usize {
+            return Err(Error::TooLarge(format!("{total} norm chunks in one call")));
         }
         let table = self.table(u64_bytes(&tab))?;
-        let acc_size = if self.shared.desc.fp64 { 8 } else { 4 };
-        let partials = self
-            .mem(total, acc_size, None)?
-            .expect("at least one work-group");
+        // A partial is one double, or a (sum, exponent) pair of floats.
+        let bytes = total * 8;
+        let partials = match &self.partials {
+            Some((m, n)) if *n >= bytes => m.clone(),
+            _ => {
+                self.partials = None;
+                let n = bytes.next_power_of_two().max(1024);
+                let m = self
+                    .mem(n, 1, None)?
+                    .ok_or_else(|| Error::TooLarge("internal: norm scratch".into()))?;
+                self.partials = Some((m.clone(), n));
+                m
+            }
+        };
         let set = |i: u32, a: ArgVal| {
             core::set_kernel_arg(&k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
         };
-        for (ci, (chunk, &(pbase, groups))) in nonempty.chunks(per).zip(&launches).enumerate() {
+        for (ci, (chunk, &(pbase, groups))) in live.chunks(per).zip(&launches).enumerate() {
             let (base, count) = ((ci * per) as u32, chunk.len() as u32);
             set(0, ArgVal::mem(&table))?;
             set(1, ArgVal::scalar(&base))?;
             set(2, ArgVal::scalar(&count))?;
-            set(3, ArgVal::scalar(&(NORM_PER_ITEM as u32)))?;
-            set(4, ArgVal::mem(&partials))?;
-            set(5, ArgVal::scalar(&(pbase as u32)))?;
+            set(3, ArgVal::mem(&partials))?;
+            set(4, ArgVal::scalar(&(pbase as u32)))?;
             set(
-                6,
-                if acc_size == 8 {
+                5,
+                if fp64 {
                     ArgVal::local::<f64>(&wg)
                 } else {
                     ArgVal::local::<f32>(&wg)
@@ -687,26 +759,23 @@ impl OpenCl {
             )?;
             for s in 0..per {
                 let a = match chunk.get(s) {
-                    Some((_, b)) => ArgVal::mem(mem_of(b)),
+                    Some(it) => opt_mem(it.mem),
                     None => ArgVal::mem_null(),
                 };
-                set(7 + s as u32, a)?;
+                set(6 + s as u32, a)?;
             }
             self.enqueue(&k, groups, wg)?;
         }
-        let sums: Vec<f64> = if acc_size == 8 {
-            let mut host = vec![0f64; total];
-            self.read_raw(&partials, &mut host)?;
-            host
+        if fp64 {
+            self.read_raw(&partials, out)?;
         } else {
-            let mut host = vec![0f32; total];
+            let mut host = vec![0f32; 2 * total];
             self.read_raw(&partials, &mut host)?;
-            host.into_iter().map(f64::from).collect()
-        };
-        for ((i, _), (a, b)) in nonempty.iter().zip(&ranges) {
-            out[*i] = sums[*a..*b].iter().sum();
+            for (o, p) in out.iter_mut().zip(host.chunks_exact(2)) {
+                *o = source::widen_partial(p[0], p[1]);
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn read_raw<T: core::OclPrm>(&self, mem: &Mem, out: &mut [T]) -> Result<(), Error> {
@@ -722,7 +791,7 @@ impl OpenCl {
                 None::<()>,
             )
         }
-        .map_err(|e| Error::cl("reading partial sums", e))
+        .map_err(|e| Error::cl("reading norm partials", e))
     }
 
     /// A one-slot launch table for the primitives.
@@ -745,6 +814,32 @@ impl Backend for OpenCl {
         buf.len
     }
 
+    fn sq_norm_chunks<E: Element>(
+        &mut self,
+        buf: &ClBuffer<E>,
+        first: usize,
+        out: &mut [f64],
+    ) -> Result<(), Error> {
+        let chunks = norm::chunk_count(buf.len);
+        let end = first.saturating_add(out.len());
+        if end > chunks {
+            return Err(Error::LengthMismatch {
+                buffer: "norm chunks (first + count)",
+                expected: chunks,
+                got: end,
+            });
+        }
+        let item = NormItem {
+            mem: buf.mem.as_ref(),
+            len: buf.len,
+            first,
+            chunks: out.len(),
+        };
+        self.norm_partials::<E>(&[item], out)
+    }
+
+    /// All partials in one launch and one read (the provided method reads them 32 at a time),
+    /// folded on the host: the same bits.
     fn sq_norm<E: Element>(&mut self, buf: &ClBuffer<E>) -> Result<f64, Error> {
         Ok(self.sq_norms(&[buf])?[0])
     }
@@ -835,6 +930,9 @@ impl Backend for OpenCl {
         self.step_items::<P, S>(&items, "sage_cl_step")
     }
 
+    /// Every gradient's chunk partials (one launch per
+    /// [`tensors_per_launch`](OpenCl::tensors_per_launch) tensors, one read for all), each
+    /// tensor's folded on the host in chunk order.
     fn grad_sq_norms<P: Element, S: Element>(
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
@@ -845,6 +943,17 @@ impl Backend for OpenCl {
             t.set_grad_sq_norm(n);
         }
         Ok(())
+    }
+
+    /// Every gradient's chunk partials with the launches of
+    /// [`grad_sq_norms`](Self::grad_sq_norms) and one read.
+    fn grad_norm_partials<P: Element, S: Element>(
+        &mut self,
+        tensors: &[ParamTensor<'_, Self, P, S>],
+        out: &mut [f64],
+    ) -> Result<(), Error> {
+        let items: Vec<NormItem<'_>> = tensors.iter().map(|t| NormItem::whole(t.grad())).collect();
+        self.norm_partials::<P>(&items, out)
     }
 
     fn step_tensors<P: Element, S: Element>(
@@ -870,5 +979,41 @@ impl Backend for OpenCl {
             }
         }
         self.step_items::<P, S>(&items, "sage_cl_step")
+    }
+}
+
+/// Host copies for checkpoints, the conformance suite and anything else generic over
+/// [`HostBuffers`]: owned buffers are [`ClBuffer`]s, every copy is a blocking transfer on the
+/// backend's in-order queue.
+impl HostBuffers for OpenCl {
+    type Owned<E: Element> = ClBuffer<E>;
+
+    /// `opencl:P:D (device name)`.
+    fn describe(&self, out: &mut dyn std::fmt::Write) -> std::fmt::Result {
+        let d = &self.shared.desc;
+        write!(out, "opencl:{}:{} ({})", d.platform, d.device, d.name)
+    }
+
+    /// Every storage type on every device: f16 is stored through `vload_half` /
+    /// `vstore_half_rte`, core OpenCL, so it needs no `cl_khr_fp16`.
+    fn supports(&self, d: DType) -> bool {
+        let _ = d;
+        true
+    }
+
+    fn upload<E: Element>(&mut self, data: &[E]) -> Result<ClBuffer<E>, Error> {
+        OpenCl::upload(self, data)
+    }
+
+    fn copy_to_host<E: Element>(&mut self, buf: &ClBuffer<E>, out: &mut [E]) -> Result<(), Error> {
+        self.read(buf, out)
+    }
+
+    fn copy_from_host<E: Element>(
+        &mut self,
+        buf: &mut ClBuffer<E>,
+        data: &[E],
+    ) -> Result<(), Error> {
+        self.write(buf, data)
     }
 }

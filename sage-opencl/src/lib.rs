@@ -11,6 +11,13 @@
 //!   rounded division and square root where the device offers them, so results match the CPU.
 //! - One fused pass per tensor; [`Backend::step_tensors`](sage_core::Backend::step_tensors)
 //!   and gradient norms take up to 16 tensors per launch.
+//! - Gradient norms follow sage-core's chunk grid ([`sage_core::norm`]): one work-group per
+//!   4096-element chunk writes its partial (in `double` where the device has `cl_khr_fp64`,
+//!   else in `float` scaled by a power of two so no finite input overflows; a fixed tree, so a
+//!   partial depends on its chunk's contents only), all partials come back in one read, and
+//!   each tensor's are folded on the host in chunk order, exactly as `norm::fold` does.
+//! - [`OpenCl`] implements [`HostBuffers`](sage_core::HostBuffers): checkpoints and the
+//!   conformance suite copy its buffers without depending on this crate.
 //! - Storage: f32, f16 and bf16 parameters and state, computed in f32. f16 goes through
 //!   `vload_half`/`vstore_half_rte`, which are core OpenCL, so it works without `cl_khr_fp16`.
 //! - Device choice by index or name ([`Select`], or `SAGE_OPENCL_DEVICE=P:D|name` for

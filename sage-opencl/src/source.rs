@@ -202,59 +202,123 @@ fn multi_entry(src: &mut String, name: &str, elem: &str, slots: usize) {
     let _ = writeln!(src, "    {elem}(slots + s, p, g, m, v, b, i);\n}}");
 }
 
-/// The squared-norm program of storage `e`: `sage_cl_sq_norm` reduces up to `slots` buffers per
-/// launch to one partial sum per work-group, accumulated in double where `fp64` (else float).
+/// Elements per chunk of sage-core's norm grid (`sage_core::norm::NORM_CHUNK`).
+pub const NORM_CHUNK: usize = sage_core::norm::NORM_CHUNK;
+
+/// The squared-norm program of storage `e`: `sage_cl_norm_partials` writes the partial sum of
+/// squares of each chunk of sage-core's norm grid ([`NORM_CHUNK`] elements from a buffer's
+/// start), one work-group per chunk, for up to `slots` buffers per launch.
+///
+/// With `fp64` (the device has `cl_khr_fp64`) a partial is a `double`: each square is exact
+/// there and cannot overflow. Without it a partial is a pair of floats `(sum, k)` meaning
+/// `sum · 2^(2k)`: the chunk's largest magnitude `m` is found first and every element scaled
+/// by `2^-k` (`k = ilogb(m)`, exact) before it is squared, so no finite input overflows either;
+/// the host widens the pair to f64. Either way each work-item adds the elements
+/// `lid, lid + local_size, ...` of the chunk in order and the work-group sums them in a fixed
+/// tree, so a partial depends on its chunk's contents only (for a given work-group size, fixed
+/// per device). NaN and ±Inf make the partial non-finite.
 pub fn norm_program(e: DType, slots: usize, fp64: bool) -> String {
     let mut src = String::from(PRELUDE);
     src.push_str(sage_core::gpu::KERNEL_BODY);
+    let _ = writeln!(src, "#define SAGE_NORM_CHUNK {NORM_CHUNK}");
     if fp64 {
-        src.push_str("#pragma OPENCL EXTENSION cl_khr_fp64 : enable\ntypedef double sage_acc;\n");
+        src.push_str(
+            "#pragma OPENCL EXTENSION cl_khr_fp64 : enable\ntypedef double sage_acc;\ntypedef double sage_part;\n",
+        );
     } else {
-        src.push_str("typedef float sage_acc;\n");
+        src.push_str("typedef float sage_acc;\ntypedef float sage_part;\n");
     }
     src.push_str(&storage_macros("E", e));
     src.push_str(
         r#"
-/* tab[2s] = elements of tensor s, tab[2s+1] = work-groups up to and including it. Each
- * group sums `per_item * local_size` elements of one tensor; local_size is a power of two. */
-__kernel void sage_cl_sq_norm(__global const ulong* tab, uint base, uint count, uint per_item,
-                           __global sage_acc* partials, uint pbase, __local sage_acc* scratch"#,
+/* A work-group's values in `scratch` summed (or, with SAGE_TREE_MAX, maxed) in a fixed tree
+ * (local_size is a power of two); the result is in scratch[0] for every work-item. */
+#define SAGE_TREE(OP)                                                   \
+    for (size_t off = lsz / 2; off > 0; off >>= 1) {                    \
+        if (lid < off) scratch[lid] = OP(scratch[lid], scratch[lid + off]); \
+        barrier(CLK_LOCAL_MEM_FENCE);                                   \
+    }
+#define SAGE_ADD(a, b) ((a) + (b))
+
+/* tab[3s] = elements of buffer s, tab[3s+1] = the grid chunk its first work-group sums (a
+ * window of a buffer may start past chunk 0), tab[3s+2] = work-groups of this launch up to and
+ * including buffer s. Work-group `grp` writes partial `pbase + grp`. */
+__kernel void sage_cl_norm_partials(__global const ulong* tab, uint base, uint count,
+                                    __global sage_part* partials, uint pbase,
+                                    __local sage_acc* scratch"#,
     );
     src.push_str(&slot_args(slots, &[("__global const E_T*", "x")]));
     src.push_str(
         r#") {
-    tab += 2 * (size_t)base;
+    tab += 3 * (size_t)base;
     size_t grp = get_group_id(0);
     size_t lid = get_local_id(0);
     size_t lsz = get_local_size(0);
     uint s = 0;
-    while (s + 1u < count && grp >= tab[2 * s + 1]) s++;
-    size_t first = s ? tab[2 * s - 1] : 0;
-    size_t len = tab[2 * s];
-    size_t chunk = lsz * per_item;
-    size_t start = (grp - first) * chunk;
-    size_t end = min(start + chunk, len);
+    while (s + 1u < count && grp >= tab[3 * s + 2]) s++;
+    size_t first = s ? tab[3 * s - 1] : 0;
+    size_t len = tab[3 * s];
+    size_t start = (tab[3 * s + 1] + (grp - first)) * SAGE_NORM_CHUNK;
+    size_t end = min(start + SAGE_NORM_CHUNK, len);
     __global const E_T* x;
     "#,
     );
     src.push_str(&slot_switch(slots, &["x"]).replace("default: return;", "default: x = x0;"));
-    src.push_str(
-        r#"    sage_acc acc = 0;
+    if fp64 {
+        src.push_str(
+            r#"    double acc = 0.0;
     for (size_t i = start + lid; i < end; i += lsz) {
-        sage_acc e = (sage_acc)E_LD(x, i);
-        acc += e * e;
+        double v = (double)E_LD(x, i);
+        acc += v * v;
     }
     scratch[lid] = acc;
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (size_t off = lsz / 2; off > 0; off >>= 1) {
-        if (lid < off) scratch[lid] += scratch[lid + off];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
+    SAGE_TREE(SAGE_ADD)
     if (lid == 0) partials[pbase + grp] = scratch[0];
 }
 "#,
-    );
+        );
+    } else {
+        src.push_str(
+            r#"    /* The largest magnitude; +Inf when any element is NaN or ±Inf (fmax drops NaN). */
+    float m = 0.0f;
+    for (size_t i = start + lid; i < end; i += lsz) {
+        float v = E_LD(x, i);
+        m = isfinite(v) ? fmax(m, fabs(v)) : INFINITY;
+    }
+    scratch[lid] = m;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    SAGE_TREE(fmax)
+    m = scratch[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    /* Scaled by 2^-k, every finite element is below 2 in magnitude: no square overflows. A
+     * non-finite chunk is summed unscaled, so that its partial is NaN or +Inf. */
+    int k = (m > 0.0f && isfinite(m)) ? ilogb(m) : 0;
+    float acc = 0.0f;
+    for (size_t i = start + lid; i < end; i += lsz) {
+        float v = ldexp(E_LD(x, i), -k);
+        acc += v * v;
+    }
+    scratch[lid] = acc;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    SAGE_TREE(SAGE_ADD)
+    if (lid == 0) {
+        partials[2 * (size_t)(pbase + grp)] = scratch[0];
+        partials[2 * (size_t)(pbase + grp) + 1] = (float)k;
+    }
+}
+"#,
+        );
+    }
     src
+}
+
+/// The `f64` value of a partial of the float path of [`norm_program`]: `sum · 2^(2k)`, exact
+/// (the scale is a power of two well inside f64's range).
+pub fn widen_partial(sum: f32, k: f32) -> f64 {
+    let e = 2 * k as i32;
+    // 2^e for |e| <= 2 * 150: a normal f64.
+    sum as f64 * f64::from_bits(((1023 + e) as u64) << 52)
 }
 
 #[cfg(test)]
@@ -271,5 +335,17 @@ mod tests {
         let n = norm_program(DType::F32, 2, true);
         assert!(n.contains("__global const E_T* x1"));
         assert!(n.contains("cl_khr_fp64"));
+        assert!(n.contains("#define SAGE_NORM_CHUNK 4096\n"));
+        let n = norm_program(DType::Bf16, 2, false);
+        assert!(!n.contains("cl_khr_fp64") && n.contains("ilogb"));
+    }
+
+    #[test]
+    fn float_partials_widen_exactly() {
+        assert_eq!(widen_partial(3.0, 0.0), 3.0);
+        assert_eq!(widen_partial(1.5, 100.0), 1.5 * 2f64.powi(200));
+        assert_eq!(widen_partial(1.25, -140.0), 1.25 * 2f64.powi(-280));
+        assert!(widen_partial(f32::NAN, 0.0).is_nan());
+        assert_eq!(widen_partial(f32::INFINITY, 0.0), f64::INFINITY);
     }
 }

@@ -6,7 +6,7 @@ mod common;
 use common::device;
 use sage_core::{
     bf16, f16, Accumulate, Algorithm, Backend, BackendError, Config, ErrorKind, Optimizer,
-    ParamGroup, ParamTensor, TensorMut,
+    ParamGroup, ParamTensor, TensorMut, TensorState,
 };
 use sage_opencl::{ClBuffer, Error, OpenCl, Select};
 
@@ -46,9 +46,22 @@ fn mismatched_lengths_are_errors_and_change_nothing() {
     assert!(e.to_string().contains("grad"), "{e}");
     // A bad tensor anywhere in a multi-tensor step stops it before anything runs.
     let mut p2 = cl.upload(&[1.0f32; 9]).unwrap();
+    let (mut n0, mut n1) = (0u64, 0u64);
+    let no_state = TensorState {
+        m: None,
+        v: None,
+        ibar: None,
+        step: &mut n0,
+    };
+    let ibar_only = TensorState {
+        m: None,
+        v: None,
+        ibar: Some(&mut ib),
+        step: &mut n1,
+    };
     let mut ts = vec![
-        ParamTensor::<OpenCl, f32, f32>::new(&mut p2, &g9),
-        ParamTensor::new(&mut p, &g9).ibar(&mut ib),
+        ParamTensor::<OpenCl, f32, f32>::new(&mut p2, &g9, no_state),
+        ParamTensor::new(&mut p, &g9, ibar_only),
     ];
     ts[0].set_coeffs(k);
     ts[1].set_coeffs(k);
@@ -85,12 +98,14 @@ fn the_optimizer_reports_bad_tensors_by_name() {
     .unwrap();
     let mut p = cl.upload(&[1.0f32; 4]).unwrap();
     let g = cl.upload(&[1.0f32; 5]).unwrap();
-    let mut ib = cl.zeros::<f32>(4).unwrap();
+    let mut state =
+        TensorState::try_new(opt.state_layout(0).unwrap(), |_| cl.zeros::<f32>(4)).unwrap();
     let e = opt
-        .step(&mut [ParamTensor::new(&mut p, &g).name("w").ibar(&mut ib)])
+        .step(&mut [ParamTensor::new(&mut p, &g, state.view()).name("w")])
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::LengthMismatch);
     assert!(e.to_string().contains("`w`"), "{e}");
+    assert_eq!(state.step, 0, "a refused step leaves the tensor's count");
 }
 
 #[test]

@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use sage_core::formula;
-use sage_core::{Algorithm, Config, Element, Optimizer, ParamGroup, ParamTensor};
+use sage_core::{Algorithm, Config, Element, Optimizer, ParamGroup, ParamTensor, TensorState};
 use sage_cuda::cudarc::driver::{sys::CUevent_flags, CudaSlice, CudaStream};
 use sage_cuda::{Cuda, CudaError};
 
@@ -179,33 +179,24 @@ fn bench_adam<P: Element>(
         .collect();
     let mut params: Vec<CudaSlice<P>> = Vec::new();
     let mut grads: Vec<CudaSlice<P>> = Vec::new();
-    let mut state: Vec<[Option<CudaSlice<f32>>; 3]> = Vec::new();
+    let mut state: Vec<TensorState<CudaSlice<f32>>> = Vec::new();
     let layout = cfg.state_layout(sage);
     for &n in sizes {
         params.push(gpu.upload(&host_p[..n]).map_err(err)?);
         grads.push(gpu.upload(&host_g[..n]).map_err(err)?);
-        let mk = |on: bool| -> Result<Option<CudaSlice<f32>>, String> {
-            if on {
-                gpu.zeros::<f32>(n).map(Some).map_err(err)
-            } else {
-                Ok(None)
-            }
-        };
-        state.push([mk(layout.m)?, mk(layout.v)?, mk(layout.ibar)?]);
+        state.push(TensorState::try_new(layout, |_| gpu.zeros::<f32>(n)).map_err(err)?);
     }
     let mut opt = Optimizer::new(gpu.clone(), cfg, [group]).map_err(|e| e.to_string())?;
     let stream = gpu.stream().clone();
     let step = |opt: &mut Optimizer<Cuda, [ParamGroup; 1]>,
                 params: &mut Vec<CudaSlice<P>>,
-                state: &mut Vec<[Option<CudaSlice<f32>>; 3]>|
+                state: &mut Vec<TensorState<CudaSlice<f32>>>|
      -> Result<(), String> {
         let mut ts: Vec<ParamTensor<'_, Cuda, P, f32>> = params
             .iter_mut()
             .zip(state.iter_mut())
             .zip(grads.iter())
-            .map(|((p, [m, v, ib]), g)| {
-                ParamTensor::new(p, g).state(m.as_mut(), v.as_mut(), ib.as_mut())
-            })
+            .map(|((p, st), g)| ParamTensor::new(p, g, st.view()))
             .collect();
         opt.step(&mut ts).map(|_| ()).map_err(|e| e.to_string())
     };

@@ -1,11 +1,21 @@
-// Host stand-ins for the CUDA built-ins the step kernels use, so the real kernel source runs on
-// the CPU: a launch is a loop over blocks and, inside each, over threads one after another.
-// Valid for kernels without barriers or shuffles (the step kernels; not the norm reduction).
+// Host stand-ins for the CUDA built-ins the kernels use, so the real kernel source runs on the
+// CPU. Two ways to launch:
+// - sage_emu_launch_serial: a loop over blocks and, inside each, over threads one after
+//   another; for kernels without barriers or shuffles (the step kernels, the norm fold);
+// - sage_emu_launch_threads: one std::thread per CUDA thread, blocks one after another, with
+//   __syncthreads a barrier of the block and __shfl_down_sync an exchange through a barrier of
+//   the warp (every lane of a warp calls it together, as the kernels do); for the norm's chunk
+//   partials.
+#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
 struct sage_dim { unsigned x; };
-static sage_dim threadIdx, blockIdx, blockDim, gridDim;
+static thread_local sage_dim threadIdx, blockIdx;
+static sage_dim blockDim, gridDim;
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -17,8 +27,55 @@ static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4
 static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 static inline float sage_emu_h2f(unsigned short h) { _Float16 t; std::memcpy(&t, &h, 2); return (float)t; }
 static inline unsigned short sage_emu_f2h(float f) { _Float16 t = (_Float16)f; unsigned short h; std::memcpy(&h, &t, 2); return h; }
-// Not run here (barriers, shuffles, atomics): only declared so the norm kernel compiles.
-static inline void __syncthreads() {}
-static inline void __threadfence() {}
-static inline double __shfl_down_sync(unsigned, double x, int) { return x; }
-static inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned o = *p; *p += v; return o; }
+
+// Barriers of the threaded launch (none in a serial one, where no kernel may use them).
+static std::barrier<>* sage_emu_block_barrier = nullptr;
+static std::vector<std::unique_ptr<std::barrier<>>> sage_emu_warp_barriers;
+static double sage_emu_exchange[1024];
+
+static inline void __syncthreads() {
+    if (!sage_emu_block_barrier) std::abort();
+    sage_emu_block_barrier->arrive_and_wait();
+}
+
+static inline double __shfl_down_sync(unsigned, double x, int offset) {
+    if (!sage_emu_block_barrier) std::abort();
+    const unsigned t = threadIdx.x, lane = t & 31u;
+    std::barrier<>& warp = *sage_emu_warp_barriers[t >> 5];
+    sage_emu_exchange[t] = x;
+    warp.arrive_and_wait();
+    // A source lane past the warp's end reads the caller's own value, as on the device.
+    const double y = (lane + offset < 32u && t + offset < blockDim.x) ? sage_emu_exchange[t + offset] : x;
+    warp.arrive_and_wait();
+    return y;
+}
+
+template <class F> static void sage_emu_launch_serial(unsigned blocks, unsigned threads, F body) {
+    gridDim.x = blocks; blockDim.x = threads;
+    for (unsigned b = 0; b < blocks; ++b) {
+        blockIdx.x = b;
+        for (unsigned t = 0; t < threads; ++t) { threadIdx.x = t; body(); }
+    }
+}
+
+template <class F> static void sage_emu_launch_threads(unsigned blocks, unsigned threads, F body) {
+    if (threads % 32u != 0 || threads > 1024u) std::abort();  // whole warps, as the kernels launch
+    gridDim.x = blocks; blockDim.x = threads;
+    std::barrier<> block(threads);
+    sage_emu_block_barrier = &block;
+    sage_emu_warp_barriers.clear();
+    for (unsigned w = 0; w < threads / 32u; ++w) sage_emu_warp_barriers.emplace_back(new std::barrier<>(32));
+    std::vector<std::thread> pool;
+    for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([&, t] {
+            threadIdx.x = t;
+            for (unsigned b = 0; b < blocks; ++b) {
+                blockIdx.x = b;
+                body();
+                block.arrive_and_wait();  // the block's shared memory is reused by the next
+            }
+        });
+    }
+    for (auto& th : pool) th.join();
+    sage_emu_block_barrier = nullptr;
+}

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use sage_core::{
     bf16, f16, Algorithm, BackendError, Config, Element, ErrorKind, Optimizer, ParamGroup,
-    ParamTensor,
+    ParamTensor, TensorState,
 };
 use sage_cpu::Cpu;
 use sage_opencl::{ClBuffer, OpenCl, Select};
@@ -122,18 +122,18 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-/// Host buffers of one tensor: parameter, gradient, state.
+/// Host buffers of one tensor: parameter, gradient, state (m, v, Ī).
 struct HostT<P, S> {
     p: Vec<P>,
     g: Vec<P>,
-    s: [Vec<S>; 3],
+    s: TensorState<Vec<S>>,
 }
 
 /// Device buffers of one tensor.
 struct DevT<P: Element, S: Element> {
     p: ClBuffer<P>,
     g: ClBuffer<P>,
-    s: [ClBuffer<S>; 3],
+    s: TensorState<ClBuffer<S>>,
 }
 
 /// Deterministic, finite values in about ±scale (no need for a random-number crate).
@@ -155,10 +155,7 @@ fn dev_tensors<P: Element, S: Element>(
     dev: &mut [DevT<P, S>],
 ) -> Vec<ParamTensor<'_, OpenCl, P, S>> {
     dev.iter_mut()
-        .map(|d| {
-            let [m, v, b] = &mut d.s;
-            ParamTensor::new(&mut d.p, &d.g).m(m).v(v).ibar(b)
-        })
+        .map(|d| ParamTensor::new(&mut d.p, &d.g, d.s.view()))
         .collect()
 }
 
@@ -194,11 +191,7 @@ fn run_case<P: Element, S: Element>(
         .map(|(i, &n)| HostT {
             p: values(n, 2 * i as u64 + 1, 0.5),
             g: values(n, 2 * i as u64 + 2, 0.01),
-            s: [
-                vec![S::default(); n],
-                vec![S::default(); n],
-                vec![S::default(); n],
-            ],
+            s: TensorState::zeros(config(false).state_layout(true), n),
         })
         .collect();
     let mut dev: Vec<DevT<P, S>> = Vec::with_capacity(host.len());
@@ -207,11 +200,8 @@ fn run_case<P: Element, S: Element>(
         dev.push(DevT {
             p: cl.upload(&h.p).map_err(err)?,
             g: cl.upload(&h.g).map_err(err)?,
-            s: [
-                cl.zeros(n).map_err(err)?,
-                cl.zeros(n).map_err(err)?,
-                cl.zeros(n).map_err(err)?,
-            ],
+            s: TensorState::try_new(config(false).state_layout(true), |_| cl.zeros(n))
+                .map_err(err)?,
         });
     }
     let bytes_per_param = (3 * P::DTYPE.size() + 6 * S::DTYPE.size()) as f64;
@@ -225,13 +215,7 @@ fn run_case<P: Element, S: Element>(
     let cpu_step = |cpu: &mut Optimizer<Cpu, [ParamGroup; 1]>, host: &mut Vec<HostT<P, S>>| {
         let mut ts: Vec<ParamTensor<'_, Cpu, P, S>> = host
             .iter_mut()
-            .map(|h| {
-                let [m, v, b] = &mut h.s;
-                ParamTensor::new(&mut h.p[..], &h.g[..])
-                    .m(&mut m[..])
-                    .v(&mut v[..])
-                    .ibar(&mut b[..])
-            })
+            .map(|h| ParamTensor::new(&mut h.p[..], &h.g[..], h.s.view()))
             .collect();
         cpu.step(&mut ts).map(|_| ()).map_err(|e| e.to_string())
     };
