@@ -1,7 +1,9 @@
 //! A small model on a backend: owned parameter and state buffers for a list of tensors, stepped
 //! through the [`Optimizer`] exactly as an embedder would.
 
-use sage_core::{Config, Element, Error, Optimizer, ParamGroup, ParamTensor, StepReport};
+use sage_core::{
+    Buffer, Config, Element, Error, Optimizer, ParamGroup, ParamTensor, StepReport, TensorState,
+};
 
 use crate::failure::Failure;
 use crate::harness::Harness;
@@ -10,8 +12,8 @@ use crate::harness::Harness;
 pub struct Model<B: Harness, P: Element, S: Element> {
     /// Parameters.
     pub params: Vec<B::Owned<P>>,
-    /// State buffers `m`, `v`, `ibar` of each tensor (absent where the layout has none).
-    pub state: Vec<[Option<B::Owned<S>>; 3]>,
+    /// Each tensor's state: `m`, `v`, `ibar` (absent where the layout has none) and its count.
+    pub state: Vec<TensorState<B::Owned<S>>>,
     /// Group of each tensor.
     pub group_of: Vec<usize>,
     /// Names of the tensors (`t0`, `t1`, ...).
@@ -41,14 +43,7 @@ impl<B: Harness, P: Element, S: Element> Model<B, P, S> {
             let sage = groups.get(group_of[i]).is_some_and(|g| g.sage);
             let layout = cfg.state_layout(sage);
             let zeros = vec![S::default(); x.len()];
-            let mut mk = |on: bool| -> Result<Option<B::Owned<S>>, Failure> {
-                if on {
-                    Ok(Some(b.upload(&zeros).map_err(fail)?))
-                } else {
-                    Ok(None)
-                }
-            };
-            state.push([mk(layout.m)?, mk(layout.v)?, mk(layout.ibar)?]);
+            state.push(TensorState::try_new(layout, |_| b.upload(&zeros)).map_err(fail)?);
         }
         Ok(Model {
             params,
@@ -72,6 +67,30 @@ impl<B: Harness, P: Element, S: Element> Model<B, P, S> {
         self.step_with(opt, &g_bufs, None)
     }
 
+    /// One step over the tensors that have a gradient (`None`: absent at this step, left out
+    /// of it, so its parameters, state and count stay as they are).
+    pub fn step_present<G: AsRef<[ParamGroup]>>(
+        &mut self,
+        opt: &mut Optimizer<B, G>,
+        grads: &[Option<Vec<f32>>],
+    ) -> Result<StepReport, Error<B::Error>> {
+        let mut g_bufs = Vec::with_capacity(grads.len());
+        let mut present = Vec::new();
+        for (i, g) in grads.iter().enumerate() {
+            // An absent tensor still gets a placeholder so that indices line up; it is not
+            // stepped.
+            let host: Vec<P> = match g {
+                Some(g) => {
+                    present.push(i);
+                    g.iter().map(|&v| P::from_f32(v)).collect()
+                }
+                None => vec![P::default(); 1],
+            };
+            g_bufs.push(opt.backend_mut().upload(&host).map_err(Error::Backend)?);
+        }
+        self.step_with(opt, &g_bufs, Some(&present))
+    }
+
     /// One step over the tensors listed in `only` (all when `None`), with gradients already
     /// on the backend.
     pub fn step_with<G: AsRef<[ParamGroup]>>(
@@ -80,7 +99,18 @@ impl<B: Harness, P: Element, S: Element> Model<B, P, S> {
         grads: &[B::Owned<P>],
         only: Option<&[usize]>,
     ) -> Result<StepReport, Error<B::Error>> {
-        let mut tensors: Vec<ParamTensor<'_, B, P, S>> = Vec::new();
+        let mut tensors = self.tensors(grads, only);
+        opt.step(&mut tensors)
+    }
+
+    /// The step's tensors for the ones listed in `only` (all when `None`), to step together
+    /// with other models' (mixed precisions) or with norms from outside.
+    pub fn tensors<'s>(
+        &'s mut self,
+        grads: &'s [B::Owned<P>],
+        only: Option<&[usize]>,
+    ) -> Vec<ParamTensor<'s, B, P, S>> {
+        let mut tensors: Vec<ParamTensor<'s, B, P, S>> = Vec::new();
         for (i, ((p, st), g)) in self
             .params
             .iter_mut()
@@ -91,19 +121,28 @@ impl<B: Harness, P: Element, S: Element> Model<B, P, S> {
             if only.is_some_and(|o| !o.contains(&i)) {
                 continue;
             }
-            let [m, v, ib] = st;
             tensors.push(
-                ParamTensor::new(B::buf_mut(p), B::buf(g))
+                ParamTensor::new(B::buf_mut(p), B::buf(g), st.view())
                     .name(&self.names[i])
-                    .group(self.group_of[i])
-                    .state(
-                        m.as_mut().map(B::buf_mut),
-                        v.as_mut().map(B::buf_mut),
-                        ib.as_mut().map(B::buf_mut),
-                    ),
+                    .group(self.group_of[i]),
             );
         }
-        opt.step(&mut tensors)
+        tensors
+    }
+
+    /// Uploads host gradients in this model's parameter type.
+    pub fn upload_grads(
+        &self,
+        b: &mut B,
+        grads: &[Vec<f32>],
+    ) -> Result<Vec<B::Owned<P>>, B::Error> {
+        grads
+            .iter()
+            .map(|g| {
+                let host: Vec<P> = g.iter().map(|&v| P::from_f32(v)).collect();
+                b.upload(&host)
+            })
+            .collect()
     }
 
     /// The parameters, widened to f32.
@@ -119,8 +158,8 @@ impl<B: Harness, P: Element, S: Element> Model<B, P, S> {
         let mut out = Vec::new();
         for st in &self.state {
             let mut one: [Vec<f32>; 3] = Default::default();
-            for (k, s) in st.iter().enumerate() {
-                if let Some(s) = s {
+            for (k, buf) in Buffer::ALL.into_iter().enumerate() {
+                if let Some(s) = st.get(buf) {
                     one[k] = b.download(s)?.iter().map(|x| x.to_f32()).collect();
                 }
             }
@@ -131,12 +170,19 @@ impl<B: Harness, P: Element, S: Element> Model<B, P, S> {
 }
 
 impl<B: Harness, P: Element, S: Element> Model<B, P, S> {
-    /// A model restored from host copies of its parameters and state (as read by
-    /// [`read_params`](Self::read_params) and [`read_state`](Self::read_state)).
+    /// Each tensor's own step count.
+    pub fn steps(&self) -> Vec<u64> {
+        self.state.iter().map(|s| s.step).collect()
+    }
+
+    /// A model restored from host copies of its parameters, state and counts (as read by
+    /// [`read_params`](Self::read_params), [`read_state`](Self::read_state) and
+    /// [`steps`](Self::steps)).
     pub fn restore(
         b: &mut B,
         params: &[Vec<f32>],
         state: &[[Vec<f32>; 3]],
+        steps: &[u64],
         group_of: &[usize],
         layouts: &[[bool; 3]],
     ) -> Result<Self, Failure> {
@@ -150,13 +196,20 @@ impl<B: Harness, P: Element, S: Element> Model<B, P, S> {
         for (i, p) in params.iter().enumerate() {
             let host: Vec<P> = p.iter().map(|&v| P::from_f32(v)).collect();
             model.params.push(b.upload(&host).map_err(fail)?);
-            let mut one: [Option<B::Owned<S>>; 3] = [None, None, None];
-            for k in 0..3 {
-                if layouts[i][k] {
-                    let host: Vec<S> = state[i][k].iter().map(|&v| S::from_f32(v)).collect();
-                    one[k] = Some(b.upload(&host).map_err(fail)?);
-                }
-            }
+            let layout = sage_core::StateLayout {
+                m: layouts[i][0],
+                v: layouts[i][1],
+                ibar: layouts[i][2],
+            };
+            let mut one = TensorState::try_new(layout, |buf| {
+                let host: Vec<S> = state[i][buf.index()]
+                    .iter()
+                    .map(|&v| S::from_f32(v))
+                    .collect();
+                b.upload(&host)
+            })
+            .map_err(fail)?;
+            one.step = steps[i];
             model.state.push(one);
         }
         Ok(model)
@@ -166,7 +219,7 @@ impl<B: Harness, P: Element, S: Element> Model<B, P, S> {
     pub fn layouts(&self) -> Vec<[bool; 3]> {
         self.state
             .iter()
-            .map(|s| [s[0].is_some(), s[1].is_some(), s[2].is_some()])
+            .map(|s| Buffer::ALL.map(|b| s.get(b).is_some()))
             .collect()
     }
 }

@@ -7,7 +7,7 @@
 
 use sage_core::{
     bf16, f16, Algorithm, Config, DType, DecayMode, EpsStyle, Modulation, ParamGroup, Schedule,
-    ScheduleClock,
+    ScheduleClock, ScheduleCount,
 };
 
 /// Rounds `x` the way a buffer of `d` stores it (through f32, nearest even).
@@ -84,8 +84,10 @@ pub struct Reference {
     pub groups: Vec<ParamGroup>,
     /// Group of each tensor.
     pub group_of: Vec<usize>,
-    /// Updates made.
+    /// Updates made by the optimizer (steps with at least one tensor present count).
     pub t: u64,
+    /// Updates made to each tensor (`state['step']` of the authors' code).
+    pub tensor_t: Vec<u64>,
     /// Parameters.
     pub theta: Vec<Vec<f64>>,
     /// First moment / momentum.
@@ -94,8 +96,8 @@ pub struct Reference {
     pub v: Vec<Vec<f64>>,
     /// Smoothed sensitivity.
     pub ibar: Vec<Vec<f64>>,
-    /// Storage types to emulate (parameter, state), or exact f64.
-    pub storage: Option<(DType, DType)>,
+    /// Storage types to emulate per tensor (parameter, state), or exact f64.
+    pub storage: Vec<Option<(DType, DType)>>,
 }
 
 impl Reference {
@@ -107,12 +109,24 @@ impl Reference {
         init: &[Vec<f64>],
         storage: Option<(DType, DType)>,
     ) -> Self {
+        Self::mixed(cfg, groups, group_of, init, &vec![storage; init.len()])
+    }
+
+    /// Starts from `init` with each tensor's own storage types (a mixed-precision model).
+    pub fn mixed(
+        cfg: Config,
+        groups: Vec<ParamGroup>,
+        group_of: Vec<usize>,
+        init: &[Vec<f64>],
+        storage: &[Option<(DType, DType)>],
+    ) -> Self {
         let zeros: Vec<Vec<f64>> = init.iter().map(|x| vec![0.0; x.len()]).collect();
         let theta = init
             .iter()
-            .map(|x| {
+            .zip(storage)
+            .map(|(x, st)| {
                 x.iter()
-                    .map(|&v| storage.map_or(v, |(p, _)| round_to(p, v)))
+                    .map(|&v| st.map_or(v, |(p, _)| round_to(p, v)))
                     .collect()
             })
             .collect();
@@ -121,27 +135,38 @@ impl Reference {
             groups,
             group_of,
             t: 0,
+            tensor_t: vec![0; init.len()],
             theta,
             m: zeros.clone(),
             v: zeros.clone(),
             ibar: zeros,
-            storage,
+            storage: storage.to_vec(),
         }
     }
 
-    /// One step; returns false (and changes nothing) when a gradient is not finite and the
-    /// guard is on.
+    /// One step with every tensor present.
     pub fn step(&mut self, grads: &[Vec<f64>]) -> bool {
+        let some: Vec<Option<Vec<f64>>> = grads.iter().cloned().map(Some).collect();
+        self.step_some(&some)
+    }
+
+    /// One step; `None` marks a tensor with no gradient, which is skipped (its values and
+    /// count stay). Returns false (and changes nothing) when a gradient is not finite and the
+    /// guard is on.
+    pub fn step_some(&mut self, grads: &[Option<Vec<f64>>]) -> bool {
         let cfg = self.cfg;
-        let grads: Vec<Vec<f64>> = grads
+        let grads: Vec<Option<Vec<f64>>> = grads
             .iter()
-            .map(|g| {
-                g.iter()
-                    .map(|&x| self.storage.map_or(x, |(p, _)| round_to(p, x)))
-                    .collect()
+            .zip(&self.storage)
+            .map(|(g, st)| {
+                g.as_ref().map(|g| {
+                    g.iter()
+                        .map(|&x| st.map_or(x, |(p, _)| round_to(p, x)))
+                        .collect()
+                })
             })
             .collect();
-        if cfg.skip_non_finite && grads.iter().flatten().any(|x| !x.is_finite()) {
+        if cfg.skip_non_finite && grads.iter().flatten().flatten().any(|x| !x.is_finite()) {
             return false;
         }
         // Clipping: torch.nn.utils.clip_grad_norm_, global then per tensor.
@@ -153,19 +178,35 @@ impl Reference {
                 1.0
             }
         };
-        let total: f64 = grads.iter().flatten().map(|x| x * x).sum::<f64>().sqrt();
+        // Global clipping covers the tensors present.
+        let total: f64 = grads
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|x| x * x)
+            .sum::<f64>()
+            .sqrt();
         let global = cfg.global_clip.map_or(1.0, |m| clip(m, total));
         self.t += 1;
-        let t = self.t;
-        let lr_t = cfg.lr * schedule_factor(&cfg.schedule, cfg.schedule_clock, t);
+        let opt_t = self.t;
         let sens = cfg.sensitivity;
-        let (st_p, st_s) = match self.storage {
-            Some((p, s)) => (Some(p), Some(s)),
-            None => (None, None),
-        };
-        let rp = |x: f64| st_p.map_or(x, |d| round_to(d, x));
-        let rs = |x: f64| st_s.map_or(x, |d| round_to(d, x));
         for (ti, g_raw) in grads.iter().enumerate() {
+            let Some(g_raw) = g_raw else { continue };
+            self.tensor_t[ti] += 1;
+            // Bias corrections follow the tensor's own count; the schedule the count the
+            // configuration names.
+            let t = self.tensor_t[ti];
+            let sched_t = match cfg.schedule_count {
+                ScheduleCount::Tensor => t,
+                ScheduleCount::Optimizer => opt_t,
+            };
+            let lr_t = cfg.lr * schedule_factor(&cfg.schedule, cfg.schedule_clock, sched_t);
+            let (st_p, st_s) = match self.storage[ti] {
+                Some((p, s)) => (Some(p), Some(s)),
+                None => (None, None),
+            };
+            let rp = |x: f64| st_p.map_or(x, |d| round_to(d, x));
+            let rs = |x: f64| st_s.map_or(x, |d| round_to(d, x));
             let group = self.groups[self.group_of[ti]];
             let wd = group.weight_decay;
             let lr = lr_t * group.lr_scale;

@@ -92,7 +92,8 @@ pub struct TensorSpec {
 #[derive(Clone, Debug, Deserialize)]
 #[allow(missing_docs)]
 pub struct StepSpec {
-    pub grads: Vec<Vec<f32>>,
+    /// `None`: the tensor has no gradient at this step (FORMAT.md) and is left out of it.
+    pub grads: Vec<Option<Vec<f32>>>,
     pub params: Vec<Vec<f64>>,
 }
 
@@ -144,11 +145,19 @@ impl VectorFile {
             return Err(format!("tensor {t} is in no group"));
         }
         for (si, s) in self.steps.iter().enumerate() {
+            // An absent gradient matches any tensor.
+            let grad_lens = s.grads.iter().zip(&self.tensors);
             for (what, lens) in [
-                ("grads", s.grads.iter().map(Vec::len).collect::<Vec<_>>()),
+                (
+                    "grads",
+                    grad_lens
+                        .map(|(g, t)| g.as_ref().map_or(t.init.len(), Vec::len))
+                        .collect::<Vec<_>>(),
+                ),
                 ("params", s.params.iter().map(Vec::len).collect()),
             ] {
                 if lens.len() != n
+                    || (what == "grads" && s.grads.len() != n)
                     || lens
                         .iter()
                         .zip(&self.tensors)
@@ -277,7 +286,7 @@ pub fn replay_worst<B: Harness>(b: &mut B, file: &VectorFile) -> Result<Worst, F
     let mut worst = Worst::default();
     for (si, st) in file.steps.iter().enumerate() {
         let report = model
-            .step(&mut opt, &st.grads)
+            .step_present(&mut opt, &st.grads)
             .map_err(|e| Failure::new(&check, format!("step {}: {e}", si + 1)))?;
         if !report.applied() {
             return Err(Failure::new(&check, format!("step {} was skipped", si + 1)));

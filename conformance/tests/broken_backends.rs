@@ -4,7 +4,7 @@
 use sage_conformance::suite::{run_suite, Options, Status};
 use sage_conformance::Harness;
 use sage_core::formula::{self, Accumulate};
-use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible};
+use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, ParamTensor};
 use sage_cpu::Cpu;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -19,6 +19,12 @@ enum Bug {
     OddTail,
     /// The gradient norm skips NaN and ±Inf, so the guard never fires.
     NanThrough,
+    /// A `grad_sq_norms` override that sums each gradient last element first, off the
+    /// contract's chunk grid: close to the right norm, but not the bits a sharded run gets.
+    NormOffGrid,
+    /// A `step_tensors` override that steps every tensor with the first tensor's coefficients
+    /// (fine while every count is the same).
+    SharedCoeffs,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -52,15 +58,60 @@ impl Backend for Broken {
         buf.len()
     }
 
-    fn sq_norm<E: Element>(&mut self, buf: &[E]) -> Result<f64, Infallible> {
+    fn sq_norm_chunks<E: Element>(
+        &mut self,
+        buf: &[E],
+        first: usize,
+        out: &mut [f64],
+    ) -> Result<(), Infallible> {
         if self.0 == Bug::NanThrough {
-            let finite = buf
-                .iter()
-                .map(|x| x.to_f32() as f64)
-                .filter(|x| x.is_finite());
-            return Ok(finite.map(|x| x * x).sum());
+            for (c, o) in out.iter_mut().enumerate() {
+                let chunk = &buf[sage_core::norm::chunk_range(buf.len(), first + c)];
+                let finite = chunk
+                    .iter()
+                    .map(|x| x.to_f32() as f64)
+                    .filter(|x| x.is_finite());
+                *o = finite.map(|x| x * x).sum();
+            }
+            return Ok(());
         }
-        Cpu.sq_norm(buf)
+        Cpu.sq_norm_chunks(buf, first, out)
+    }
+
+    fn grad_sq_norms<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), Infallible> {
+        for t in tensors.iter_mut() {
+            let x = if self.0 == Bug::NormOffGrid {
+                t.grad().iter().rev().fold(0.0f64, |a, v| {
+                    let v = v.to_f32() as f64;
+                    a + v * v
+                })
+            } else {
+                self.sq_norm(t.grad())?
+            };
+            t.set_grad_sq_norm(x);
+        }
+        Ok(())
+    }
+
+    fn step_tensors<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), Infallible> {
+        let first = tensors.first().map(|t| *t.coeffs());
+        for t in tensors.iter_mut() {
+            let mut k = *t.coeffs();
+            if self.0 == Bug::SharedCoeffs {
+                if let Some(f) = first {
+                    // The first tensor's scalars, this tensor's group flags.
+                    (k.step, k.ibar_scale, k.denom_scale) = (f.step, f.ibar_scale, f.denom_scale);
+                }
+            }
+            self.fused_step(t.view(), &k)?;
+        }
+        Ok(())
     }
 
     fn accumulate<P: Element, S: Element>(
@@ -105,7 +156,7 @@ impl Backend for Broken {
     }
 }
 
-sage_conformance::slice_harness!(Broken, |b| format!("{:?}", b.0));
+sage_core::slice_host_buffers!(Broken, "broken");
 
 fn failing_checks<B: Harness + 'static>(b: B) -> Vec<String> {
     run_suite(b, &Options::default())
@@ -131,6 +182,8 @@ fn every_planted_bug_is_caught() {
         Bug::NoAbsInU,
         Bug::OddTail,
         Bug::NanThrough,
+        Bug::NormOffGrid,
+        Bug::SharedCoeffs,
     ] {
         let failing = failing_checks(Broken(bug));
         println!("{bug:?} caught by: {failing:?}");

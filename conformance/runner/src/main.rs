@@ -9,7 +9,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use sage_conformance::backends;
+mod backends;
+
 use sage_conformance::suite::{Options, Status};
 
 fn usage() -> ExitCode {

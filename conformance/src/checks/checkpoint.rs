@@ -1,11 +1,10 @@
 //! Checkpoints (sage-checkpoint): a run saved to a file after `k` steps and resumed from it
-//! equals the uninterrupted run — on the same backend (in [`all`](super::all), through the
-//! [`Harness`] alone, so every backend runs it) and across backends (through each backend's
-//! own [`HostAccess`], for every pair the runner finds).
+//! equals the uninterrupted run — on the same backend (in [`all`](super::all), so every
+//! backend runs it) and across backends (for every pair the runner finds). Both go through
+//! each backend's own [`HostBuffers`](sage_core::HostBuffers) copies.
 
-use sage_checkpoint::{load, save, save_optimizer, ConfigCheck, Entry, EntryMut, HostAccess};
+use sage_checkpoint::{load, save_optimizer, ConfigCheck, Entry, EntryMut};
 use sage_core::{Config, DType, Element, Optimizer, ParamGroup};
-use sage_cpu::Cpu;
 
 use super::common::{cases, group_of, groups, random_grads, random_params, rng, Case, Tol};
 use crate::failure::{Failure, Worst};
@@ -20,29 +19,48 @@ fn ck_err(check: &str, case: &Case, e: impl std::fmt::Display) -> Failure {
     Failure::new(check, format!("{}: checkpoint: {e}", case.name))
 }
 
-/// Host copies of a model's buffers, in the model's own storage types.
-struct Host<P, S> {
-    params: Vec<Vec<P>>,
-    state: Vec<[Option<Vec<S>>; 3]>,
+/// Saves `model` (parameters, every state buffer, each tensor's count, the optimizer's count
+/// and configuration) through its backend's host copies.
+fn save_model<B: Harness, P: Element, S: Element>(
+    check: &str,
+    case: &Case,
+    opt: &mut Optimizer<B, Vec<ParamGroup>>,
+    model: &Model<B, P, S>,
+) -> Result<Vec<u8>, Failure> {
+    let entries: Vec<Entry<'_, B, P, S>> = (0..model.params.len())
+        .map(|i| {
+            Entry::new(&model.names[i], &model.state[i])
+                .group(model.group_of[i])
+                .param(B::buf(&model.params[i]))
+        })
+        .collect();
+    save_optimizer(opt, &entries).map_err(|e| ck_err(check, case, e))
 }
 
-fn download<B: Harness, P: Element, S: Element>(
-    b: &mut B,
-    m: &Model<B, P, S>,
-) -> Result<Host<P, S>, B::Error> {
-    let mut params = Vec::new();
-    let mut state = Vec::new();
-    for (p, st) in m.params.iter().zip(&m.state) {
-        params.push(b.download(p)?);
-        let mut one: [Option<Vec<S>>; 3] = [None, None, None];
-        for k in 0..3 {
-            if let Some(s) = &st[k] {
-                one[k] = Some(b.download(s)?);
-            }
-        }
-        state.push(one);
-    }
-    Ok(Host { params, state })
+/// Loads `bytes` into `model`'s buffers and counts (all-or-nothing) and `opt`'s count.
+fn load_model<B: Harness, P: Element, S: Element>(
+    check: &str,
+    case: &Case,
+    opt: &mut Optimizer<B, Vec<ParamGroup>>,
+    model: &mut Model<B, P, S>,
+    bytes: &[u8],
+) -> Result<(), Failure> {
+    let names = model.names.clone();
+    let gof = model.group_of.clone();
+    let mut targets: Vec<EntryMut<'_, B, P, S>> = model
+        .params
+        .iter_mut()
+        .zip(model.state.iter_mut())
+        .enumerate()
+        .map(|(i, (p, st))| {
+            EntryMut::new(names[i].as_str(), st.view())
+                .group(gof[i])
+                .param(B::buf_mut(p))
+        })
+        .collect();
+    load(opt, bytes, &mut targets, ConfigCheck::Exact)
+        .map(|_| ())
+        .map_err(|e| ck_err(check, case, e))
 }
 
 /// Runs `steps` of `grads` on `model`.
@@ -121,13 +139,10 @@ fn compare<A: Harness, C: Harness, P: Element, S: Element>(
     Ok(())
 }
 
-/// Same backend, through a checkpoint file: the state after [`SAVED_AT`] steps is downloaded,
-/// saved with sage-checkpoint (step counter, configuration, every buffer by name), loaded
-/// back (every check of the loader), uploaded into fresh buffers and a fresh optimizer, and
-/// the run goes on; it must equal the uninterrupted run to one unit in the last place.
-///
-/// Only the [`Harness`] is needed (the file is staged through host memory), so every backend
-/// runs it; [`cross_backend`] covers each backend's own [`HostAccess`].
+/// Same backend, through a checkpoint file: the state after [`SAVED_AT`] steps is saved with
+/// sage-checkpoint (counts, configuration, every buffer by name), loaded back (every check of
+/// the loader) into fresh buffers and a fresh optimizer, and the run goes on; it must equal
+/// the uninterrupted run to one unit in the last place.
 pub fn resume_from_checkpoint_typed<B: Harness, P: Element, S: Element>(
     b: &mut B,
     check: &str,
@@ -154,70 +169,24 @@ pub fn resume_from_checkpoint_typed<B: Harness, P: Element, S: Element>(
         let mut first = Model::<B, P, S>::new(b, &case.cfg, &gs, &init, &gof)?;
         let mut o2 = new_opt(case.cfg)?;
         run(check, case, &mut first, &mut o2, &grads, 0..SAVED_AT)?;
-        let host = download(b, &first).map_err(|e| backend_failure(check, e))?;
-        let entries: Vec<Entry<'_, Cpu, P, S>> = (0..host.params.len())
-            .map(|i| {
-                let [m, v, ib] = &host.state[i];
-                Entry::new(&first.names[i])
-                    .group(gof[i])
-                    .param(&host.params[i][..])
-                    .state(m.as_deref(), v.as_deref(), ib.as_deref())
-            })
-            .collect();
-        let bytes = save(&mut Cpu, o2.steps(), &case.cfg, &gs, &entries)
-            .map_err(|e| ck_err(check, case, e))?;
-
-        // Fresh host buffers of the same layout, filled by the loader.
-        let mut fresh: Host<P, S> = Host {
-            params: host
-                .params
-                .iter()
-                .map(|p| vec![P::default(); p.len()])
-                .collect(),
-            state: host
-                .state
-                .iter()
-                .map(|st| st.clone().map(|b| b.map(|b| vec![S::default(); b.len()])))
-                .collect(),
-        };
-        let mut host_opt = Optimizer::new(Cpu, case.cfg, gs.clone())
-            .map_err(|e| Failure::new(check, e.to_string()))?;
-        {
-            let mut targets: Vec<EntryMut<'_, Cpu, P, S>> = fresh
-                .params
-                .iter_mut()
-                .zip(fresh.state.iter_mut())
-                .enumerate()
-                .map(|(i, (p, [m, v, ib]))| {
-                    EntryMut::new(&first.names[i])
-                        .group(gof[i])
-                        .param(&mut p[..])
-                        .state(m.as_deref_mut(), v.as_deref_mut(), ib.as_deref_mut())
-                })
-                .collect();
-            load(&mut host_opt, &bytes, &mut targets, ConfigCheck::Exact)
-                .map_err(|e| ck_err(check, case, e))?;
-        }
-        let mut resumed = Model::<B, P, S> {
-            params: Vec::new(),
-            state: Vec::new(),
-            group_of: gof.clone(),
-            names: first.names.clone(),
-        };
-        for (p, st) in fresh.params.iter().zip(&fresh.state) {
-            resumed
-                .params
-                .push(b.upload(p).map_err(|e| backend_failure(check, e))?);
-            let mut one = [None, None, None];
-            for k in 0..3 {
-                if let Some(s) = &st[k] {
-                    one[k] = Some(b.upload(s).map_err(|e| backend_failure(check, e))?);
-                }
-            }
-            resumed.state.push(one);
-        }
+        let bytes = save_model(check, case, &mut o2, &first)?;
+        // Fresh buffers of the same layout (random θ, to see that θ is restored too).
+        let noise = random_params(&mut r, &lens);
+        let mut resumed = Model::<B, P, S>::new(b, &case.cfg, &gs, &noise, &gof)?;
         let mut o3 = new_opt(case.cfg)?;
-        o3.set_steps(host_opt.steps());
+        load_model(check, case, &mut o3, &mut resumed, &bytes)?;
+        if o3.steps() != SAVED_AT as u64 || resumed.steps() != first.steps() {
+            return Err(Failure::new(
+                check,
+                format!(
+                    "{}: resumed at {} with counts {:?}, saved at {SAVED_AT} with {:?}",
+                    case.name,
+                    o3.steps(),
+                    resumed.steps(),
+                    first.steps()
+                ),
+            ));
+        }
         run(check, case, &mut resumed, &mut o3, &grads, SAVED_AT..STEPS)?;
         let mut same = b.clone();
         // One unit in the last place, as the in-memory resume check allows.
@@ -284,15 +253,15 @@ pub fn resume_from_checkpoint_bf16<B: Harness>(b: &mut B) -> Result<(), Failure>
     resume_from_checkpoint_typed::<B, f32, sage_core::bf16>(b, check)
 }
 
-/// Across backends: [`SAVED_AT`] steps on `a`, saved through `a`'s [`HostAccess`], loaded
-/// into fresh buffers on `c` through `c`'s, the rest of the run on `c`; it must equal the
+/// Across backends: [`SAVED_AT`] steps on `a`, saved through `a`'s host copies, loaded into
+/// fresh buffers on `c` through `c`'s, the rest of the run on `c`; it must equal the
 /// uninterrupted run on `a` within twice the differential checks' tolerance (each backend is
 /// within one tolerance of the float64 oracle). Parameters travel in the file too. Returns the
 /// worst error as a fraction of the tolerance.
 pub fn cross_backend<A, C>(a: &mut A, c: &mut C) -> Result<Worst, Failure>
 where
-    A: Harness + HostAccess,
-    C: Harness + HostAccess,
+    A: Harness,
+    C: Harness,
 {
     let check = "checkpoint resume";
     let mut worst = Worst::default();
@@ -315,50 +284,14 @@ where
         let mut first = Model::<A, f32, f32>::new(a, &case.cfg, &gs, &init, &gof)?;
         let mut o2 = opt_on(case.cfg, a.clone())?;
         run(check, case, &mut first, &mut o2, &grads, 0..SAVED_AT)?;
-        let bytes = {
-            let entries: Vec<Entry<'_, A, f32, f32>> = (0..first.params.len())
-                .map(|i| {
-                    let [m, v, ib] = &first.state[i];
-                    Entry::new(&first.names[i])
-                        .group(gof[i])
-                        .param(A::buf(&first.params[i]))
-                        .state(
-                            m.as_ref().map(A::buf),
-                            v.as_ref().map(A::buf),
-                            ib.as_ref().map(A::buf),
-                        )
-                })
-                .collect();
-            save_optimizer(&mut o2, &entries).map_err(|e| ck_err(check, case, e))?
-        };
+        let bytes = save_model(check, case, &mut o2, &first)?;
 
         // On `c`: zeroed buffers of the same layout (random θ, to see that θ is restored).
         let noise = random_params(&mut r, &lens);
         let mut resumed = Model::<C, f32, f32>::new(c, &case.cfg, &gs, &noise, &gof)?;
         let mut o3 = Optimizer::new(c.clone(), case.cfg, gs.clone())
             .map_err(|e| Failure::new(check, e.to_string()))?;
-        {
-            let names = resumed.names.clone();
-            let mut targets: Vec<EntryMut<'_, C, f32, f32>> = resumed
-                .params
-                .iter_mut()
-                .zip(resumed.state.iter_mut())
-                .enumerate()
-                .map(|(i, (p, [m, v, ib]))| {
-                    EntryMut::new(names[i].as_str())
-                        .group(gof[i])
-                        .param(C::buf_mut(p))
-                        .state(
-                            m.as_mut().map(C::buf_mut),
-                            v.as_mut().map(C::buf_mut),
-                            ib.as_mut().map(C::buf_mut),
-                        )
-                })
-                .collect();
-            // `names` outlives `targets`: the borrow ends with this block.
-            load(&mut o3, &bytes, &mut targets, ConfigCheck::Exact)
-                .map_err(|e| ck_err(check, case, e))?;
-        }
+        load_model(check, case, &mut o3, &mut resumed, &bytes)?;
         if o3.steps() != SAVED_AT as u64 {
             return Err(Failure::new(
                 check,

@@ -91,13 +91,13 @@ pub fn fused_matches_composed_typed<B: Harness, P: Element, S: Element>(
                     .coeffs(t, gof[ti], scale)
                     .ok_or_else(|| Failure::new(check, "group missing"))?;
                 for (model, use_fused) in [(&mut fused, true), (&mut composed, false)] {
-                    let [m, v, ib] = &mut model.state[ti];
+                    let st = &mut model.state[ti];
                     let view = TensorMut::<B, P, S> {
                         param: B::buf_mut(&mut model.params[ti]),
                         grad: B::buf(&gbuf),
-                        m: m.as_mut().map(B::buf_mut),
-                        v: v.as_mut().map(B::buf_mut),
-                        ibar: ib.as_mut().map(B::buf_mut),
+                        m: st.m.as_mut().map(B::buf_mut),
+                        v: st.v.as_mut().map(B::buf_mut),
+                        ibar: st.ibar.as_mut().map(B::buf_mut),
                     };
                     let r = if use_fused {
                         b.fused_step(view, &k)
@@ -212,7 +212,14 @@ pub fn resume_matches_uninterrupted_typed<B: Harness, P: Element, S: Element>(
             .read_params(b)
             .map_err(|e| backend_failure(check, e))?;
         let saved_s = first.read_state(b).map_err(|e| backend_failure(check, e))?;
-        let mut resumed = Model::<B, P, S>::restore(b, &saved_p, &saved_s, &gof, &first.layouts())?;
+        let mut resumed = Model::<B, P, S>::restore(
+            b,
+            &saved_p,
+            &saved_s,
+            &first.steps(),
+            &gof,
+            &first.layouts(),
+        )?;
         let mut o3 = new_opt(case.cfg).map_err(|e| Failure::new(check, e.to_string()))?;
         o3.set_steps(o2.steps());
         run(&mut resumed, &mut o3, 2..5)?;

@@ -72,7 +72,7 @@ pub fn non_finite<B: Harness>(b: &mut B) -> Result<(), Failure> {
                 .step(&mut opt, &g2)
                 .map_err(|e| Failure::new(check, e.to_string()))?;
             let place = format!("{bad} at tensor {ti} [{j}]");
-            if rep.outcome != (Outcome::SkippedNonFinite { param: ti }) {
+            if rep.outcome != (Outcome::SkippedNonFinite { param: Some(ti) }) {
                 return Err(Failure::new(
                     check,
                     format!("{place}: step outcome {:?}", rep.outcome),
@@ -177,31 +177,27 @@ pub fn bad_inputs<B: Harness>(b: &mut B) -> Result<(), Failure> {
             .zip(&grads)
             .enumerate()
         {
-            let [m, v, ib] = st;
             let defect = i == 1;
             let grad = if defect && case == 0 {
                 B::buf(&short_grad)
             } else {
                 B::buf(g)
             };
-            let mut m = m.as_mut().map(B::buf_mut);
-            let mut v = v.as_mut().map(B::buf_mut);
-            let mut ib = ib.as_mut().map(B::buf_mut);
+            let mut state = st.view();
             let mut group = gof[i];
             if defect {
                 match case {
-                    1 => v = short_state.take().map(|x| B::buf_mut(x)),
+                    1 => state.v = short_state.take().map(|x| B::buf_mut(x)),
                     2 => group = 7,
-                    3 => m = None,
-                    4 => ib = extra.take().map(|x| B::buf_mut(x)),
+                    3 => state.m = None,
+                    4 => state.ibar = extra.take().map(|x| B::buf_mut(x)),
                     _ => {}
                 }
             }
             ts.push(
-                ParamTensor::new(B::buf_mut(p), grad)
+                ParamTensor::new(B::buf_mut(p), grad, state)
                     .name(["t0", "t1", "t2"][i])
-                    .group(group)
-                    .state(m, v, ib),
+                    .group(group),
             );
         }
         match opt.step(&mut ts) {

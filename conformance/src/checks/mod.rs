@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod common;
+pub mod contract;
 pub mod equivalence;
 pub mod guards;
 pub mod properties;
@@ -64,6 +65,18 @@ pub fn all<B: Harness + 'static>() -> Vec<(&'static str, Check<B>)> {
         (
             "property: skipped steps change nothing",
             properties::skipped_step_changes_nothing::<B>,
+        ),
+        (
+            "absent tensors keep their own step counts",
+            contract::absent_tensors::<B>,
+        ),
+        (
+            "mixed precisions in one step",
+            contract::mixed_precision_step::<B>,
+        ),
+        (
+            "norms from outside == own norms",
+            contract::norms_from_outside::<B>,
         ),
         ("non-finite gradients", guards::non_finite::<B>),
         ("bad inputs give errors", guards::bad_inputs::<B>),

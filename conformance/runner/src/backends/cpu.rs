@@ -3,23 +3,7 @@
 
 use sage_cpu::{Cpu, Level, SimdCpu};
 
-use crate::suite::{run_suite, Options, Row};
-
-crate::slice_harness!(Cpu, |_| "cpu/portable".into());
-
-crate::slice_harness!(SimdCpu, |b| {
-    // `cpu/avx2`, `cpu/avx512`, `cpu/neon`, `cpu/portable-simd` (the dispatching type on its
-    // portable level); `/mt` when steps are split across threads.
-    let level = match b.level() {
-        Level::Portable => "portable-simd",
-        l => l.name(),
-    };
-    if b.thread_count() > 1 {
-        format!("cpu/{level}/mt")
-    } else {
-        format!("cpu/{level}")
-    }
-});
+use sage_conformance::suite::{run_suite, Options, Row};
 
 /// The SIMD backends the suite runs here: every available vector level on one thread, and
 /// the best level on three threads with tiny chunks, so that even the suite's short tensors
@@ -46,7 +30,7 @@ pub fn run(opts: &Options) -> Vec<Row> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::suite::Status;
+    use sage_conformance::suite::Status;
 
     /// The whole suite passes on every CPU variant this machine has.
     #[test]

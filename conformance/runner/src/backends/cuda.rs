@@ -1,31 +1,9 @@
 //! sage-cuda: the suite on every CUDA device found (or the one `SAGE_CUDA_DEVICE` names by
 //! ordinal). One `not available` row, never a crash, where there is no driver or device.
 
-use sage_core::Element;
-use sage_cuda::cudarc::driver::CudaSlice;
 use sage_cuda::Cuda;
 
-use crate::harness::Harness;
-use crate::suite::{run_suite, Options, Row};
-
-impl Harness for Cuda {
-    type Owned<E: Element> = CudaSlice<E>;
-    fn name(&self) -> String {
-        Cuda::name(self).to_string()
-    }
-    fn upload<E: Element>(&mut self, data: &[E]) -> Result<CudaSlice<E>, Self::Error> {
-        Cuda::upload(self, data)
-    }
-    fn download<E: Element>(&mut self, buf: &CudaSlice<E>) -> Result<Vec<E>, Self::Error> {
-        Cuda::download(self, buf)
-    }
-    fn buf<E: Element>(o: &CudaSlice<E>) -> &CudaSlice<E> {
-        o
-    }
-    fn buf_mut<E: Element>(o: &mut CudaSlice<E>) -> &mut CudaSlice<E> {
-        o
-    }
-}
+use sage_conformance::suite::{run_suite, Options, Row};
 
 /// The suite on each CUDA device here (all of them, or only `SAGE_CUDA_DEVICE=N`); one
 /// `not available` row when there is none.

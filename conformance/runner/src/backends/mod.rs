@@ -6,7 +6,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod opencl;
 
-use crate::suite::{Options, Row};
+use sage_conformance::suite::{Options, Row};
 
 /// Names the runner accepts for `--backend`.
 pub const NAMES: [&str; 3] = ["cpu", "opencl", "cuda"];
@@ -54,7 +54,7 @@ macro_rules! with_instance {
 impl Instance {
     /// Short name for the report (`cpu/portable`, `cpu/avx2`, `opencl:0:0`, `cuda:0`).
     pub fn short_name(&self) -> String {
-        use crate::harness::Harness;
+        use sage_conformance::Harness;
         match self {
             Instance::OpenCl(b) => {
                 let d = b.device();
@@ -125,7 +125,7 @@ pub fn instances(names: &[String]) -> (Vec<Instance>, Vec<Row>) {
 /// paired with itself too: save and load through its own host copies): one row per pair,
 /// `A` in the backend column, `checkpoint resume -> C` as the check.
 pub fn cross_backend_rows(names: &[String]) -> Vec<Row> {
-    use crate::suite::Status;
+    use sage_conformance::suite::Status;
     let (list, mut rows) = instances(names);
     for a in &list {
         for c in &list {
@@ -133,9 +133,14 @@ pub fn cross_backend_rows(names: &[String]) -> Vec<Row> {
             let check = format!("checkpoint resume -> {}", c.short_name());
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 with_instance!(&mut a, x => with_instance!(&mut c, y =>
-                    crate::checks::checkpoint::cross_backend(x, y)))
+                    sage_conformance::checks::checkpoint::cross_backend(x, y)))
             }))
-            .unwrap_or_else(|_| Err(crate::failure::Failure::new(&check, "the check panicked")));
+            .unwrap_or_else(|_| {
+                Err(sage_conformance::failure::Failure::new(
+                    &check,
+                    "the check panicked",
+                ))
+            });
             let (status, note) = match r {
                 Ok(w) => (Status::Pass, format!("worst {:.3}x tolerance", w.ratio)),
                 Err(f) if f.not_available => (Status::NotAvailable(f.detail), String::new()),

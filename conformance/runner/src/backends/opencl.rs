@@ -1,35 +1,8 @@
 //! sage-opencl: the suite on every OpenCL device found (or the one `SAGE_OPENCL_DEVICE` names).
 
-use sage_core::{DType, Element};
-use sage_opencl::{ClBuffer, OpenCl, Select};
+use sage_opencl::{OpenCl, Select};
 
-use crate::harness::Harness;
-use crate::suite::{run_suite, Options, Row};
-
-impl Harness for OpenCl {
-    type Owned<E: Element> = ClBuffer<E>;
-    fn name(&self) -> String {
-        let d = self.device();
-        format!("opencl:{}:{} ({})", d.platform, d.device, d.name)
-    }
-    fn supports(&self, d: DType) -> bool {
-        // f16 is stored through vload_half/vstore_half_rte, core OpenCL on every device.
-        let _ = d;
-        true
-    }
-    fn upload<E: Element>(&mut self, data: &[E]) -> Result<ClBuffer<E>, Self::Error> {
-        OpenCl::upload(self, data)
-    }
-    fn download<E: Element>(&mut self, buf: &ClBuffer<E>) -> Result<Vec<E>, Self::Error> {
-        OpenCl::download(self, buf)
-    }
-    fn buf<E: Element>(o: &ClBuffer<E>) -> &ClBuffer<E> {
-        o
-    }
-    fn buf_mut<E: Element>(o: &mut ClBuffer<E>) -> &mut ClBuffer<E> {
-        o
-    }
-}
+use sage_conformance::suite::{run_suite, Options, Row};
 
 /// The suite on each OpenCL device here: all of them, or only the one `SAGE_OPENCL_DEVICE`
 /// selects (`P:D` or part of a name). One `not available` row when there is none.

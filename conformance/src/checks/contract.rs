@@ -1,0 +1,505 @@
+//! The contract frameworks and distributed training rely on: tensors absent from some steps
+//! (per-tensor step counts), one step over mixed storage types, and norms supplied from
+//! outside (equal, bit for bit, to the norms the step computes itself).
+
+use sage_core::norm::{self, chunk_count, NORM_CHUNK};
+use sage_core::{
+    bf16, f16, Algorithm, Config, DType, GlobalNorms, Optimizer, Outcome, ParamGroup, Schedule,
+    StepReport,
+};
+
+use super::common::{random_grads, random_params, rng, Tol};
+use crate::failure::{Failure, Worst};
+use crate::harness::Harness;
+use crate::model::{backend_failure, Model};
+use crate::reference::Reference;
+
+fn widen(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// Compares one tensor's parameters with the oracle's.
+fn see_tensor(
+    worst: &mut Worst,
+    tol: Tol,
+    got: &[f32],
+    want: &[f64],
+    start: &[f64],
+    place: impl Fn(usize) -> String,
+) {
+    for (j, (&a, &e)) in got.iter().zip(want).enumerate() {
+        let abs = tol.abs + tol.moved * (e - start[j]).abs();
+        worst.see(a as f64, e, abs, tol.rel, || place(j));
+    }
+}
+
+/// Tensors absent from some steps (a tensor that joins late, one frozen in the middle, one
+/// unused by a batch): each steps with its own count — bias corrections, Ī's `1 − β0^t` and,
+/// in the reference preset, its schedule — as the float64 oracle does; an absent tensor's
+/// parameters, state and count stay exactly as they were; global clipping covers the tensors
+/// present.
+pub fn absent_tensors<B: Harness>(b: &mut B) -> Result<(), Failure> {
+    let check = "absent tensors keep their own step counts";
+    let fail = |d: String| Failure::new(check, d);
+    let lens = [9usize, 17, 4097, 5];
+    // present[step][tensor]
+    let present = [
+        [false, true, true, true],
+        [false, true, true, false],
+        [true, true, false, true],
+        [true, false, true, true],
+        [true, true, true, false],
+        [true, true, true, true],
+    ];
+    let cases = [
+        (
+            "reference adamw warmup",
+            Config::reference(Algorithm::adamw(), 2e-3)
+                .beta0(0.7)
+                .global_clip(0.05)
+                .schedule(Schedule::WarmupLinearPpb {
+                    warmup: 0.3,
+                    t_total: 8,
+                }),
+        ),
+        (
+            "reference adamax warmup",
+            Config::reference(Algorithm::adamax(), 2e-3).schedule(Schedule::WarmupLinearPpb {
+                warmup: 0.3,
+                t_total: 8,
+            }),
+        ),
+        (
+            "paper adam linear decay",
+            Config::paper(Algorithm::adam(), 2e-3).schedule(Schedule::LinearWarmupDecay {
+                warmup_steps: 2,
+                total_steps: 6,
+            }),
+        ),
+        (
+            "paper sgd-momentum",
+            Config::paper(Algorithm::sgd(0.9), 0.05),
+        ),
+    ];
+    let groups = vec![ParamGroup::sage().weight_decay(0.01), ParamGroup::plain()];
+    let gof = vec![0, 1, 0, 0];
+    let tol = Tol::for_types(DType::F32, DType::F32);
+    let mut worst = Worst::default();
+    for (ci, (name, cfg)) in cases.into_iter().enumerate() {
+        let mut r = rng(7000 + ci as u64);
+        let init = random_params(&mut r, &lens);
+        let mut model = Model::<B, f32, f32>::new(b, &cfg, &groups, &init, &gof)?;
+        let wide: Vec<Vec<f64>> = init.iter().map(|x| widen(x)).collect();
+        let mut oracle = Reference::new(
+            cfg,
+            groups.clone(),
+            gof.clone(),
+            &wide,
+            Some((DType::F32, DType::F32)),
+        );
+        let start = oracle.theta.clone();
+        let mut opt = Optimizer::new(b.clone(), cfg, groups.clone())
+            .map_err(|e| fail(format!("{name}: {e}")))?;
+        for (si, pres) in present.iter().enumerate() {
+            let step = si + 1;
+            let grads = random_grads(&mut r, &lens, 0.05);
+            let some: Vec<Option<Vec<f32>>> = grads
+                .iter()
+                .zip(pres)
+                .map(|(g, &p)| p.then(|| g.clone()))
+                .collect();
+            let before_p = model
+                .read_params(b)
+                .map_err(|e| backend_failure(check, e))?;
+            let before_s = model.read_state(b).map_err(|e| backend_failure(check, e))?;
+            let before_t = model.steps();
+            let rep = model
+                .step_present(&mut opt, &some)
+                .map_err(|e| fail(format!("{name} step {step}: {e}")))?;
+            let wide_some: Vec<Option<Vec<f64>>> =
+                some.iter().map(|g| g.as_ref().map(|g| widen(g))).collect();
+            oracle.step_some(&wide_some);
+            if !rep.applied() || rep.step != step as u64 {
+                return Err(fail(format!("{name} step {step}: report {rep:?}")));
+            }
+            let got = model
+                .read_params(b)
+                .map_err(|e| backend_failure(check, e))?;
+            let state = model.read_state(b).map_err(|e| backend_failure(check, e))?;
+            let counts = model.steps();
+            if counts != oracle.tensor_t {
+                return Err(fail(format!(
+                    "{name} step {step}: tensors' counts {counts:?}, expected {:?}",
+                    oracle.tensor_t
+                )));
+            }
+            for ti in 0..lens.len() {
+                if !pres[ti] {
+                    let same = got[ti]
+                        .iter()
+                        .zip(&before_p[ti])
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                        && state[ti] == before_s[ti]
+                        && counts[ti] == before_t[ti];
+                    if !same {
+                        return Err(fail(format!(
+                            "{name} step {step}: tensor {ti} had no gradient but changed"
+                        )));
+                    }
+                }
+                see_tensor(
+                    &mut worst,
+                    tol,
+                    &got[ti],
+                    &oracle.theta[ti],
+                    &start[ti],
+                    |j| format!("{name} step {step} tensor {ti} θ[{j}]"),
+                );
+            }
+            if !worst.ok() {
+                return worst.into_result(check);
+            }
+        }
+    }
+    worst.into_result(check)
+}
+
+/// A mixed-precision model stepped once: one slice per storage pair, bundled in a tuple.
+struct Mixed<B: Harness> {
+    a: Model<B, f32, f32>,
+    c: Model<B, bf16, f32>,
+    d: Model<B, f16, f32>,
+    e: Model<B, f32, bf16>,
+    f: Model<B, bf16, bf16>,
+}
+
+const MIXED_TYPES: [(DType, DType); 5] = [
+    (DType::F32, DType::F32),
+    (DType::Bf16, DType::F32),
+    (DType::F16, DType::F32),
+    (DType::F32, DType::Bf16),
+    (DType::Bf16, DType::Bf16),
+];
+
+impl<B: Harness> Mixed<B> {
+    fn new(
+        b: &mut B,
+        cfg: &Config,
+        groups: &[ParamGroup],
+        init: &[Vec<f32>],
+    ) -> Result<Self, Failure> {
+        let one = |i: usize| (vec![init[i].clone()], vec![i % groups.len()]);
+        macro_rules! model {
+            ($i:expr) => {{
+                let (x, g) = one($i);
+                Model::new(b, cfg, groups, &x, &g)?
+            }};
+        }
+        Ok(Mixed {
+            a: model!(0),
+            c: model!(1),
+            d: model!(2),
+            e: model!(3),
+            f: model!(4),
+        })
+    }
+
+    fn step<G: AsRef<[ParamGroup]>>(
+        &mut self,
+        opt: &mut Optimizer<B, G>,
+        grads: &[Vec<f32>],
+    ) -> Result<Result<StepReport, sage_core::Error<B::Error>>, B::Error> {
+        let b = opt.backend_mut();
+        let ga = self.a.upload_grads(b, &grads[0..1])?;
+        let gc = self.c.upload_grads(b, &grads[1..2])?;
+        let gd = self.d.upload_grads(b, &grads[2..3])?;
+        let ge = self.e.upload_grads(b, &grads[3..4])?;
+        let gf = self.f.upload_grads(b, &grads[4..5])?;
+        let mut set = (
+            self.a.tensors(&ga, None),
+            self.c.tensors(&gc, None),
+            self.d.tensors(&gd, None),
+            self.e.tensors(&ge, None),
+            self.f.tensors(&gf, None),
+        );
+        Ok(opt.step(&mut set))
+    }
+
+    fn params(&self, b: &mut B) -> Result<Vec<Vec<f32>>, B::Error> {
+        let mut out = self.a.read_params(b)?;
+        out.extend(self.c.read_params(b)?);
+        out.extend(self.d.read_params(b)?);
+        out.extend(self.e.read_params(b)?);
+        out.extend(self.f.read_params(b)?);
+        Ok(out)
+    }
+
+    fn state(&self, b: &mut B) -> Result<Vec<[Vec<f32>; 3]>, B::Error> {
+        let mut out = self.a.read_state(b)?;
+        out.extend(self.c.read_state(b)?);
+        out.extend(self.d.read_state(b)?);
+        out.extend(self.e.read_state(b)?);
+        out.extend(self.f.read_state(b)?);
+        Ok(out)
+    }
+
+    fn steps(&self) -> Vec<u64> {
+        [
+            self.a.steps(),
+            self.c.steps(),
+            self.d.steps(),
+            self.e.steps(),
+            self.f.steps(),
+        ]
+        .concat()
+    }
+}
+
+/// One counted step over tensors of f32, bf16 and f16 parameters with f32 and bf16 state:
+/// one global norm (global clipping sees them all), every count advanced once, each tensor
+/// equal to the float64 oracle rounding its own types; a NaN in one tensor leaves every
+/// tensor of every type untouched.
+pub fn mixed_precision_step<B: Harness>(b: &mut B) -> Result<(), Failure> {
+    let check = "mixed precisions in one step";
+    let fail = |d: String| Failure::new(check, d);
+    super::equivalence::need(b, DType::Bf16, check)?;
+    super::equivalence::need(b, DType::F16, check)?;
+    let lens = [4097usize, 17, 9, 1023, 33];
+    let cfg = Config::reference(Algorithm::adamw(), 2e-3)
+        .beta0(0.7)
+        .global_clip(0.1)
+        .per_tensor_clip(0.05);
+    let groups = vec![ParamGroup::sage().weight_decay(0.01), ParamGroup::plain()];
+    let gof: Vec<usize> = (0..lens.len()).map(|i| i % groups.len()).collect();
+    let mut r = rng(8100);
+    let init = random_params(&mut r, &lens);
+    let mut model = Mixed::new(b, &cfg, &groups, &init)?;
+    let wide: Vec<Vec<f64>> = init.iter().map(|x| widen(x)).collect();
+    let storage: Vec<Option<(DType, DType)>> = MIXED_TYPES.iter().map(|&t| Some(t)).collect();
+    let mut oracle = Reference::mixed(cfg, groups.clone(), gof, &wide, &storage);
+    let start = oracle.theta.clone();
+    let mut opt =
+        Optimizer::new(b.clone(), cfg, groups.clone()).map_err(|e| fail(e.to_string()))?;
+    let mut worst = Worst::default();
+    for step in 1..=4u64 {
+        let mut grads = random_grads(&mut r, &lens, 0.05);
+        if step == 3 {
+            // A NaN in the f16 tensor: nothing of any type may change.
+            grads[2][4] = f32::NAN;
+            let before = (
+                model.params(b).map_err(|e| backend_failure(check, e))?,
+                model.state(b).map_err(|e| backend_failure(check, e))?,
+            );
+            let rep = model
+                .step(&mut opt, &grads)
+                .map_err(|e| backend_failure(check, e))?
+                .map_err(|e| fail(format!("step {step}: {e}")))?;
+            if rep.outcome != (Outcome::SkippedNonFinite { param: Some(2) }) {
+                return Err(fail(format!("step {step}: NaN in tensor 2 gave {rep:?}")));
+            }
+            let after = (
+                model.params(b).map_err(|e| backend_failure(check, e))?,
+                model.state(b).map_err(|e| backend_failure(check, e))?,
+            );
+            let bits = |x: &Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+                x.iter()
+                    .map(|t| t.iter().map(|v| v.to_bits()).collect())
+                    .collect()
+            };
+            if bits(&before.0) != bits(&after.0) || before.1 != after.1 {
+                return Err(fail(format!(
+                    "step {step}: a skipped step changed a tensor"
+                )));
+            }
+            if model.steps() != vec![2; lens.len()] || opt.steps() != 2 {
+                return Err(fail(format!(
+                    "step {step}: a skipped step moved counts to {:?} / {}",
+                    model.steps(),
+                    opt.steps()
+                )));
+            }
+            continue;
+        }
+        let rep = model
+            .step(&mut opt, &grads)
+            .map_err(|e| backend_failure(check, e))?
+            .map_err(|e| fail(format!("step {step}: {e}")))?;
+        let wide_g: Vec<Vec<f64>> = grads.iter().map(|g| widen(g)).collect();
+        oracle.step(&wide_g);
+        let done = if step < 3 { step } else { step - 1 };
+        if !rep.applied() || rep.tensors != lens.len() || opt.steps() != done {
+            return Err(fail(format!("step {step}: report {rep:?}")));
+        }
+        if model.steps() != vec![done; lens.len()] {
+            return Err(fail(format!(
+                "step {step}: counts {:?}, each should be {done}",
+                model.steps()
+            )));
+        }
+        let got = model.params(b).map_err(|e| backend_failure(check, e))?;
+        for (ti, &(p, s)) in MIXED_TYPES.iter().enumerate() {
+            let tol = Tol::for_types(p, s);
+            see_tensor(
+                &mut worst,
+                tol,
+                &got[ti],
+                &oracle.theta[ti],
+                &start[ti],
+                |j| format!("step {step} tensor {ti} ({p} params, {s} state) θ[{j}]"),
+            );
+        }
+        if !worst.ok() {
+            break;
+        }
+    }
+    worst.into_result(check)
+}
+
+/// Norms from outside: each gradient cut into pieces on the chunk grid (as ranks holding
+/// shards would), the pieces' chunk partials computed separately, gathered and reduced with
+/// `norm::reduce`, and the step given those norms — equal bit for bit to the step that
+/// computes its own norms, with global and per-tensor clipping. The optimizer's own partials
+/// equal the pieces' gathered partials, and a non-finite total given from outside skips the
+/// step with nothing changed.
+pub fn norms_from_outside<B: Harness>(b: &mut B) -> Result<(), Failure> {
+    let check = "norms from outside == own norms";
+    let fail = |d: String| Failure::new(check, d);
+    let lens = [3 * NORM_CHUNK + 5, 2 * NORM_CHUNK, 17, NORM_CHUNK + 1];
+    let cfg = Config::reference(Algorithm::adamw(), 2e-3)
+        .global_clip(0.5)
+        .per_tensor_clip(0.2);
+    let groups = vec![ParamGroup::sage().weight_decay(0.01), ParamGroup::plain()];
+    let gof = vec![0, 1, 0, 1];
+    let mut r = rng(8200);
+    let init = random_params(&mut r, &lens);
+    let mut own = Model::<B, f32, f32>::new(b, &cfg, &groups, &init, &gof)?;
+    let mut given = Model::<B, f32, f32>::new(b, &cfg, &groups, &init, &gof)?;
+    let mut o1 = Optimizer::new(b.clone(), cfg, groups.clone()).map_err(|e| fail(e.to_string()))?;
+    let mut o2 = Optimizer::new(b.clone(), cfg, groups.clone()).map_err(|e| fail(e.to_string()))?;
+    for step in 1..=3 {
+        let grads = random_grads(&mut r, &lens, 0.05);
+        // Every piece's partials, computed on its own buffer, gathered in order.
+        let mut gathered = Vec::new();
+        for g in &grads {
+            let cuts = [
+                0,
+                NORM_CHUNK.min(g.len()),
+                (2 * NORM_CHUNK).min(g.len()),
+                g.len(),
+            ];
+            for w in cuts.windows(2) {
+                if w[0] == w[1] {
+                    continue;
+                }
+                let piece = b
+                    .upload(&g[w[0]..w[1]])
+                    .map_err(|e| backend_failure(check, e))?;
+                let mut out = vec![0f64; chunk_count(w[1] - w[0])];
+                b.sq_norm_chunks(B::buf(&piece), 0, &mut out)
+                    .map_err(|e| backend_failure(check, e))?;
+                gathered.extend(out);
+            }
+        }
+        let gb = given
+            .upload_grads(b, &grads)
+            .map_err(|e| backend_failure(check, e))?;
+        let mut ts = given.tensors(&gb, None);
+        let mut partials = vec![0f64; o2.partials_len(&mut ts).map_err(|e| fail(e.to_string()))?];
+        o2.grad_norm_partials(&mut ts, &mut partials)
+            .map_err(|e| fail(format!("step {step}: {e}")))?;
+        if partials
+            .iter()
+            .map(|x| x.to_bits())
+            .ne(gathered.iter().map(|x| x.to_bits()))
+        {
+            return Err(fail(format!(
+                "step {step}: the optimizer's chunk partials differ from the pieces' gathered partials"
+            )));
+        }
+        let mut per = vec![0f64; lens.len()];
+        let total = norm::reduce(&gathered, &lens, &mut per)
+            .ok_or_else(|| fail("norm::reduce refused matching lengths".into()))?;
+        let r2 = o2
+            .step_with_norms(
+                &mut ts,
+                GlobalNorms {
+                    total_sq: total,
+                    per_tensor_sq: &per,
+                },
+            )
+            .map_err(|e| fail(format!("step {step}: {e}")))?;
+        drop(ts);
+        let r1 = own
+            .step(&mut o1, &grads)
+            .map_err(|e| fail(format!("step {step}: {e}")))?;
+        if r1.grad_norm.map(f64::to_bits) != r2.grad_norm.map(f64::to_bits)
+            || r1.clip_scale.to_bits() != r2.clip_scale.to_bits()
+        {
+            return Err(fail(format!(
+                "step {step}: reports differ: {r1:?} vs {r2:?}"
+            )));
+        }
+        let (p1, p2) = (
+            own.read_params(b).map_err(|e| backend_failure(check, e))?,
+            given
+                .read_params(b)
+                .map_err(|e| backend_failure(check, e))?,
+        );
+        for (ti, (a, c)) in p1.iter().zip(&p2).enumerate() {
+            if let Some(j) = a
+                .iter()
+                .zip(c)
+                .position(|(x, y)| x.to_bits() != y.to_bits())
+            {
+                return Err(fail(format!(
+                    "step {step} tensor {ti}[{j}]: own norms {} vs given norms {}",
+                    a[j], c[j]
+                )));
+            }
+        }
+    }
+    // A non-finite gradient elsewhere (another rank): the given total says so.
+    let grads = random_grads(&mut r, &lens, 0.05);
+    let gb = given
+        .upload_grads(b, &grads)
+        .map_err(|e| backend_failure(check, e))?;
+    let before = given
+        .read_params(b)
+        .map_err(|e| backend_failure(check, e))?;
+    let counts = given.steps();
+    let mut ts = given.tensors(&gb, None);
+    let per = vec![1.0; lens.len()];
+    let rep = o2
+        .step_with_norms(
+            &mut ts,
+            GlobalNorms {
+                total_sq: f64::NAN,
+                per_tensor_sq: &per,
+            },
+        )
+        .map_err(|e| fail(e.to_string()))?;
+    drop(ts);
+    if rep.outcome != (Outcome::SkippedNonFinite { param: None })
+        || given
+            .read_params(b)
+            .map_err(|e| backend_failure(check, e))?
+            != before
+        || given.steps() != counts
+    {
+        return Err(fail(format!(
+            "a NaN reported from outside did not skip cleanly: {rep:?}"
+        )));
+    }
+    // Wrong number of per-tensor norms: an error naming the counts, nothing changed.
+    let mut ts = given.tensors(&gb, None);
+    match o2.step_with_norms(
+        &mut ts,
+        GlobalNorms {
+            total_sq: 1.0,
+            per_tensor_sq: &per[..2],
+        },
+    ) {
+        Err(e) if e.kind() == sage_core::ErrorKind::LengthMismatch => Ok(()),
+        other => Err(fail(format!("2 norms for 4 tensors: {other:?}"))),
+    }
+}
