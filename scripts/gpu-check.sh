@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU check of sage-cuda, for a machine with an NVIDIA GPU and no Rust, no network:
-# the conformance suite on cuda (every check, every vector file), then the benchmark
+# the conformance suite on every backend there (cuda, the NVIDIA OpenCL driver, the CPU levels;
+# every check, every vector file; checkpoint resume across every pair), sage-cuda's own GPU
+# tests (norm partials on the chunk grid, HostBuffers, gathered norms), then the benchmark
 # (Adam-SAGE f32 and bf16-params/f32-state at 16M, 110M, 350M parameters against a
 # device-to-device copy of the same bytes, in the same run), then torch's fused AdamW on the
 # same tensors when python3 has torch; one table at the end.
 #
 # Run from the repository root, with these built on the development machine first
 # (scripts/gpu-check.sh --build does it there):
-#   target/release/sage-conformance    the conformance runner
+#   target/release/sage-conformance    the conformance runner (package sage-conformance-runner)
+#   target/release/sage-cuda-gpu-test  sage-cuda's tests/gpu.rs, built as a test binary
 #   target/release/sage-cuda-bench     the benchmark
 #   target/sage-cuda-ptx/              optional: prebuilt PTX, used only when no libnvrtc is found
 #   target/gpu-libs/libOpenCL.so.1    optional: used only when the machine has no OpenCL loader
@@ -23,7 +26,10 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--build" ]; then
   # On the development machine: the binaries and the PTX fallback this script uses.
   set -e
-  cargo build --release -p sage-conformance -p sage-cuda
+  cargo build --release -p sage-conformance-runner -p sage-cuda
+  gpu_test=$(cargo test --release -p sage-cuda --test gpu --no-run 2>&1 \
+    | grep -o 'target/release/deps/gpu-[0-9a-f]*' | head -1)
+  cp "$gpu_test" target/release/sage-cuda-gpu-test
   nvrtc_lib=.cache/nvrtc/nvidia/cu13/lib
   if [ -d "$nvrtc_lib" ]; then
     LD_LIBRARY_PATH="$PWD/$nvrtc_lib:${LD_LIBRARY_PATH:-}" \
@@ -36,16 +42,18 @@ if [ "${1:-}" = "--build" ]; then
   mkdir -p target/gpu-libs
   ocl=$(ldconfig -p | awk '/libOpenCL\.so\.1 .*x86-64/ {print $NF; exit}')
   if [ -n "$ocl" ]; then cp -L "$ocl" target/gpu-libs/libOpenCL.so.1; fi
-  strip target/release/sage-conformance target/release/sage-cuda-bench 2>/dev/null || true
-  du -ch target/release/sage-conformance target/release/sage-cuda-bench target/sage-cuda-ptx \
-    target/gpu-libs 2>/dev/null | tail -1
-  echo "carry: target/release/sage-conformance target/release/sage-cuda-bench target/sage-cuda-ptx target/gpu-libs"
+  strip target/release/sage-conformance target/release/sage-cuda-bench \
+    target/release/sage-cuda-gpu-test 2>/dev/null || true
+  du -ch target/release/sage-conformance target/release/sage-cuda-bench \
+    target/release/sage-cuda-gpu-test target/sage-cuda-ptx target/gpu-libs 2>/dev/null | tail -1
+  echo "carry: target/release/sage-conformance target/release/sage-cuda-bench target/release/sage-cuda-gpu-test target/sage-cuda-ptx target/gpu-libs"
   exit 0
 fi
 
 LOG=${OUT:-/tmp/sage-gpu-check}
 mkdir -p "$LOG"
-T_CONF=${SAGE_T_CONFORMANCE:-150}
+T_CONF=${SAGE_T_CONFORMANCE:-240}
+T_GPUTEST=${SAGE_T_GPUTEST:-60}
 T_BENCH=${SAGE_T_BENCH:-110}
 T_TORCH=${SAGE_T_TORCH:-80}
 SIZES=${SAGE_BENCH_SIZES:-16M,110M,350M}
@@ -116,14 +124,25 @@ else
   echo "NVRTC: not found and no target/sage-cuda-ptx: the backend will report not available"
 fi
 
-echo "== conformance (cuda, all checks, all vector files; limit ${T_CONF} s)"
-timeout "$T_CONF" target/release/sage-conformance --backend cuda --vectors conformance/vectors \
+echo "== conformance (every backend here, all checks, all vector files; limit ${T_CONF} s)"
+timeout "$T_CONF" target/release/sage-conformance --backend all --vectors conformance/vectors \
   >"$LOG/conformance.txt" 2>&1
 conf_rc=$?
 grep -v -E '^\S+ .* pass( |$)' "$LOG/conformance.txt" | grep -v '^vectors from' | head -60
 npass=$(grep -c -E ' pass( |$)' "$LOG/conformance.txt" || true)
 echo "conformance exit $conf_rc ($npass rows passed) after $(elapsed); full log: $LOG/conformance.txt"
 [ "$conf_rc" -eq 124 ] && echo "conformance TIMED OUT after ${T_CONF} s"
+
+gputest_rc=skipped
+if [ -x target/release/sage-cuda-gpu-test ]; then
+  echo "== sage-cuda GPU tests (limit ${T_GPUTEST} s)"
+  SAGE_REQUIRE_CUDA=1 timeout "$T_GPUTEST" target/release/sage-cuda-gpu-test \
+    >"$LOG/gpu-test.txt" 2>&1
+  gputest_rc=$?
+  grep -E '^test |test result' "$LOG/gpu-test.txt" | head -20
+  echo "gpu tests exit $gputest_rc after $(elapsed)"
+fi
+if [ "$gputest_rc" != skipped ] && [ "$gputest_rc" -ne 0 ]; then conf_rc=$gputest_rc; fi
 
 echo "== benchmark (sage-cuda-bench; limit ${T_BENCH} s)"
 timeout "$T_BENCH" target/release/sage-cuda-bench --sizes "$SIZES" >"$LOG/bench.txt" 2>&1
@@ -161,7 +180,7 @@ grep -h '^ROW' "$LOG/bench.txt" "$LOG/torch.txt" 2>/dev/null | awk -F'\t' -v con
     }
     ok = (conf_rc == 0)
     print ""
-    printf "conformance on cuda: %s\n", conf_rc == 0 ? "PASS" : "FAIL (exit " conf_rc ")"
+    printf "conformance (all backends) and GPU tests: %s\n", conf_rc == 0 ? "PASS" : "FAIL (exit " conf_rc ")"
     key = 110000000
     if (key in sage) {
       good = (sager[key] + 0 >= 0.85)
