@@ -193,7 +193,7 @@ pub fn run<B: SliceBackend>(
     let frozen = cfg.freeze_embeddings;
     let vars = named_vars(&vm, |n| !(frozen && n.starts_with("embeddings.")));
     let trained_params = vars.iter().map(|(_, v)| v.as_tensor().elem_count()).sum();
-    let mut opt = SageOptimizer::with_backend(backend, vars, SageParams { config, rules })?;
+    let mut opt = SageOptimizer::with_backend(backend, vars, SageParams::new(config, rules))?;
 
     progress.set_length(total);
     progress.set_position(0);

@@ -63,10 +63,7 @@ fn bench<B: SliceBackend + Clone>(backend_name: &str, backend: B) -> candle_core
         loss = (loss + (v.as_tensor() * g)?.sum_all()?)?;
     }
     let store = loss.backward()?;
-    let params = SageParams {
-        config,
-        rules: GroupRules::single(group),
-    };
+    let params = SageParams::new(config, GroupRules::single(group));
     let mut opt = SageOptimizer::with_backend(backend.clone(), vars.clone(), params)?;
     opt.step_grads(&store)?;
     let t = Instant::now();
