@@ -7,6 +7,7 @@
 //! Everything is generic over [`HostBuffers`], the host-copy capability each backend
 //! implements in its own crate: a checkpoint saved on one backend restores on any other.
 
+use std::any::Any;
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -442,6 +443,56 @@ fn check_step(tensor: &str, step: u64) -> Result<(), CheckpointError> {
     }
 }
 
+/// The first stored value of `slot` that a run cannot resume from, as `(index, value)`:
+/// NaN or ±Inf anywhere (θ, `m`, `v`, `ibar`), and a negative value in `v` (Adam's second
+/// moment, Adamax's `u`: both are ≥ 0 by construction, and `√v` of a negative one is NaN) or
+/// in `ibar` (a mean of `|θ·g|`). `-0.0` is 0. `bytes` are little-endian `dtype` elements.
+fn first_bad_value(slot: Slot, dtype: DType, bytes: &[u8]) -> Option<(usize, f32)> {
+    let nonneg = matches!(slot, Slot::State(Buffer::V) | Slot::State(Buffer::Ibar));
+    let bad = |x: f32| !x.is_finite() || (nonneg && x < 0.0);
+    let size = dtype.size();
+    bytes
+        .chunks_exact(size)
+        .map(|c| match dtype {
+            DType::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            DType::F16 => half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+            DType::Bf16 => half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+        })
+        .enumerate()
+        .find(|&(_, x)| bad(x))
+}
+
+/// Refuses stored values that would poison the next step ([`first_bad_value`]), naming the
+/// buffer's key (`enc.weight.v`), the element and the value.
+fn check_values(
+    key: &str,
+    slot: Slot,
+    algorithm: &str,
+    dtype: DType,
+    bytes: &[u8],
+) -> Result<(), CheckpointError> {
+    let Some((i, x)) = first_bad_value(slot, dtype, bytes) else {
+        return Ok(());
+    };
+    let what = match slot {
+        Slot::Param => "the parameter θ must be finite".to_string(),
+        Slot::State(Buffer::M) => "`m` (the first moment or momentum buffer) must be finite".into(),
+        Slot::State(Buffer::V) if algorithm == "Adamax" => {
+            "`v` (Adamax's infinity norm u) must be finite and ≥ 0".to_string()
+        }
+        Slot::State(Buffer::V) => {
+            format!("`v` ({algorithm}'s second moment) must be finite and ≥ 0")
+        }
+        Slot::State(Buffer::Ibar) => {
+            "`ibar` (SAGE's smoothed sensitivity) must be finite and ≥ 0".to_string()
+        }
+    };
+    Err(CheckpointError::tensor(
+        key,
+        format!("element {i} is {x}: {what}; resuming from it would make the parameters NaN"),
+    ))
+}
+
 // ---------------------------------------------------------------------------------------
 // Save.
 
@@ -622,6 +673,7 @@ impl<B: HostBuffers> Collect<'_, B> {
         }
         for (slot, dtype, data) in stored {
             let key = slot.key(name);
+            check_values(&key, slot, self.config.algorithm.name(), dtype, &data)?;
             if !self.keys.insert(key.clone()) {
                 return Err(CheckpointError::tensor(
                     key,
@@ -873,6 +925,7 @@ impl<'data> Checkpoint<'data> {
                 if Fnv64::hex(view.data()) != b.fnv {
                     return Err(CheckpointError::Checksum { tensor: key });
                 }
+                check_values(&key, slot, config.algorithm.name(), dtype, view.data())?;
                 used_keys.insert(key);
             }
             // Exactly the buffers the file's own configuration gives this tensor's group.
@@ -1013,10 +1066,21 @@ impl<'data> Checkpoint<'data> {
     /// `entries` is a slice, array or `Vec` of [`EntryMut`]s, or a tuple of them for a model
     /// that mixes storage types ([`EntrySetMut`]).
     ///
-    /// Nothing is written unless every check passes. A backend copy that fails midway (a
-    /// device error, not a file problem) is reported naming the tensor; buffers copied before
-    /// it hold the checkpoint's values, and no step count has been changed (counts are set
-    /// once every copy succeeded).
+    /// Nothing is written unless every check passes, and the writes are all or nothing:
+    ///
+    /// 1. every target buffer is first read back to the host (a snapshot of what it holds);
+    ///    a read that fails is a [`CheckpointError::Backend`] and nothing was written;
+    /// 2. every buffer is written; the step counts are set only once every write succeeded;
+    /// 3. a write that fails (a device error, not a file problem) puts every buffer written so
+    ///    far, and the one that failed, back to its snapshot, and returns the write's
+    ///    [`CheckpointError::Backend`] naming the buffer: every buffer and count then holds
+    ///    what it held before the call. Only when putting one back fails too is the error
+    ///    [`CheckpointError::Partial`], which lists exactly the buffers whose contents are
+    ///    unspecified; every other buffer holds what it held before, and no count changed.
+    ///
+    /// The snapshot costs host memory the size of the buffers restored, held for the call,
+    /// and one device-to-host copy of each. (A backend-side copy between two of its own
+    /// buffers, which [`HostBuffers`] does not have, would let it stage on the device instead.)
     pub fn restore<'a, B: HostBuffers, E: EntrySetMut<'a, B> + ?Sized>(
         &self,
         backend: &mut B,
@@ -1035,11 +1099,39 @@ impl<'data> Checkpoint<'data> {
                 "in the checkpoint but not among the tensors to restore (a partial load is refused)",
             ));
         }
-        // Everything checked: now write, then set the counts.
-        entries.visit_mut(&mut WriteTargets {
+        // Everything checked. Snapshot every target, write, put back on failure; the counts
+        // are set last.
+        let mut snap = Snapshot {
+            backend: &mut *backend,
+            saved: Vec::new(),
+        };
+        entries.visit_mut(&mut snap)?;
+        let saved = snap.saved;
+        let mut write = WriteTargets {
             ckpt: self,
-            backend,
-        })?;
+            backend: &mut *backend,
+            done: 0,
+        };
+        if let Err(cause) = entries.visit_mut(&mut write) {
+            // The buffer whose write failed may hold part of the new values: put it back too.
+            let upto = write.done + 1;
+            let mut back = Rollback {
+                backend,
+                saved: &saved,
+                upto,
+                at: 0,
+                unknown: Vec::new(),
+            };
+            let Ok(()) = entries.visit_mut(&mut back);
+            return Err(if back.unknown.is_empty() {
+                cause
+            } else {
+                CheckpointError::Partial {
+                    cause: Box::new(cause),
+                    unknown: back.unknown,
+                }
+            });
+        }
         entries.visit_mut(&mut SetCounts { ckpt: self })
     }
 
@@ -1203,10 +1295,71 @@ impl<B: HostBuffers> CheckTargets<'_, '_, B> {
     }
 }
 
-/// Restore, second pass: the copies.
+/// An entry's restore targets: θ (when it is restored), then each state buffer.
+type Targets<'e, B, P, S> = (
+    Option<&'e mut <B as Backend>::Buf<P>>,
+    [(Buffer, Option<&'e mut <B as Backend>::Buf<S>>); 3],
+);
+
+/// The buffers an entry restores, in the order every restore pass walks them: θ (when it
+/// is restored), then each present state buffer.
+fn targets<'e, B: HostBuffers, P: Element, S: Element>(
+    e: &'e mut EntryMut<'_, B, P, S>,
+) -> Targets<'e, B, P, S> {
+    let st = &mut e.state;
+    (
+        e.param.as_deref_mut(),
+        [
+            (Buffer::M, st.m.as_deref_mut()),
+            (Buffer::V, st.v.as_deref_mut()),
+            (Buffer::Ibar, st.ibar.as_deref_mut()),
+        ],
+    )
+}
+
+/// Restore, second pass: what every target holds now, for putting it back.
+struct Snapshot<'c, B> {
+    backend: &'c mut B,
+    /// One `Vec<E>` per target buffer, in [`targets`] order.
+    saved: Vec<Box<dyn Any + Send>>,
+}
+
+impl<'a, B: HostBuffers> VisitEntriesMut<'a, B> for Snapshot<'_, B> {
+    type Error = CheckpointError;
+    fn entries<P: Element, S: Element>(
+        &mut self,
+        entries: &mut [EntryMut<'a, B, P, S>],
+    ) -> Result<(), CheckpointError> {
+        for e in entries.iter_mut() {
+            let name = e.name;
+            let (param, state) = targets(e);
+            if let Some(p) = param {
+                let host: Vec<P> = self
+                    .backend
+                    .to_host(p)
+                    .map_err(|err| CheckpointError::backend(Slot::Param.key(name), err))?;
+                self.saved.push(Box::new(host));
+            }
+            for (b, buf) in state {
+                if let Some(buf) = buf {
+                    let host: Vec<S> = self
+                        .backend
+                        .to_host(buf)
+                        .map_err(|err| CheckpointError::backend(Slot::State(b).key(name), err))?;
+                    self.saved.push(Box::new(host));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Restore, third pass: the copies, counted.
 struct WriteTargets<'c, 'data, B> {
     ckpt: &'c Checkpoint<'data>,
     backend: &'c mut B,
+    /// Buffers written completely so far (in [`targets`] order).
+    done: usize,
 }
 
 impl<'a, B: HostBuffers> VisitEntriesMut<'a, B> for WriteTargets<'_, '_, B> {
@@ -1217,18 +1370,70 @@ impl<'a, B: HostBuffers> VisitEntriesMut<'a, B> for WriteTargets<'_, '_, B> {
     ) -> Result<(), CheckpointError> {
         for e in entries.iter_mut() {
             let name = e.name;
-            if let Some(p) = e.param.as_deref_mut() {
+            let (param, state) = targets(e);
+            if let Some(p) = param {
                 let data: Vec<P> = self.ckpt.read(name, Slot::Param)?;
                 self.backend
                     .write_host(p, &data)
                     .map_err(|err| CheckpointError::host(Slot::Param.key(name), err))?;
+                self.done += 1;
             }
-            for b in Buffer::ALL {
-                if let Some(buf) = e.state.get_mut(b) {
+            for (b, buf) in state {
+                if let Some(buf) = buf {
                     let data: Vec<S> = self.ckpt.read(name, b)?;
                     self.backend
-                        .write_host(&mut **buf, &data)
+                        .write_host(buf, &data)
                         .map_err(|err| CheckpointError::host(Slot::State(b).key(name), err))?;
+                    self.done += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// After a failed write: the first `upto` targets get their snapshot back; those that cannot
+/// be put back are listed.
+struct Rollback<'c, B> {
+    backend: &'c mut B,
+    saved: &'c [Box<dyn Any + Send>],
+    upto: usize,
+    at: usize,
+    unknown: Vec<String>,
+}
+
+impl<B: HostBuffers> Rollback<'_, B> {
+    fn put_back<E: Element>(&mut self, buf: &mut B::Buf<E>, key: String) {
+        let at = self.at;
+        self.at += 1;
+        if at >= self.upto {
+            return;
+        }
+        let ok = match self.saved.get(at).and_then(|s| s.downcast_ref::<Vec<E>>()) {
+            Some(old) => self.backend.write_host(buf, old).is_ok(),
+            None => false,
+        };
+        if !ok {
+            self.unknown.push(key);
+        }
+    }
+}
+
+impl<'a, B: HostBuffers> VisitEntriesMut<'a, B> for Rollback<'_, B> {
+    type Error = std::convert::Infallible;
+    fn entries<P: Element, S: Element>(
+        &mut self,
+        entries: &mut [EntryMut<'a, B, P, S>],
+    ) -> Result<(), Self::Error> {
+        for e in entries.iter_mut() {
+            let name = e.name;
+            let (param, state) = targets(e);
+            if let Some(p) = param {
+                self.put_back::<P>(p, Slot::Param.key(name));
+            }
+            for (b, buf) in state {
+                if let Some(buf) = buf {
+                    self.put_back::<S>(buf, Slot::State(b).key(name));
                 }
             }
         }
@@ -1265,8 +1470,11 @@ impl<'a, B: HostBuffers> VisitEntriesMut<'a, B> for SetCounts<'_, '_> {
 /// A file of format version 1 (one optimizer-wide count) sets every tensor's count to that
 /// count (see [`OLDEST_VERSION`]).
 ///
-/// Any mismatch or corruption is an `Err` naming the tensor (or field) and the reason, and
-/// leaves the optimizer and every buffer and count untouched.
+/// Any mismatch or corruption (values a run cannot resume from included: NaN or ±Inf in any
+/// buffer, a negative `v` or `ibar`) is an `Err` naming the tensor (or field) and the reason,
+/// and leaves the optimizer and every buffer and count untouched. So does a backend copy
+/// that fails, unless putting the buffers back fails too ([`CheckpointError::Partial`]; see
+/// [`Checkpoint::restore`]).
 pub fn load<'d, 'a, B: HostBuffers, G: AsRef<[ParamGroup]>, E: EntrySetMut<'a, B> + ?Sized>(
     opt: &mut Optimizer<B, G>,
     bytes: &'d [u8],
@@ -1280,18 +1488,80 @@ pub fn load<'d, 'a, B: HostBuffers, G: AsRef<[ParamGroup]>, E: EntrySetMut<'a, B
     Ok(ckpt)
 }
 
-/// Writes `bytes` to `path` atomically (a temporary file beside it, then a rename), so a crash
-/// mid-write never leaves a truncated checkpoint under the real name.
+/// Writes `bytes` to `path` atomically and durably: a crash or power loss at any moment
+/// leaves either the old file or the complete new one under `path`, never a truncated one.
+///
+/// - The bytes go to a new temporary file beside `path` (same directory, so the rename
+///   cannot cross file systems), named `.{file name}.{pid}.{counter}.{time}.tmp` and created
+///   with `create_new` (`O_EXCL`): it is never an existing file or a symlink planted there,
+///   and two saves at once — threads or processes — each write their own.
+/// - The file is flushed to disk (`fsync`), renamed over `path`, and then the directory is
+///   flushed too (on Unix), so the rename itself survives a power loss.
+/// - On any failure the temporary file is removed and the error returned; `path` is left as
+///   it was (unless only the final directory flush failed: the new file is then in place).
+///
+/// Concurrent saves to one path leave one of them complete under `path` (the last rename).
 pub fn write_file(path: impl AsRef<std::path::Path>, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+
     let path = path.as_ref();
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: not a file path", path.display()),
+        )
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let (mut file, tmp) = {
+        let mut attempt = 0;
+        loop {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let mut tmp_name = std::ffi::OsString::from(".");
+            tmp_name.push(name);
+            tmp_name.push(format!(
+                ".{}.{}.{nanos:08x}.tmp",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            let tmp = dir.join(tmp_name);
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+            {
+                Ok(f) => break (f, tmp),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 100 => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    drop(file);
+    let written = written.and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)
+    sync_dir(dir)
+}
+
+/// Flushes a directory's entries (a rename in it) to disk.
+#[cfg(unix)]
+fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Windows has no directory handle to flush: `MoveFileEx` is as durable as it gets there.
+#[cfg(not(unix))]
+fn sync_dir(_: &std::path::Path) -> std::io::Result<()> {
+    Ok(())
 }

@@ -404,7 +404,9 @@ fn write_importance(step: u64, host: Vec<(String, Vec<f32>)>) -> Result<Vec<u8>,
 
 /// Marks the `fraction` of all elements (across every tensor of `scores`) with the lowest
 /// score: `true` = prune. Ties at the threshold are broken by position, so exactly
-/// `round(fraction · total)` elements are marked.
+/// `round(fraction · total)` elements are marked. NaN scores, of either sign, sort after
+/// every number (so they are pruned last, not first: x86 makes `0/0` a NaN with the sign bit
+/// set, which `f32::total_cmp` would put before −∞).
 pub fn lowest_mask(scores: &[&[f32]], fraction: f64) -> Vec<Vec<bool>> {
     let total: usize = scores.iter().map(|s| s.len()).sum();
     let k = ((fraction.clamp(0.0, 1.0) * total as f64).round() as usize).min(total);
@@ -413,8 +415,15 @@ pub fn lowest_mask(scores: &[&[f32]], fraction: f64) -> Vec<Vec<bool>> {
         .enumerate()
         .flat_map(|(t, s)| s.iter().enumerate().map(move |(i, &x)| (x, t, i)))
         .collect();
-    // NaN scores sort last: never pruned for being "lowest".
-    order.sort_by(|a, b| a.0.total_cmp(&b.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    // NaN scores of either sign sort last: never pruned for being "lowest". Among numbers,
+    // `total_cmp` (−0 before +0); among NaNs, position.
+    order.sort_by(|a, b| {
+        let by_value = match (a.0.is_nan(), b.0.is_nan()) {
+            (false, false) => a.0.total_cmp(&b.0),
+            (x, y) => x.cmp(&y),
+        };
+        by_value.then((a.1, a.2).cmp(&(b.1, b.2)))
+    });
     let mut mask: Vec<Vec<bool>> = scores.iter().map(|s| vec![false; s.len()]).collect();
     for &(_, t, i) in order.iter().take(k) {
         mask[t][i] = true;

@@ -52,7 +52,9 @@ pub enum CheckpointError {
         /// What is wrong.
         reason: String,
     },
-    /// A backend copy failed (after validation: see [`crate::load`] for what that leaves).
+    /// A backend copy failed. From [`load`](crate::load) or
+    /// [`Checkpoint::restore`](crate::Checkpoint::restore): every buffer it had written was
+    /// put back, so nothing changed (see [`Partial`](Self::Partial) for when that fails).
     Backend {
         /// The tensor being copied.
         tensor: String,
@@ -61,6 +63,19 @@ pub enum CheckpointError {
         kind: ErrorKind,
         /// The backend's message.
         message: String,
+    },
+    /// A restore failed part-way ([`cause`](Self::Partial::cause), a backend copy) and some of
+    /// the buffers it had written could not be put back either: their contents are
+    /// unspecified. Every buffer not in `unknown` holds what it held before the restore, and
+    /// no step count (nor the optimizer's) was changed. (When every buffer could be put back,
+    /// the error is the cause itself and nothing changed; see
+    /// [`Checkpoint::restore`](crate::Checkpoint::restore).)
+    Partial {
+        /// What stopped the restore.
+        cause: Box<CheckpointError>,
+        /// The buffers, as safetensors keys (`enc.weight.m`; θ as `enc.weight`), whose contents
+        /// are unspecified.
+        unknown: Vec<String>,
     },
     /// The safetensors writer refused the data.
     Write {
@@ -131,6 +146,15 @@ impl fmt::Display for CheckpointError {
             } => {
                 write!(f, "tensor `{tensor}`: backend copy failed: {message}")
             }
+            CheckpointError::Partial { cause, unknown } => write!(
+                f,
+                "{cause}; putting the buffers back failed too, so the contents of {} are unspecified (every other buffer holds what it held before; no step count changed)",
+                unknown
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             CheckpointError::Write { reason } => write!(f, "cannot write checkpoint: {reason}"),
         }
     }

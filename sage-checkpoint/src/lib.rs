@@ -13,8 +13,13 @@
 //!   header and of every tensor (a flipped bit anywhere is caught), the configuration, every
 //!   name, group, shape, buffer and storage type against the tensors being restored (the
 //!   buffer check is sage-core's [`StateLayout::check`](sage_core::StateLayout::check)), and
-//!   every step count (`u64::MAX` could not advance). Every refusal is a [`CheckpointError`]
-//!   naming the tensor (or field) and the reason.
+//!   every step count (`u64::MAX` could not advance), every stored value (NaN or ±Inf
+//!   anywhere, a negative `v` or `ibar`: the next step would make θ NaN). Every refusal is a
+//!   [`CheckpointError`] naming the tensor (or field) and the reason.
+//! - Restoring is all or nothing: every target is snapshotted to the host first, and a device
+//!   copy that fails part-way puts back what was written ([`Checkpoint::restore`]).
+//! - [`write_file`] is atomic and durable: a unique temporary file (`create_new`) beside the
+//!   target, `fsync`, rename, `fsync` of the directory; removed on failure.
 //! - Format version 2 ([`FORMAT_VERSION`]) stores each tensor's count; version-1 files (one
 //!   optimizer-wide count) still load, every tensor getting that count
 //!   ([`format::OLDEST_VERSION`]).

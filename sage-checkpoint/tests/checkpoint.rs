@@ -1137,11 +1137,17 @@ fn mixed_storage_types_save_and_restore_in_one_call() {
     assert_eq!((sw2, sb2), (sw, sb));
 }
 
-/// A backend that delegates to `Cpu` and fails its host writes after `fail_after` of them.
-#[derive(Clone)]
+/// A backend that delegates to `Cpu` and fails chosen host copies: the read numbered
+/// `fail_read`, the write numbered `fail_write` (after writing the first half of it when
+/// `half_write`), and with `fail_later_writes` every write after that one too.
+#[derive(Clone, Default)]
 struct Flaky {
+    reads: usize,
     writes: usize,
-    fail_after: usize,
+    fail_read: Option<usize>,
+    fail_write: Option<usize>,
+    fail_later_writes: bool,
+    half_write: bool,
 }
 
 #[derive(Debug)]
@@ -1207,35 +1213,55 @@ impl HostBuffers for Flaky {
         Ok(data.to_vec())
     }
     fn copy_to_host<E: Element>(&mut self, buf: &[E], out: &mut [E]) -> Result<(), Lost> {
+        let i = self.reads;
+        self.reads += 1;
+        if self.fail_read == Some(i) {
+            return Err(Lost);
+        }
         out.copy_from_slice(buf);
         Ok(())
     }
     fn copy_from_host<E: Element>(&mut self, buf: &mut [E], data: &[E]) -> Result<(), Lost> {
-        if self.writes == self.fail_after {
+        let i = self.writes;
+        self.writes += 1;
+        let fails = match self.fail_write {
+            Some(k) => i == k || (self.fail_later_writes && i > k),
+            None => false,
+        };
+        if fails {
+            if self.half_write {
+                let h = data.len() / 2;
+                buf[..h].copy_from_slice(&data[..h]);
+            }
             return Err(Lost);
         }
-        self.writes += 1;
         buf.copy_from_slice(data);
         Ok(())
     }
 }
 
-#[test]
-fn a_backend_failure_midway_names_the_tensor_and_leaves_every_count() {
-    let (_, bytes) = saved();
+/// Every buffer a restore of the test model writes, in the order it writes them.
+const WRITE_ORDER: [&str; 11] = [
+    "enc.weight",
+    "enc.weight.m",
+    "enc.weight.v",
+    "enc.weight.ibar",
+    "enc.bias",
+    "enc.bias.m",
+    "enc.bias.v",
+    "head.weight",
+    "head.weight.m",
+    "head.weight.v",
+    "head.weight.ibar",
+];
+
+/// Loads the test checkpoint through `backend` into a fresh model whose counts are 17.
+fn load_flaky(bytes: &[u8], backend: Flaky) -> (Result<(), CheckpointError>, Model, u64, Flaky) {
     let mut model = Model::new();
     for s in &mut model.state {
         s.step = 17;
     }
-    let mut opt = Optimizer::new(
-        Flaky {
-            writes: 0,
-            fail_after: 5,
-        },
-        config(),
-        groups(),
-    )
-    .unwrap();
+    let mut opt = Optimizer::new(backend, config(), groups()).unwrap();
     opt.set_steps(17);
     let mut entries: Vec<EntryMut<'_, Flaky, f32, f32>> = model
         .params
@@ -1248,18 +1274,255 @@ fn a_backend_failure_midway_names_the_tensor_and_leaves_every_count() {
                 .param(&mut p[..])
         })
         .collect();
-    let e = load(&mut opt, &bytes, &mut entries, ConfigCheck::Exact).unwrap_err();
-    // θ, m, v, ibar of enc.weight, then θ of enc.bias; its `m` fails.
-    assert_eq!(
-        e,
-        CheckpointError::Backend {
-            tensor: "enc.bias.m".into(),
-            kind: ErrorKind::DeviceLost,
-            message: "device lost".into()
-        }
-    );
-    assert!(e.to_string().contains("enc.bias.m"), "{e}");
+    let r = load(&mut opt, bytes, &mut entries, ConfigCheck::Exact).map(|_| ());
     drop(entries);
-    assert_eq!(model.steps(), [17, 17, 17], "no count changed");
-    assert_eq!(opt.steps(), 17);
+    let steps = opt.steps();
+    (r, model, steps, opt.into_backend())
+}
+
+/// The values of buffer `key` of `model`.
+fn buffer<'m>(model: &'m Model, key: &str) -> &'m [f32] {
+    let k = NAMES.iter().position(|n| key.starts_with(n)).unwrap();
+    match &key[NAMES[k].len()..] {
+        "" => &model.params[k],
+        ".m" => model.state[k].m.as_deref().unwrap(),
+        ".v" => model.state[k].v.as_deref().unwrap(),
+        ".ibar" => model.state[k].ibar.as_deref().unwrap(),
+        other => panic!("{other}"),
+    }
+}
+
+/// Restore is all or nothing: a device copy that fails at any write — having written part
+/// of that buffer or none of it — leaves every buffer and every count as it was, and the
+/// error names the buffer whose copy failed.
+#[test]
+fn a_failed_copy_at_any_write_changes_nothing() {
+    let (trained, bytes) = saved();
+    let (ok, restored, steps, b) = load_flaky(&bytes, Flaky::default());
+    ok.unwrap();
+    assert_eq!((restored.bits().0, steps), (trained.bits().0, 3));
+    assert_eq!(b.writes, WRITE_ORDER.len());
+    let mut fresh = Model::new();
+    for s in &mut fresh.state {
+        s.step = 17;
+    }
+    for (k, key) in WRITE_ORDER.iter().enumerate() {
+        for half_write in [false, true] {
+            let flaky = Flaky {
+                fail_write: Some(k),
+                half_write,
+                ..Flaky::default()
+            };
+            let (r, model, steps, _) = load_flaky(&bytes, flaky);
+            let e = r.unwrap_err();
+            assert_eq!(
+                e,
+                CheckpointError::Backend {
+                    tensor: key.to_string(),
+                    kind: ErrorKind::DeviceLost,
+                    message: "device lost".into()
+                },
+                "write {k}"
+            );
+            assert!(e.to_string().contains(key), "{e}");
+            assert_eq!(model.bits(), fresh.bits(), "write {k} (half: {half_write})");
+            assert_eq!(steps, 17);
+        }
+    }
+    // A failed read of the snapshot: nothing was written at all.
+    let (r, model, steps, b) = load_flaky(
+        &bytes,
+        Flaky {
+            fail_read: Some(6),
+            ..Flaky::default()
+        },
+    );
+    assert!(
+        matches!(r, Err(CheckpointError::Backend { ref tensor, .. }) if tensor == WRITE_ORDER[6]),
+        "{r:?}"
+    );
+    assert_eq!(b.writes, 0);
+    assert_eq!((model.bits(), steps), (fresh.bits(), 17));
+}
+
+/// When the buffers written cannot be put back either (the device is gone), the error says
+/// exactly which buffers hold unspecified contents; every other one holds what it held, and
+/// no count changed.
+#[test]
+fn a_failed_rollback_lists_exactly_the_buffers_left_unspecified() {
+    let (_, bytes) = saved();
+    let fresh = Model::new();
+    for k in 0..WRITE_ORDER.len() {
+        let flaky = Flaky {
+            fail_write: Some(k),
+            fail_later_writes: true,
+            half_write: true,
+            ..Flaky::default()
+        };
+        let (r, model, steps, _) = load_flaky(&bytes, flaky);
+        let e = r.unwrap_err();
+        let unknown: Vec<String> = WRITE_ORDER[..=k].iter().map(|s| s.to_string()).collect();
+        assert_eq!(
+            e,
+            CheckpointError::Partial {
+                cause: Box::new(CheckpointError::Backend {
+                    tensor: WRITE_ORDER[k].into(),
+                    kind: ErrorKind::DeviceLost,
+                    message: "device lost".into()
+                }),
+                unknown: unknown.clone(),
+            }
+        );
+        for key in &WRITE_ORDER[k + 1..] {
+            assert_eq!(buffer(&model, key), buffer(&fresh, key), "{key} untouched");
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains("unspecified") && msg.contains(WRITE_ORDER[k]),
+            "{msg}"
+        );
+        assert_eq!(model.steps(), [17, 17, 17]);
+        assert_eq!(steps, 17);
+    }
+}
+
+/// Rewrites element `at` of stored tensor `key` (f32) to `value`, with its checksum in the
+/// index updated and the header resealed: a well-formed file holding that value.
+fn with_value(bytes: &[u8], key: &str, at: usize, value: f32) -> Vec<u8> {
+    let st = SafeTensors::deserialize(bytes).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    let t = owned.iter_mut().find(|t| t.0 == key).unwrap();
+    t.3[4 * at..4 * at + 4].copy_from_slice(&value.to_le_bytes());
+    let fnv = Fnv64::hex(&t.3);
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(k, d, s, b)| (k.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
+    let meta = header.metadata().clone().unwrap();
+    let rebuilt = safetensors::serialize(views, Some(meta)).unwrap();
+    let (name, buf) = match NAMES.iter().find(|n| key.starts_with(**n)) {
+        Some(n) if key.len() > n.len() => (*n, &key[n.len() + 1..]),
+        _ => (key, "param"),
+    };
+    edit_index(&rebuilt, |index| {
+        let e = index.iter_mut().find(|e| e["name"] == name).unwrap();
+        let b = e["buffers"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|b| b["buffer"] == buf)
+            .unwrap();
+        b["fnv"] = serde_json::Value::String(fnv);
+    })
+}
+
+/// A state a run cannot resume from — NaN or ±Inf in any buffer, a negative `v` (Adam's
+/// second moment) or `ibar` — is refused naming the tensor and the buffer, before anything is
+/// written. (Accepted, the next step would make θ NaN: √v of −1.)
+#[test]
+fn non_finite_or_negative_state_is_refused_naming_the_buffer() {
+    let (_, bytes) = saved();
+    let neg_nan = f32::from_bits(0xffc0_0000);
+    let cases: [(&str, usize, f32); 10] = [
+        ("enc.weight.v", 3, -1.0),
+        ("enc.weight.v", 0, f32::NAN),
+        ("enc.weight.v", 11, f32::INFINITY),
+        ("enc.weight.m", 2, f32::NEG_INFINITY),
+        ("enc.weight.m", 5, neg_nan),
+        ("enc.weight.ibar", 7, -1e-30),
+        ("enc.weight.ibar", 1, f32::NAN),
+        ("enc.bias.v", 0, -0.5),
+        ("head.weight.m", 4, f32::NAN),
+        ("head.weight", 1, f32::INFINITY),
+    ];
+    for (key, at, value) in cases {
+        let bad = with_value(&bytes, key, at, value);
+        let what = format!("{key}[{at}] = {value}");
+        let (tensor, reason) = tensor_err(Checkpoint::parse(&bad).unwrap_err());
+        assert_eq!(tensor, key, "{what}: {reason}");
+        assert!(
+            reason.contains(&format!("element {at}")),
+            "{what}: {reason}"
+        );
+        // `load` refuses it before writing anything.
+        let mut model = Model::new();
+        let before = model.clone();
+        let mut opt = optimizer();
+        opt.set_steps(2);
+        let e = load(&mut opt, &bad, &mut model.entries_mut(), ConfigCheck::Exact).unwrap_err();
+        assert_eq!(tensor_err(e).0, key, "{what}");
+        assert_eq!(model, before, "{what}");
+        assert_eq!(opt.steps(), 2);
+    }
+    // The same file with a value that is fine there loads (the edit itself is sound): −0 in
+    // `v`, a negative `m`, a negative θ.
+    for (key, value) in [
+        ("enc.weight.v", -0.0f32),
+        ("enc.weight.m", -3.0),
+        ("enc.weight", -7.5),
+    ] {
+        let ok = with_value(&bytes, key, 2, value);
+        let (model, _) = load_fresh(&ok).unwrap();
+        assert_eq!(buffer(&model, key)[2].to_bits(), value.to_bits(), "{key}");
+    }
+}
+
+/// `save` refuses the same values (it would write a file `load` refuses), naming the buffer;
+/// Adamax's `u` (stored as `v`) must be ≥ 0 too.
+#[test]
+fn save_refuses_state_a_run_cannot_resume_from() {
+    let cfg = config();
+    let gs = groups();
+    for (b, value) in [
+        (Buffer::V, -1.0f32),
+        (Buffer::M, f32::NAN),
+        (Buffer::Ibar, -2.0),
+        (Buffer::Ibar, f32::INFINITY),
+    ] {
+        let mut st = TensorState::new(cfg.state_layout(true), || vec![0.5f32; 4]);
+        st.get_mut(b).unwrap()[2] = value;
+        let e = save(
+            &mut Cpu,
+            3,
+            &cfg,
+            &gs,
+            &[Entry::<Cpu, f32, f32>::new("w", &st)],
+        )
+        .unwrap_err();
+        let (tensor, reason) = tensor_err(e);
+        assert_eq!(tensor, format!("w.{}", b.name()));
+        assert!(reason.contains("element 2"), "{reason}");
+    }
+    let theta = [1.0f32, f32::NAN];
+    let st = TensorState::new(cfg.state_layout(false), || vec![0f32; 2]);
+    let e = save(
+        &mut Cpu,
+        3,
+        &cfg,
+        &gs,
+        &[Entry::<Cpu, f32, f32>::new("b", &st)
+            .group(1)
+            .param(&theta[..])],
+    )
+    .unwrap_err();
+    assert_eq!(tensor_err(e).0, "b");
+    let adamax = Config::paper(Algorithm::adamax(), 1e-3);
+    let mut st = TensorState::new(adamax.state_layout(true), || vec![0.5f32; 3]);
+    st.v.as_mut().unwrap()[1] = -0.25;
+    let e = save(
+        &mut Cpu,
+        1,
+        &adamax,
+        &[ParamGroup::sage()],
+        &[Entry::<Cpu, f32, f32>::new("u", &st)],
+    )
+    .unwrap_err();
+    let (tensor, reason) = tensor_err(e);
+    assert_eq!(tensor, "u.v");
+    assert!(reason.contains("Adamax"), "{reason}");
 }

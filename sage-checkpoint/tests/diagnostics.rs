@@ -153,3 +153,33 @@ fn masks_mark_the_lowest() {
     let all = lowest_mask(&[&a, &b], 1.0);
     assert!(all.iter().flatten().all(|&x| x));
 }
+
+/// NaN scores of either sign are pruned last. x86 gives `0/0` the sign bit: a negative NaN,
+/// which `total_cmp` alone would sort before −∞, so it would be pruned first.
+#[test]
+fn nan_scores_of_either_sign_are_pruned_last() {
+    let neg_nan = f32::from_bits(0xffc0_0000);
+    let zero = std::hint::black_box(0.0f32);
+    let x86_nan = zero / zero;
+    assert!(neg_nan.is_nan() && neg_nan.is_sign_negative());
+    let a = [neg_nan, 0.3, f32::NEG_INFINITY, x86_nan];
+    let b = [f32::NAN, -0.0, 0.1, -f32::NAN];
+    // The four numbers first (−∞, −0, 0.1, 0.3), then the NaNs by position.
+    let mask = lowest_mask(&[&a, &b], 0.5);
+    assert_eq!(
+        mask,
+        vec![
+            vec![false, true, true, false],
+            vec![false, true, true, false]
+        ]
+    );
+    // At 75%: every number and the first two NaNs by position (a[0] and a[3]).
+    let mask = lowest_mask(&[&a, &b], 0.75);
+    assert_eq!(
+        mask,
+        vec![vec![true, true, true, true], vec![false, true, true, false]]
+    );
+    // Only NaNs and one number: the number goes first whatever the NaN's sign.
+    let only = [-f32::NAN, 5.0, f32::NAN];
+    assert_eq!(lowest_mask(&[&only], 0.34), vec![vec![false, true, false]]);
+}
