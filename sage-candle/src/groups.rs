@@ -1,16 +1,16 @@
 //! Parameter groups chosen by name: glob rules (`*` matches any run of characters) mapping a
 //! parameter's name to one of the optimizer's [`ParamGroup`]s.
+//!
+//! One source for both framework adapters: sage-burn compiles this same file (it belongs in
+//! sage-core behind `alloc`; until it moves there, examples here name no crate).
 
 use sage_core::ParamGroup;
 
 /// Whether `name` matches `pattern`, where `*` matches any run of characters (dots included)
 /// and every other character matches itself.
 ///
-/// ```
-/// use sage_candle::glob_match;
-/// assert!(glob_match("*encoder.layer.*.attention.self.*.weight", "encoder.layer.3.attention.self.query.weight"));
-/// assert!(!glob_match("*.bias", "encoder.layer.3.attention.self.query.weight"));
-/// ```
+/// `*encoder.layer.*.attention.self.*.weight` matches
+/// `encoder.layer.3.attention.self.query.weight`; `*.bias` does not.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
     let (p, n) = (pattern.as_bytes(), name.as_bytes());
     let (mut pi, mut ni) = (0, 0);
@@ -152,6 +152,11 @@ impl GroupRules {
         self.labels.get(i).map_or("?", String::as_str)
     }
 
+    /// The rules in order (the first that matches a name wins): pattern and group index.
+    pub fn rules(&self) -> impl Iterator<Item = (&str, usize)> + '_ {
+        self.rules.iter().map(|(p, g)| (p.as_str(), *g))
+    }
+
     /// The fallback group.
     pub fn fallback(&self) -> usize {
         self.fallback
@@ -176,6 +181,14 @@ mod tests {
 
     #[test]
     fn glob() {
+        assert!(glob_match(
+            "*encoder.layer.*.attention.self.*.weight",
+            "encoder.layer.3.attention.self.query.weight"
+        ));
+        assert!(!glob_match(
+            "*.bias",
+            "encoder.layer.3.attention.self.query.weight"
+        ));
         assert!(glob_match("*", ""));
         assert!(glob_match("a*c", "abbbc"));
         assert!(glob_match("a*b*c", "axbyc"));
