@@ -98,6 +98,20 @@ pub struct Reference {
     pub ibar: Vec<Vec<f64>>,
     /// Storage types to emulate per tensor (parameter, state), or exact f64.
     pub storage: Vec<Option<(DType, DType)>>,
+    /// What the last applied step reported: the global gradient norm before clipping, the
+    /// global clipping coefficient, and the scheduled rate at the optimizer's count.
+    pub last: Option<Reported>,
+}
+
+/// The oracle's counterpart of a `StepReport`'s numbers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Reported {
+    /// ‖g‖ over the tensors present, before clipping.
+    pub grad_norm: f64,
+    /// The global clipping coefficient (1 when none).
+    pub clip_scale: f64,
+    /// η · schedule at the optimizer's count.
+    pub lr: f64,
 }
 
 impl Reference {
@@ -141,6 +155,7 @@ impl Reference {
             v: zeros.clone(),
             ibar: zeros,
             storage: storage.to_vec(),
+            last: None,
         }
     }
 
@@ -189,6 +204,11 @@ impl Reference {
         let global = cfg.global_clip.map_or(1.0, |m| clip(m, total));
         self.t += 1;
         let opt_t = self.t;
+        self.last = Some(Reported {
+            grad_norm: total,
+            clip_scale: global,
+            lr: cfg.lr * schedule_factor(&cfg.schedule, cfg.schedule_clock, opt_t),
+        });
         let sens = cfg.sensitivity;
         for (ti, g_raw) in grads.iter().enumerate() {
             let Some(g_raw) = g_raw else { continue };

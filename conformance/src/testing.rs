@@ -25,10 +25,11 @@ pub fn run_all_checks<B: Harness + 'static>(b: B) {
     let mut failures = Vec::new();
     for (name, f) in checks::all::<B>() {
         let mut b = b.clone();
+        let t0 = std::time::Instant::now();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut b)))
             .unwrap_or_else(|_| Err(Failure::new(name, "the check panicked")));
         match r {
-            Ok(()) => println!("pass {name}"),
+            Ok(()) => println!("pass {name} ({:.1} s)", t0.elapsed().as_secs_f64()),
             Err(e) => {
                 println!("FAIL {name}: {}", e.detail);
                 let why = if e.not_available {

@@ -197,6 +197,36 @@ pub fn group_of(n: usize) -> Vec<usize> {
     (0..n).map(|i| i % 3).collect()
 }
 
+/// Whether a step's report agrees with the oracle's: the rate exactly as the schedule gives
+/// it, the norm and clipping coefficient to summation-order rounding.
+pub fn same_report(rep: &sage_core::StepReport, oracle: &Reference) -> Result<(), String> {
+    let Some(want) = oracle.last.filter(|_| rep.applied()) else {
+        return Ok(());
+    };
+    let close = |a: f64, e: f64, rel: f64| (a - e).abs() <= rel * e.abs().max(1e-300);
+    if !close(rep.lr, want.lr, 1e-12) {
+        return Err(format!(
+            "report lr {} but the oracle's rate is {}",
+            rep.lr, want.lr
+        ));
+    }
+    if let Some(n) = rep.grad_norm {
+        if !close(n, want.grad_norm, 1e-9) {
+            return Err(format!(
+                "report grad_norm {n} but the oracle's norm is {}",
+                want.grad_norm
+            ));
+        }
+    }
+    if !close(rep.clip_scale, want.clip_scale, 1e-9) {
+        return Err(format!(
+            "report clip_scale {} but the oracle's is {}",
+            rep.clip_scale, want.clip_scale
+        ));
+    }
+    Ok(())
+}
+
 fn widen(x: &[Vec<f32>]) -> Vec<Vec<f64>> {
     x.iter()
         .map(|t| t.iter().map(|&v| v as f64).collect())
@@ -238,8 +268,8 @@ impl Tol {
     }
 }
 
-/// Runs `case` for `steps` steps on `b` and on the f64 oracle, comparing parameters and state
-/// after every step.
+/// Runs `case` for `steps` steps on `b` and on the f64 oracle at [`LENGTHS`], comparing
+/// parameters, state and the step's report after every step.
 pub fn differential<B: Harness, P: Element, S: Element>(
     b: &mut B,
     check: &str,
@@ -247,9 +277,21 @@ pub fn differential<B: Harness, P: Element, S: Element>(
     steps: usize,
     seed: u64,
 ) -> Result<(), Failure> {
-    let lens = LENGTHS;
+    differential_with::<B, P, S>(b, check, case, steps, seed, &LENGTHS, 0.02)
+}
+
+/// [`differential`] for tensors of lengths `lens`, gradients uniform in ±`grad_scale`.
+pub fn differential_with<B: Harness, P: Element, S: Element>(
+    b: &mut B,
+    check: &str,
+    case: &Case,
+    steps: usize,
+    seed: u64,
+    lens: &[usize],
+    grad_scale: f32,
+) -> Result<(), Failure> {
     let mut r = rng(seed);
-    let init = random_params(&mut r, &lens);
+    let init = random_params(&mut r, lens);
     let groups = groups();
     let gof = group_of(lens.len());
     let mut model = Model::<B, P, S>::new(b, &case.cfg, &groups, &init, &gof)?;
@@ -266,7 +308,7 @@ pub fn differential<B: Harness, P: Element, S: Element>(
     let tol = Tol::for_types(P::DTYPE, S::DTYPE);
     let mut worst = Worst::default();
     for step in 1..=steps {
-        let grads = random_grads(&mut r, &lens, 0.02);
+        let grads = random_grads(&mut r, lens, grad_scale);
         let rep = model
             .step(&mut opt, &grads)
             .map_err(|e| Failure::new(check, format!("{} step {step}: {e}", case.name)))?;
@@ -279,6 +321,12 @@ pub fn differential<B: Harness, P: Element, S: Element>(
                     case.name,
                     rep.applied()
                 ),
+            ));
+        }
+        if let Err(d) = same_report(&rep, &oracle) {
+            return Err(Failure::new(
+                check,
+                format!("{} step {step}: {d}", case.name),
             ));
         }
         let got = model

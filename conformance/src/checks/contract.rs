@@ -8,7 +8,7 @@ use sage_core::{
     StepReport,
 };
 
-use super::common::{random_grads, random_params, rng, Tol};
+use super::common::{cases, differential_with, random_grads, random_params, rng, Case, Tol};
 use crate::failure::{Failure, Worst};
 use crate::harness::Harness;
 use crate::model::{backend_failure, Model};
@@ -502,4 +502,64 @@ pub fn norms_from_outside<B: Harness>(b: &mut B) -> Result<(), Failure> {
         Err(e) if e.kind() == sage_core::ErrorKind::LengthMismatch => Ok(()),
         other => Err(fail(format!("2 norms for 4 tensors: {other:?}"))),
     }
+}
+
+/// The configurations the size checks run: one per base algorithm, with clipping.
+fn size_cases() -> Vec<Case> {
+    cases()
+        .into_iter()
+        .filter(|c| {
+            matches!(
+                c.name.as_str(),
+                "paper sgd-momentum"
+                    | "paper adam clip global+tensor"
+                    | "reference adamw"
+                    | "reference adamax"
+            )
+        })
+        .collect()
+}
+
+/// Tensors past a GPU backend's chunk of 65,536 elements and a CPU backend's thread split, with
+/// odd tails, against the float64 oracle: parameters, state, norms and the report.
+pub fn long_tensors<B: Harness>(b: &mut B) -> Result<(), Failure> {
+    let check = "long tensors (past 65,536, odd tails) vs float64";
+    let lens = [65_536 + 4_099, 5];
+    for (i, c) in size_cases().iter().enumerate() {
+        let mut c2 = Case {
+            name: c.name.clone(),
+            cfg: c.cfg.global_clip(0.5),
+            ill_conditioned: c.ill_conditioned,
+        };
+        c2.name.push_str(" +global clip");
+        differential_with::<B, f32, f32>(b, check, &c2, 2, 9000 + i as u64, &lens, 0.02)?;
+    }
+    Ok(())
+}
+
+/// More tensors in one step than a GPU backend launches at once (OpenCL batches 16): 40 small
+/// tensors of every tail length, against the float64 oracle.
+pub fn many_tensors<B: Harness>(b: &mut B) -> Result<(), Failure> {
+    let check = "many tensors in one step vs float64";
+    let lens: Vec<usize> = (0..40).map(|i| 1 + (i * 37) % 300).collect();
+    for (i, c) in size_cases().iter().enumerate() {
+        differential_with::<B, f32, f32>(b, check, c, 3, 9100 + i as u64, &lens, 0.02)?;
+    }
+    Ok(())
+}
+
+/// Gradients near f32's largest values: their squared norm is far past f32's range but
+/// finite in f64, so clipping must scale them and the guard must not skip the step.
+pub fn huge_gradients<B: Harness>(b: &mut B) -> Result<(), Failure> {
+    let check = "huge finite gradients clip, never skip";
+    let lens = [NORM_CHUNK + 9, 17];
+    for (i, c) in size_cases().iter().enumerate() {
+        let c2 = Case {
+            name: format!("{} grads ~1e30", c.name),
+            cfg: c.cfg.global_clip(1.0),
+            ill_conditioned: c.ill_conditioned,
+        };
+        differential_with::<B, f32, f32>(b, check, &c2, 2, 9200 + i as u64, &lens, 1e30)?;
+    }
+    Ok(())
 }

@@ -78,6 +78,18 @@ pub fn all<B: Harness + 'static>() -> Vec<(&'static str, Check<B>)> {
             "norms from outside == own norms",
             contract::norms_from_outside::<B>,
         ),
+        (
+            "long tensors (past 65,536, odd tails) vs float64",
+            contract::long_tensors::<B>,
+        ),
+        (
+            "many tensors in one step vs float64",
+            contract::many_tensors::<B>,
+        ),
+        (
+            "huge finite gradients clip, never skip",
+            contract::huge_gradients::<B>,
+        ),
         ("non-finite gradients", guards::non_finite::<B>),
         ("bad inputs give errors", guards::bad_inputs::<B>),
     ]
@@ -88,7 +100,14 @@ pub fn all<B: Harness + 'static>() -> Vec<(&'static str, Check<B>)> {
 pub fn differential_f32<B: Harness>(b: &mut B) -> Result<(), Failure> {
     let check = "differential f32 vs float64 reference";
     for (i, c) in cases().iter().enumerate() {
-        differential::<B, f32, f32>(b, check, c, 4, 1000 + i as u64)?;
+        // Scheduled runs go past their schedule's end (t_total ≤ 6): the end of every schedule
+        // and what comes after it are checked too.
+        let steps = if c.cfg.schedule == sage_core::Schedule::Constant {
+            4
+        } else {
+            8
+        };
+        differential::<B, f32, f32>(b, check, c, steps, 1000 + i as u64)?;
     }
     Ok(())
 }
