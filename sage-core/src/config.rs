@@ -250,6 +250,16 @@ pub struct Config {
     /// Max norm of each tensor's gradient (the authors' `max_grad_norm`), applied second.
     pub per_tensor_clip: Option<f64>,
     /// Skip a step whose gradients hold NaN or ±Inf, leaving everything untouched.
+    ///
+    /// What the guard covers, exactly: every element of every gradient in the step (through the
+    /// norm pass, whose chunk partials are non-finite when a chunk holds NaN/±Inf), or, with
+    /// [`Optimizer::step_with_norms`](crate::Optimizer::step_with_norms), a non-finite total
+    /// reported from outside (any rank's gradients). Then no parameter, state buffer or step
+    /// count changes, and the report names the first tensor. What it does not cover: NaN or
+    /// ±Inf already in a parameter or a state buffer (they flow into that element's update and
+    /// its Ī; checkpoints refuse to load such state), and an update that overflows from finite
+    /// inputs (an ε or a rate out of all proportion). f16 state for `v` and `Ī`, and epsilons
+    /// that vanish in f32, are refused before any step.
     pub skip_non_finite: bool,
 }
 
