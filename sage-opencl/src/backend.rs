@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use ocl::core::{
     self, ArgVal, CommandQueue, Context, Kernel, KernelWorkGroupInfo, KernelWorkGroupInfoResult,
-    Mem, MemFlags, Program, ProgramBuildInfo, ProgramBuildInfoResult,
+    Mem, MemFlags, MemInfo, MemInfoResult, Program, ProgramBuildInfo, ProgramBuildInfoResult,
 };
 use sage_core::norm;
 use sage_core::{
@@ -191,6 +191,9 @@ pub struct OpenCl {
     kernels: HashMap<(ProgramKey, &'static str), (Kernel, usize)>,
     /// Scratch for norm partials, reused across steps: the buffer and its size in bytes.
     partials: Option<(Mem, usize)>,
+    /// Unit tests: the multi-tensor launch (0-based) that fails as a driver error would.
+    #[cfg(test)]
+    fail_launch: Option<usize>,
 }
 
 impl Clone for OpenCl {
@@ -199,6 +202,8 @@ impl Clone for OpenCl {
             shared: self.shared.clone(),
             kernels: HashMap::new(),
             partials: None,
+            #[cfg(test)]
+            fail_launch: None,
         }
     }
 }
@@ -211,6 +216,9 @@ impl std::fmt::Debug for OpenCl {
 
 /// One tensor of a fused step, validated.
 struct Item<'a> {
+    /// Position in the caller's list of tensors, and its name, for errors.
+    tensor: usize,
+    name: Option<&'a str>,
     k: Coeffs,
     len: usize,
     p: &'a Mem,
@@ -259,8 +267,10 @@ fn mem_of<E: Element>(b: &ClBuffer<E>) -> &Mem {
         .expect("non-empty ClBuffer has a memory object")
 }
 
-/// Validates one tensor's buffers; `None` when it is empty (nothing to do).
+/// Validates one tensor's lengths; `None` when it is empty (nothing to do). Contexts and
+/// aliasing are checked over a whole launch list ([`OpenCl::check_items`]).
 fn item<'a, P: Element, S: Element>(
+    (tensor, name): (usize, Option<&'a str>),
     k: Coeffs,
     param: &'a ClBuffer<P>,
     grad: &'a ClBuffer<P>,
@@ -279,6 +289,8 @@ fn item<'a, P: Element, S: Element>(
         return Ok(None);
     }
     Ok(Some(Item {
+        tensor,
+        name,
         k,
         len: n,
         p: mem_of(param),
@@ -353,6 +365,8 @@ impl OpenCl {
             }),
             kernels: HashMap::new(),
             partials: None,
+            #[cfg(test)]
+            fail_launch: None,
         })
     }
 
@@ -583,19 +597,35 @@ impl OpenCl {
         .map_err(|e| Error::cl("launching a kernel", e))
     }
 
-    /// Multi-tensor kernel `name` (the fused step or its floor) over `items`, `slots` tensors
-    /// per launch.
+    /// Multi-tensor kernel `name` (the fused step or its floor) over `items` (the non-empty
+    /// ones of `tensors` tensors), `slots` tensors per launch.
+    ///
+    /// Everything that can be checked is checked before the first launch: lengths (by
+    /// [`item`]), every buffer's context and that no buffer the step writes is also another
+    /// buffer of the step ([`check_items`](Self::check_items)), the launch table, the work
+    /// sizes, the kernel's build. A failure after the first launch (a driver error setting an
+    /// argument or enqueuing a later launch) is [`Error::Partial`]: the tensors of the
+    /// launches already enqueued were stepped, the others not.
     fn step_items<P: Element, S: Element>(
         &mut self,
         items: &[Item<'_>],
+        tensors: usize,
         name: &'static str,
     ) -> Result<(), Error> {
         if items.is_empty() {
             return Ok(());
         }
+        self.check_items(items, P::DTYPE.size(), S::DTYPE.size())?;
         let (k, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), name)?;
         let per = self.shared.slots;
+        if items.len() > u32::MAX as usize {
+            return Err(Error::TooLarge(format!(
+                "{} tensors in one step",
+                items.len()
+            )));
+        }
         let mut slots = Vec::with_capacity(items.len());
+        let mut launches = Vec::new();
         for chunk in items.chunks(per) {
             let mut end = 0u64;
             for it in chunk {
@@ -608,36 +638,178 @@ impl OpenCl {
                     pad: 0,
                 });
             }
+            let groups = usize::try_from(end)
+                .ok()
+                .filter(|g| g.checked_mul(wg).is_some())
+                .ok_or_else(|| Error::TooLarge(format!("{end} work-groups in one launch")))?;
+            launches.push(groups);
         }
         let table = self.table(slot_bytes(&slots))?;
-        let set = |i: u32, a: ArgVal| {
-            core::set_kernel_arg(&k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
-        };
-        for (ci, chunk) in items.chunks(per).enumerate() {
-            let base = (ci * per) as u32;
-            let count = chunk.len() as u32;
-            set(0, ArgVal::mem(&table))?;
-            set(1, ArgVal::scalar(&base))?;
-            set(2, ArgVal::scalar(&count))?;
-            for s in 0..per {
-                let a = 3 + 5 * s as u32;
-                match chunk.get(s) {
-                    Some(it) => {
-                        set(a, ArgVal::mem(it.p))?;
-                        set(a + 1, ArgVal::mem(it.g))?;
-                        set(a + 2, opt_mem(it.m))?;
-                        set(a + 3, opt_mem(it.v))?;
-                        set(a + 4, opt_mem(it.b))?;
+        for (ci, (chunk, &groups)) in items.chunks(per).zip(&launches).enumerate() {
+            let launched = self.launch_chunk(&k, &table, (ci * per) as u32, chunk, groups, wg);
+            if let Err(cause) = launched {
+                return Err(if ci == 0 {
+                    // Nothing was enqueued: nothing changed.
+                    cause
+                } else {
+                    Error::Partial {
+                        applied: chunk[0].tensor,
+                        tensors,
+                        cause: Box::new(cause),
                     }
-                    None => {
-                        for j in 0..5 {
-                            set(a + j, ArgVal::mem_null())?;
-                        }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the arguments of one multi-tensor launch and enqueues it.
+    fn launch_chunk(
+        &self,
+        k: &Kernel,
+        table: &Mem,
+        base: u32,
+        chunk: &[Item<'_>],
+        groups: usize,
+        wg: usize,
+    ) -> Result<(), Error> {
+        #[cfg(test)]
+        if self.fail_launch == Some(base as usize / self.shared.slots) {
+            return Err(Error::Cl {
+                op: "launching a kernel",
+                status: Some(ocl::core::Status::CL_OUT_OF_RESOURCES as i32),
+                message: "injected by a test".into(),
+            });
+        }
+        let set = |i: u32, a: ArgVal| {
+            core::set_kernel_arg(k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
+        };
+        let count = chunk.len() as u32;
+        set(0, ArgVal::mem(table))?;
+        set(1, ArgVal::scalar(&base))?;
+        set(2, ArgVal::scalar(&count))?;
+        for s in 0..self.shared.slots {
+            let a = 3 + 5 * s as u32;
+            match chunk.get(s) {
+                Some(it) => {
+                    set(a, ArgVal::mem(it.p))?;
+                    set(a + 1, ArgVal::mem(it.g))?;
+                    set(a + 2, opt_mem(it.m))?;
+                    set(a + 3, opt_mem(it.v))?;
+                    set(a + 4, opt_mem(it.b))?;
+                }
+                None => {
+                    for j in 0..5 {
+                        set(a + j, ArgVal::mem_null())?;
                     }
                 }
             }
-            let groups = slots[ci * per + chunk.len() - 1].end_group as usize;
-            self.enqueue(&k, groups, wg)?;
+        }
+        self.enqueue(k, groups, wg)
+    }
+
+    /// Checks every buffer of `items` before anything is launched: it belongs to this
+    /// backend's context ([`Error::ForeignBuffer`]), and no buffer the step writes (θ, `m`,
+    /// `v`, `ibar`) shares memory with any other buffer of the step — the same memory object
+    /// (a [`ClBuffer`] clone), or overlapping sub-buffers of one ([`Error::Aliased`]). Two
+    /// tensors may share a gradient (it is only read). `psize`/`ssize`: bytes per parameter
+    /// and state element.
+    fn check_items(&self, items: &[Item<'_>], psize: usize, ssize: usize) -> Result<(), Error> {
+        struct Use<'a> {
+            root: usize,
+            start: usize,
+            end: usize,
+            tensor: usize,
+            name: Option<&'a str>,
+            /// Position among param, grad, m, v, ibar.
+            slot: usize,
+            buffer: &'static str,
+            written: bool,
+        }
+        let ctx = self.shared.context.as_ptr();
+        let mut uses = Vec::with_capacity(items.len() * 5);
+        for it in items {
+            let bufs = [
+                ("param", Some(it.p), true, psize),
+                ("grad", Some(it.g), false, psize),
+                ("m", it.m, true, ssize),
+                ("v", it.v, true, ssize),
+                ("ibar", it.b, true, ssize),
+            ];
+            for (slot, (buffer, mem, written, size)) in bufs.into_iter().enumerate() {
+                let Some(mem) = mem else { continue };
+                let query = |what| {
+                    core::get_mem_object_info(mem, what)
+                        .map_err(|e| Error::cl("querying a buffer before a step", e))
+                };
+                if let MemInfoResult::Context(c) = query(MemInfo::Context)? {
+                    if c.as_ptr() != ctx {
+                        return Err(Error::ForeignBuffer {
+                            tensor: it.tensor,
+                            name: it.name.map(str::to_string),
+                            buffer,
+                        });
+                    }
+                }
+                let (root, offset) = match query(MemInfo::AssociatedMemobject)? {
+                    MemInfoResult::AssociatedMemobject(Some(parent)) => {
+                        let offset = match query(MemInfo::Offset)? {
+                            MemInfoResult::Offset(o) => o,
+                            _ => 0,
+                        };
+                        (parent.as_ptr() as usize, offset)
+                    }
+                    _ => (mem.as_ptr() as usize, 0),
+                };
+                uses.push(Use {
+                    root,
+                    start: offset,
+                    end: offset.saturating_add(it.len.saturating_mul(size)),
+                    tensor: it.tensor,
+                    name: it.name,
+                    slot,
+                    buffer,
+                    written,
+                });
+            }
+        }
+        // Sorted by memory object and start: every overlapping pair meets when its later
+        // member is reached, against the furthest-reaching earlier use (any, or written).
+        uses.sort_by_key(|u| (u.root, u.start));
+        let (mut any, mut written): (Option<usize>, Option<usize>) = (None, None);
+        for i in 0..uses.len() {
+            let u = &uses[i];
+            if i > 0 && uses[i - 1].root != u.root {
+                (any, written) = (None, None);
+            }
+            let reaches = |j: Option<usize>| j.filter(|&j| uses[j].end > u.start);
+            let clash = if u.written {
+                reaches(any)
+            } else {
+                reaches(written)
+            };
+            if let Some(j) = clash {
+                let o = &uses[j];
+                // Name the later buffer in step order, the other one beside it.
+                let (a, b) = if (o.tensor, o.slot) > (u.tensor, u.slot) {
+                    (o, u)
+                } else {
+                    (u, o)
+                };
+                return Err(Error::Aliased {
+                    tensor: a.tensor,
+                    name: a.name.map(str::to_string),
+                    buffer: a.buffer,
+                    other_tensor: b.tensor,
+                    other_buffer: b.buffer,
+                });
+            }
+            if any.is_none_or(|j| uses[j].end < u.end) {
+                any = Some(i);
+            }
+            if u.written && written.is_none_or(|j| uses[j].end < u.end) {
+                written = Some(i);
+            }
         }
         Ok(())
     }
@@ -649,11 +821,13 @@ impl OpenCl {
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
     ) -> Result<(), Error> {
+        let names: Vec<Option<&str>> = tensors.iter().map(|t| t.name_str()).collect();
         let views: Vec<TensorMut<'_, Self, P, S>> = tensors.iter_mut().map(|t| t.view()).collect();
         let mut items = Vec::with_capacity(views.len());
-        for t in &views {
+        for (i, t) in views.iter().enumerate() {
             // Default coefficients: `reserved2` is the 0 the floor adds.
             if let Some(it) = item(
+                (i, names[i]),
                 Coeffs::default(),
                 &*t.param,
                 t.grad,
@@ -664,7 +838,7 @@ impl OpenCl {
                 items.push(it);
             }
         }
-        self.step_items::<P, S>(&items, "sage_cl_floor")
+        self.step_items::<P, S>(&items, views.len(), "sage_cl_floor")
     }
 
     /// Whether gradient-norm partials accumulate in `double` here ([`Builder::f64_norms`]).
@@ -865,6 +1039,19 @@ impl Backend for OpenCl {
             Accumulate::InfNorm => 2,
             Accumulate::Sensitivity => 3,
         };
+        // The state buffer as the item's `m`: checked against θ and the gradient like a step's.
+        let it = Item {
+            tensor: 0,
+            name: None,
+            k: *k,
+            len: n,
+            p: mem_of(param),
+            g: mem_of(grad),
+            m: Some(mem_of(acc)),
+            v: None,
+            b: None,
+        };
+        self.check_items(std::slice::from_ref(&it), P::DTYPE.size(), S::DTYPE.size())?;
         let (kern, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), "sage_cl_accumulate")?;
         let table = self.single_table(k, n, 0)?;
         let args = [
@@ -887,9 +1074,10 @@ impl Backend for OpenCl {
         t: ApplyArgs<'_, Self, P, S>,
         k: &Coeffs,
     ) -> Result<(), Error> {
-        let Some(it) = item(*k, t.param, t.grad, t.m, t.v, t.ibar)? else {
+        let Some(it) = item((0, None), *k, t.param, t.grad, t.m, t.v, t.ibar)? else {
             return Ok(());
         };
+        self.check_items(std::slice::from_ref(&it), P::DTYPE.size(), S::DTYPE.size())?;
         let n = it.len;
         let (kern, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), "sage_cl_apply")?;
         let table = self.single_table(
@@ -919,6 +1107,7 @@ impl Backend for OpenCl {
         k: &Coeffs,
     ) -> Result<(), Error> {
         let it = item(
+            (0, None),
             *k,
             t.param,
             t.grad,
@@ -927,7 +1116,7 @@ impl Backend for OpenCl {
             t.ibar.as_deref(),
         )?;
         let items: Vec<Item<'_>> = it.into_iter().collect();
-        self.step_items::<P, S>(&items, "sage_cl_step")
+        self.step_items::<P, S>(&items, 1, "sage_cl_step")
     }
 
     /// Every gradient's chunk partials (one launch per
@@ -961,13 +1150,15 @@ impl Backend for OpenCl {
         tensors: &mut [ParamTensor<'_, Self, P, S>],
     ) -> Result<(), Error> {
         // Every tensor is checked before any is launched: a bad one changes nothing.
+        let names: Vec<Option<&str>> = tensors.iter().map(|t| t.name_str()).collect();
         let views: Vec<(Coeffs, TensorMut<'_, Self, P, S>)> = tensors
             .iter_mut()
             .map(|t| (*t.coeffs(), t.view()))
             .collect();
         let mut items = Vec::with_capacity(views.len());
-        for (k, t) in &views {
+        for (i, (k, t)) in views.iter().enumerate() {
             if let Some(it) = item(
+                (i, names[i]),
                 *k,
                 &*t.param,
                 t.grad,
@@ -978,7 +1169,7 @@ impl Backend for OpenCl {
                 items.push(it);
             }
         }
-        self.step_items::<P, S>(&items, "sage_cl_step")
+        self.step_items::<P, S>(&items, views.len(), "sage_cl_step")
     }
 }
 
@@ -1015,5 +1206,99 @@ impl HostBuffers for OpenCl {
         data: &[E],
     ) -> Result<(), Error> {
         self.write(buf, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sage_core::{Algorithm, BackendError, Config, Optimizer, ParamGroup, TensorState};
+
+    /// A backend with 2 tensors per launch, or `None` where the machine has no OpenCL (a
+    /// failure with `SAGE_REQUIRE_OPENCL` set).
+    fn two_per_launch() -> Option<OpenCl> {
+        match OpenCl::builder().max_tensors_per_launch(2).build() {
+            Ok(cl) => Some(cl),
+            Err(e) if std::env::var_os("SAGE_REQUIRE_OPENCL").is_none() => {
+                eprintln!("skipped: {e}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// A driver failure at a later launch of a multi-tensor step is a partial step that says
+    /// how many tensors were stepped (those of the launches already enqueued; an empty tensor
+    /// among them counts, it has nothing to do), never a plain error that invites a retry;
+    /// at the first launch it is a plain error and nothing changed.
+    #[test]
+    fn a_failure_after_the_first_launch_is_a_partial_step() {
+        let Some(cl) = two_per_launch() else { return };
+        let cfg = Config::reference(Algorithm::adamw(), 1e-2);
+        let lens = [3usize, 0, 5, 7, 2, 4];
+        // Items (non-empty tensors): 0, 2 | 3, 4 | 5.
+        for (fail, applied) in [(None, 6), (Some(0), 0), (Some(1), 3), (Some(2), 5)] {
+            let mut cl = cl.clone();
+            cl.fail_launch = fail;
+            let mut ps: Vec<ClBuffer<f32>> = lens
+                .iter()
+                .map(|&n| cl.upload(&vec![1.0f32; n]).unwrap())
+                .collect();
+            let gs: Vec<ClBuffer<f32>> = lens
+                .iter()
+                .map(|&n| cl.upload(&vec![0.5f32; n]).unwrap())
+                .collect();
+            let mut st: Vec<TensorState<ClBuffer<f32>>> = lens
+                .iter()
+                .map(|&n| TensorState::try_new(cfg.state_layout(true), |_| cl.zeros(n)).unwrap())
+                .collect();
+            let k = Optimizer::new(cl.clone(), cfg, [ParamGroup::sage()])
+                .unwrap()
+                .coeffs(1, 0, 1.0)
+                .unwrap();
+            let mut ts: Vec<ParamTensor<'_, OpenCl, f32, f32>> = ps
+                .iter_mut()
+                .zip(&gs)
+                .zip(&mut st)
+                .map(|((p, g), s)| {
+                    let mut t = ParamTensor::new(p, g, s.view());
+                    t.set_coeffs(k);
+                    t
+                })
+                .collect();
+            let r = cl.step_tensors(&mut ts);
+            drop(ts);
+            match (fail, r) {
+                (None, Ok(())) => {}
+                (Some(0), Err(e)) => {
+                    assert!(matches!(e, Error::Cl { .. }), "{e}");
+                }
+                (Some(_), Err(e)) => {
+                    let Error::Partial {
+                        applied: a,
+                        tensors,
+                        ref cause,
+                    } = e
+                    else {
+                        panic!("expected a partial step, got {e}")
+                    };
+                    assert_eq!((a, tensors), (applied, lens.len()), "{e}");
+                    assert_eq!(cause.kind(), sage_core::ErrorKind::OutOfMemory);
+                    assert_eq!(e.kind(), sage_core::ErrorKind::OutOfMemory);
+                    assert!(e.to_string().contains("partial step"), "{e}");
+                }
+                (f, r) => panic!("launch {f:?} failing gave {r:?}"),
+            }
+            // `m` moves from 0 at any step with a non-zero gradient.
+            for (i, s) in st.iter().enumerate() {
+                let m = s.m.as_ref().unwrap();
+                let moved = cl.download(m).unwrap().iter().any(|&x| x != 0.0);
+                assert_eq!(
+                    moved,
+                    i < applied && lens[i] > 0,
+                    "fail at {fail:?}: tensor {i}"
+                );
+            }
+        }
     }
 }

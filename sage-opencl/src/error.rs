@@ -29,6 +29,46 @@ pub enum Error {
     },
     /// A buffer does not fit the device or its index types.
     TooLarge(String),
+    /// A buffer of a step belongs to another OpenCL context than the backend's (another
+    /// device, or the same device opened twice). Found before anything was launched: nothing
+    /// changed.
+    ForeignBuffer {
+        /// Position of the tensor in the step's list.
+        tensor: usize,
+        /// Its name, when it has one.
+        name: Option<String>,
+        /// Which buffer (`param`, `grad`, `m`, `v`, `ibar`).
+        buffer: &'static str,
+    },
+    /// A buffer the step writes (θ, `m`, `v`, `ibar`) is also another buffer of the step:
+    /// the same memory object (a [`ClBuffer`](crate::ClBuffer) clone passed twice, θ as its own
+    /// gradient, one buffer in two tensors) or an overlapping sub-buffer. The results would be
+    /// silently wrong. Found before anything was launched: nothing changed.
+    Aliased {
+        /// Position of the tensor in the step's list (the later of the two).
+        tensor: usize,
+        /// Its name, when it has one.
+        name: Option<String>,
+        /// Which of its buffers.
+        buffer: &'static str,
+        /// The tensor whose buffer it shares (may be `tensor` itself).
+        other_tensor: usize,
+        /// Which buffer of that tensor.
+        other_buffer: &'static str,
+    },
+    /// A multi-tensor step failed after its first launch had been enqueued (launches take
+    /// [`tensors_per_launch`](crate::OpenCl::tensors_per_launch) tensors each): the first
+    /// `applied` tensors of the call, in step order, were stepped, the others were not
+    /// changed. Retrying the whole step would step the first `applied` twice; the driver
+    /// should count them as stepped and retry (or give up on) only the rest.
+    Partial {
+        /// Tensors at the start of the call that were stepped.
+        applied: usize,
+        /// Tensors in the call.
+        tensors: usize,
+        /// The failure that stopped it.
+        cause: Box<Error>,
+    },
     /// An OpenCL call failed.
     Cl {
         /// What was being done.
@@ -91,6 +131,8 @@ impl BackendError for Error {
             Error::Build { .. } => ErrorKind::KernelBuild,
             Error::LengthMismatch { .. } => ErrorKind::LengthMismatch,
             Error::TooLarge(_) => ErrorKind::TooLarge,
+            Error::ForeignBuffer { .. } | Error::Aliased { .. } => ErrorKind::Other,
+            Error::Partial { cause, .. } => cause.kind(),
             Error::Cl { status, .. } => status.map_or(ErrorKind::Other, kind_of_status),
         }
     }
@@ -112,6 +154,44 @@ impl fmt::Display for Error {
                 "buffer `{buffer}` has {got} elements but the parameter has {expected}"
             ),
             Error::TooLarge(what) => write!(f, "too large for the OpenCL device: {what}"),
+            Error::ForeignBuffer {
+                tensor,
+                name,
+                buffer,
+            } => {
+                write_tensor(f, *tensor, name)?;
+                write!(
+                    f,
+                    "buffer `{buffer}` belongs to another OpenCL context than the backend's (nothing was stepped)"
+                )
+            }
+            Error::Aliased {
+                tensor,
+                name,
+                buffer,
+                other_tensor,
+                other_buffer,
+            } => {
+                write_tensor(f, *tensor, name)?;
+                write!(f, "buffer `{buffer}` is the same memory as ")?;
+                if other_tensor == tensor {
+                    write!(f, "its `{other_buffer}`")?;
+                } else {
+                    write!(f, "tensor {other_tensor}'s `{other_buffer}`")?;
+                }
+                write!(
+                    f,
+                    ": a buffer the step writes must not alias any other (nothing was stepped)"
+                )
+            }
+            Error::Partial {
+                applied,
+                tensors,
+                cause,
+            } => write!(
+                f,
+                "partial step: the first {applied} of {tensors} tensors were stepped, the rest were not, when the step failed: {cause} (retrying the whole step would step those {applied} twice)"
+            ),
             Error::Cl {
                 op,
                 status,
@@ -125,6 +205,14 @@ impl fmt::Display for Error {
             }
         }
     }
+}
+
+fn write_tensor(f: &mut fmt::Formatter<'_>, tensor: usize, name: &Option<String>) -> fmt::Result {
+    write!(f, "tensor {tensor}")?;
+    if let Some(n) = name {
+        write!(f, " (`{n}`)")?;
+    }
+    f.write_str(": ")
 }
 
 impl std::error::Error for Error {}

@@ -11,6 +11,11 @@
 //!   rounded division and square root where the device offers them, so results match the CPU.
 //! - One fused pass per tensor; [`Backend::step_tensors`](sage_core::Backend::step_tensors)
 //!   and gradient norms take up to 16 tensors per launch.
+//! - A step checks everything it can before its first launch: lengths, every buffer's context
+//!   ([`Error::ForeignBuffer`]), and that no buffer it writes aliases another buffer of the
+//!   step ([`Error::Aliased`]: a [`ClBuffer`] clone passed twice, θ as its own gradient,
+//!   overlapping sub-buffers). A driver failure after the first launch of a multi-tensor step
+//!   is [`Error::Partial`], which says how many tensors were stepped.
 //! - Gradient norms follow sage-core's chunk grid ([`sage_core::norm`]): one work-group per
 //!   4096-element chunk writes its partial (in `double` where the device has `cl_khr_fp64`,
 //!   else in `float` scaled by a power of two so no finite input overflows; a fixed tree, so a

@@ -360,3 +360,87 @@ fn host_buffers_round_trip() {
     let empty = HostBuffers::upload::<f32>(&mut cl, &[]).unwrap();
     assert!(cl.to_host::<f32>(&empty).unwrap().is_empty());
 }
+
+/// Without doubles (`f64_norms(false)`, the path of devices without `cl_khr_fp64`), a finite
+/// gradient is never reported non-finite however large: gradients of 1e30 everywhere (whose
+/// squares overflow f32), f32::MAX, and 1e30 beside tiny values, in f32 and bf16, at lengths
+/// around the chunk size. The optimizer's guard does not skip the step, the norm it reports
+/// is finite and right, and clipping scales the step down instead.
+#[test]
+fn huge_finite_gradients_are_finite_without_doubles() {
+    let Some(base) = device() else { return };
+    let cl = variant(&base, None, false);
+    assert!(!cl.f64_norms());
+    let cfg = Config::paper(Algorithm::sgd(0.0), 0.1)
+        .skip_non_finite(true)
+        .global_clip(1.0);
+    let mut r = rng(30);
+    for len in [1usize, 7, NORM_CHUNK, NORM_CHUNK + 1, 3 * NORM_CHUNK + 5] {
+        let mixed: Vec<f32> = (0..len)
+            .map(|i| {
+                if i % 3 == 0 {
+                    1e30
+                } else {
+                    r.gen_range(-1e-3f32..1e-3)
+                }
+            })
+            .collect();
+        for (what, host) in [
+            ("1e30", vec![1e30f32; len]),
+            ("-1e30", vec![-1e30f32; len]),
+            ("f32::MAX", vec![f32::MAX; len]),
+            ("1e30 among small values", mixed),
+        ] {
+            let want: f64 = host.iter().map(|&x| x as f64 * x as f64).sum();
+            for dtype in ["f32", "bf16"] {
+                if dtype == "bf16" && to::<bf16>(&host).iter().any(|x| !x.is_finite()) {
+                    continue; // f32::MAX rounds to bf16's infinity
+                }
+                let (got, report) = if dtype == "f32" {
+                    huge_step::<f32>(&cl, cfg, &host)
+                } else {
+                    huge_step::<bf16>(&cl, cfg, &host)
+                };
+                let ctx = format!("{what} x {len} ({dtype})");
+                let want = if dtype == "f32" {
+                    want
+                } else {
+                    to::<bf16>(&host)
+                        .iter()
+                        .map(|x| x.to_f64() * x.to_f64())
+                        .sum()
+                };
+                assert!(got.is_finite(), "{ctx}: sq_norm {got:e}");
+                assert!(
+                    (got - want).abs() <= 1e-5 * want,
+                    "{ctx}: {got:e} vs {want:e}"
+                );
+                assert!(
+                    report.applied(),
+                    "{ctx}: the guard skipped a finite gradient"
+                );
+                let norm = report.grad_norm.unwrap();
+                assert!(norm.is_finite() && norm > 1e29, "{ctx}: norm {norm:e}");
+                assert!(
+                    report.clip_scale < 1e-29,
+                    "{ctx}: clip {}",
+                    report.clip_scale
+                );
+            }
+        }
+    }
+}
+
+/// `sq_norm` of `host` stored as `E`, and one guarded, clipped SGD step over it.
+fn huge_step<E: Element>(cl: &OpenCl, cfg: Config, host: &[f32]) -> (f64, sage_core::StepReport) {
+    let mut cl = cl.clone();
+    let g = cl.upload(&to::<E>(host)).unwrap();
+    let got = cl.sq_norm(&g).unwrap();
+    let mut p = cl.zeros::<E>(host.len()).unwrap();
+    let mut st = TensorState::<ClBuffer<E>>::new(cfg.state_layout(false), || unreachable!());
+    let mut opt = Optimizer::new(cl.clone(), cfg, [ParamGroup::plain()]).unwrap();
+    let report = opt
+        .step(&mut [ParamTensor::<OpenCl, E, E>::new(&mut p, &g, st.view())])
+        .unwrap();
+    (got, report)
+}

@@ -1,0 +1,334 @@
+//! Steps that would silently corrupt a run are refused before anything is launched: a buffer
+//! the step writes that aliases another buffer of the step (a `ClBuffer` clone passed twice,
+//! θ as its own gradient, one buffer in two tensors, overlapping sub-buffers), and a buffer
+//! of another OpenCL context anywhere in a multi-tensor step, even in a later launch.
+
+mod common;
+
+use common::{device, random, rng};
+use sage_core::{
+    Accumulate, Algorithm, Backend, Config, Error as CoreError, Optimizer, ParamGroup, ParamTensor,
+    TensorMut, TensorState,
+};
+use sage_opencl::{ClBuffer, Error, OpenCl, Select};
+
+fn config() -> Config {
+    Config::reference(Algorithm::adamw(), 1e-2).beta0(0.8)
+}
+
+/// `n` tensors of assorted lengths: parameters, gradients and state on `cl`.
+struct Model {
+    params: Vec<ClBuffer<f32>>,
+    grads: Vec<ClBuffer<f32>>,
+    state: Vec<TensorState<ClBuffer<f32>>>,
+}
+
+const LENS: [usize; 7] = [5, 300, 1, 4097, 64, 9, 700];
+
+impl Model {
+    fn new(cl: &OpenCl, n: usize) -> Self {
+        let mut r = rng(3);
+        let lens = LENS.iter().cycle().take(n);
+        let params = lens
+            .clone()
+            .map(|&l| cl.upload(&random(&mut r, l, 1.0)).unwrap())
+            .collect();
+        let grads = lens
+            .clone()
+            .map(|&l| cl.upload(&random(&mut r, l, 0.1)).unwrap())
+            .collect();
+        let state = lens
+            .map(|&l| TensorState::try_new(config().state_layout(true), |_| cl.zeros(l)).unwrap())
+            .collect();
+        Model {
+            params,
+            grads,
+            state,
+        }
+    }
+
+    /// Every value of every buffer, and every count.
+    fn host(&self, cl: &OpenCl) -> (Vec<Vec<f32>>, Vec<u64>) {
+        self.host_except(cl, usize::MAX)
+    }
+
+    /// [`host`](Self::host) without tensor `skip`'s buffers.
+    fn host_except(&self, cl: &OpenCl, skip: usize) -> (Vec<Vec<f32>>, Vec<u64>) {
+        let mut v = Vec::new();
+        for (i, (p, s)) in self.params.iter().zip(&self.state).enumerate() {
+            if i != skip {
+                v.push(cl.download(p).unwrap());
+                for b in [&s.m, &s.v, &s.ibar].into_iter().flatten() {
+                    v.push(cl.download(b).unwrap());
+                }
+            }
+        }
+        (v, self.state.iter().map(|s| s.step).collect())
+    }
+}
+
+const NAMES: [&str; 20] = [
+    "t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7", "t8", "t9", "t10", "t11", "t12", "t13", "t14",
+    "t15", "t16", "t17", "t18", "t19",
+];
+
+/// One optimizer step over `params`/`grads`/`state`, each tensor named `t{i}`.
+fn step(
+    opt: &mut Optimizer<OpenCl>,
+    params: &mut [ClBuffer<f32>],
+    grads: &[ClBuffer<f32>],
+    state: &mut [TensorState<ClBuffer<f32>>],
+) -> Result<(), CoreError<Error>> {
+    let mut ts: Vec<ParamTensor<'_, OpenCl, f32, f32>> = params
+        .iter_mut()
+        .zip(grads)
+        .zip(state.iter_mut())
+        .enumerate()
+        .map(|(i, ((p, g), s))| ParamTensor::new(p, g, s.view()).name(NAMES[i]))
+        .collect();
+    opt.step(&mut ts).map(|_| ())
+}
+
+fn backend_error(e: CoreError<Error>) -> Error {
+    match e {
+        CoreError::Backend(e) => e,
+        other => panic!("expected a backend error, got {other}"),
+    }
+}
+
+/// A buffer of another context in a tensor of a later launch (launch 3 of 4 tensors each)
+/// is found before the first launch: nothing is stepped, no count advances. (Before, the
+/// earlier launches ran, then the step failed, and a retry stepped them twice.)
+#[test]
+fn a_foreign_buffer_in_a_later_launch_changes_nothing() {
+    let Some(cl) = device() else { return };
+    let d = cl.device();
+    let cl = OpenCl::builder()
+        .device(Select::Index {
+            platform: d.platform,
+            device: d.device,
+        })
+        .max_tensors_per_launch(4)
+        .build()
+        .unwrap();
+    // The same device opened again: another context.
+    let other = OpenCl::new().unwrap();
+    assert_ne!(other.context().as_ptr(), cl.context().as_ptr());
+    for (which, bad) in [("grad", 9usize), ("v", 13), ("param", 12)] {
+        let mut m = Model::new(&cl, 14);
+        let len = m.params[bad].len();
+        let foreign = other.zeros::<f32>(len).unwrap();
+        match which {
+            "grad" => m.grads[bad] = foreign,
+            "v" => m.state[bad].v = Some(foreign),
+            _ => m.params[bad] = foreign,
+        }
+        let before = m.host_except(&cl, bad);
+        let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
+        let e = backend_error(step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap_err());
+        assert_eq!(
+            e,
+            Error::ForeignBuffer {
+                tensor: bad,
+                name: Some(NAMES[bad].into()),
+                buffer: which,
+            }
+        );
+        assert!(e.to_string().contains(NAMES[bad]), "{e}");
+        assert_eq!(m.host_except(&cl, bad), before, "{which}: nothing stepped");
+        assert_eq!(opt.steps(), 0);
+    }
+}
+
+/// What a case does to a model, and the error it must give.
+type Case = (&'static str, fn(&mut Model), Error);
+
+/// `m` and `v` one buffer (a clone), θ its own gradient, one state buffer in two tensors:
+/// each is refused naming the tensor and both buffers, before anything runs. Two tensors
+/// sharing a gradient (read only) are fine.
+#[test]
+fn aliased_buffers_are_refused() {
+    let Some(cl) = device() else { return };
+    let cases: [Case; 4] = [
+        (
+            "m is v",
+            |m| m.state[2].v = m.state[2].m.clone(),
+            Error::Aliased {
+                tensor: 2,
+                name: Some("t2".into()),
+                buffer: "v",
+                other_tensor: 2,
+                other_buffer: "m",
+            },
+        ),
+        (
+            "param is grad",
+            |m| m.grads[4] = m.params[4].clone(),
+            Error::Aliased {
+                tensor: 4,
+                name: Some("t4".into()),
+                buffer: "grad",
+                other_tensor: 4,
+                other_buffer: "param",
+            },
+        ),
+        (
+            "one buffer in two tensors",
+            |m| m.state[5].ibar = m.state[1].m.clone(),
+            Error::Aliased {
+                tensor: 5,
+                name: Some("t5".into()),
+                buffer: "ibar",
+                other_tensor: 1,
+                other_buffer: "m",
+            },
+        ),
+        (
+            "a gradient as another tensor's parameter",
+            |m| m.grads[3] = m.params[0].clone(),
+            Error::Aliased {
+                tensor: 3,
+                name: Some("t3".into()),
+                buffer: "grad",
+                other_tensor: 0,
+                other_buffer: "param",
+            },
+        ),
+    ];
+    for (what, alias, want) in cases {
+        // Lengths must agree for the alias to pass the length checks: 5 and 1 differ, so
+        // give every tensor one length.
+        let mut m = Model::new(&cl, 7);
+        for i in 0..7 {
+            m.params[i] = cl.upload(&vec![0.5f32; 64]).unwrap();
+            m.grads[i] = cl.upload(&vec![0.25f32; 64]).unwrap();
+            m.state[i] =
+                TensorState::try_new(config().state_layout(true), |_| cl.zeros(64)).unwrap();
+        }
+        alias(&mut m);
+        let before = m.host(&cl);
+        let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
+        let e = backend_error(step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap_err());
+        assert_eq!(e, want, "{what}: {e}");
+        assert!(e.to_string().contains("same memory"), "{e}");
+        assert_eq!(m.host(&cl), before, "{what}: nothing stepped");
+        assert_eq!(opt.steps(), 0);
+    }
+    // A shared gradient is only read: allowed.
+    let mut m = Model::new(&cl, 3);
+    for i in 0..3 {
+        m.params[i] = cl.upload(&vec![0.5f32; 64]).unwrap();
+        m.state[i] = TensorState::try_new(config().state_layout(true), |_| cl.zeros(64)).unwrap();
+    }
+    let g = cl.upload(&vec![0.25f32; 64]).unwrap();
+    m.grads = vec![g.clone(), g.clone(), g];
+    let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
+    step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap();
+    assert!(m.state.iter().all(|s| s.step == 1));
+}
+
+/// The one-tensor paths check too: the fused step, and the primitives.
+#[test]
+fn aliasing_in_one_tensor_and_in_the_primitives() {
+    let Some(mut cl) = device() else { return };
+    let opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
+    let k = opt.coeffs(1, 0, 1.0).unwrap();
+    let mut p = cl.upload(&[1.0f32; 9]).unwrap();
+    let g = cl.upload(&[0.5f32; 9]).unwrap();
+    let mut m = cl.zeros::<f32>(9).unwrap();
+    let mut v = m.clone();
+    let e = cl
+        .fused_step(
+            TensorMut::<OpenCl, f32, f32> {
+                param: &mut p,
+                grad: &g,
+                m: Some(&mut m),
+                v: Some(&mut v),
+                ibar: None,
+            },
+            &k,
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::Aliased { tensor: 0, .. }), "{e}");
+    assert_eq!(cl.download(&p).unwrap(), [1.0f32; 9]);
+    // accumulate into θ itself.
+    let mut acc = p.clone();
+    let e = cl
+        .accumulate::<f32, f32>(Accumulate::Moment, &mut acc, &p, &g, &k)
+        .unwrap_err();
+    assert!(matches!(e, Error::Aliased { .. }), "{e}");
+    assert_eq!(cl.download(&p).unwrap(), [1.0f32; 9]);
+}
+
+/// Sub-buffers of one memory object: overlapping ranges are aliases, disjoint ones are not.
+#[test]
+fn overlapping_sub_buffers_are_aliases() {
+    let Some(cl) = device() else { return };
+    let n = 4096usize; // elements; 16 KiB per sub-buffer, so offsets stay aligned
+    let parent = cl.zeros::<f32>(4 * n).unwrap();
+    let mem = parent.as_mem().unwrap();
+    let sub = |at: usize| -> ClBuffer<f32> {
+        let region = ocl::core::BufferRegion::<f32>::new(at, n);
+        let m = ocl::core::create_sub_buffer::<f32>(
+            mem,
+            ocl::core::MemFlags::new().read_write(),
+            &region,
+        )
+        .unwrap();
+        ClBuffer::from_mem(&m).unwrap()
+    };
+    let g = cl.upload(&vec![0.25f32; n]).unwrap();
+    let mut opt = Optimizer::new(
+        cl.clone(),
+        Config::paper(Algorithm::sgd(0.0), 0.1),
+        [ParamGroup::plain()],
+    )
+    .unwrap();
+    let empty = || TensorState::<ClBuffer<f32>>::new(Default::default(), || unreachable!());
+    // Disjoint: fine.
+    let (mut a, mut b) = (sub(0), sub(n));
+    let (mut sa, mut sb) = (empty(), empty());
+    let mut ts = [
+        ParamTensor::<OpenCl, f32, f32>::new(&mut a, &g, sa.view()).name("a"),
+        ParamTensor::new(&mut b, &g, sb.view()).name("b"),
+    ];
+    opt.step(&mut ts).unwrap();
+    // Half overlapping: refused.
+    let (mut a, mut c) = (sub(0), sub(n / 2));
+    let mut ts = [
+        ParamTensor::<OpenCl, f32, f32>::new(&mut a, &g, sa.view()).name("a"),
+        ParamTensor::new(&mut c, &g, sb.view()).name("c"),
+    ];
+    let e = backend_error(opt.step(&mut ts).unwrap_err());
+    assert_eq!(
+        e,
+        Error::Aliased {
+            tensor: 1,
+            name: Some("c".into()),
+            buffer: "param",
+            other_tensor: 0,
+            other_buffer: "param",
+        }
+    );
+    // A gradient that is a sub-buffer of another tensor's θ (the whole memory object).
+    let mut whole = ClBuffer::<f32>::from_mem(mem).unwrap();
+    let g4 = cl.upload(&vec![0.25f32; 4 * n]).unwrap();
+    let inside = sub(3 * n);
+    let mut x = cl.zeros::<f32>(n).unwrap();
+    let mut ts = [
+        ParamTensor::<OpenCl, f32, f32>::new(&mut whole, &g4, sa.view()).name("whole"),
+        ParamTensor::new(&mut x, &inside, sb.view()).name("x"),
+    ];
+    let e = backend_error(opt.step(&mut ts).unwrap_err());
+    assert_eq!(
+        e,
+        Error::Aliased {
+            tensor: 1,
+            name: Some("x".into()),
+            buffer: "grad",
+            other_tensor: 0,
+            other_buffer: "param",
+        }
+    );
+    drop(parent);
+}
