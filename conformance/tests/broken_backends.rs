@@ -33,6 +33,8 @@ enum Bug {
     /// A storage-type-only path: the `fused_step` override uses β2 for β1 when the parameters
     /// are bf16.
     Bf16Beta,
+    /// Claims to have counted non-finite parameters in its update pass but never finds any.
+    MiscountsNonFinite,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -134,6 +136,9 @@ impl Backend for Broken {
                 };
             }
             self.fused_step(view, &k)?;
+            if self.0 == Bug::MiscountsNonFinite {
+                t.set_non_finite(0);
+            }
         }
         Ok(())
     }
@@ -222,6 +227,7 @@ fn every_planted_bug_is_caught() {
         Bug::LongTail,
         Bug::LongNorm,
         Bug::Bf16Beta,
+        Bug::MiscountsNonFinite,
     ];
     // Two at a time: the suite runs whole for each.
     let caught: Vec<(Bug, Vec<String>)> = std::thread::scope(|s| {

@@ -114,7 +114,9 @@ pub trait Backend {
 
     /// Steps many tensors, each with its own coefficients ([`ParamTensor::coeffs`]).
     /// Override to step them in one launch or across threads. The driver advances the
-    /// tensors' step counts afterwards; backends leave them alone.
+    /// tensors' step counts afterwards; backends leave them alone. A backend that can count the
+    /// updated parameters that are NaN or ±Inf while it stores them records the count with
+    /// [`ParamTensor::set_non_finite`]; the step's report then names the first such tensor.
     fn step_tensors<P: Element, S: Element>(
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
@@ -234,6 +236,7 @@ pub struct ParamTensor<'a, B: Backend + ?Sized, P: Element, S: Element> {
     pub(crate) state: StateMut<'a, B::Buf<S>>,
     pub(crate) coeffs: Coeffs,
     pub(crate) sq_norm: f64,
+    pub(crate) non_finite: Option<u64>,
 }
 
 impl<'a, B: Backend + ?Sized, P: Element, S: Element> ParamTensor<'a, B, P, S> {
@@ -251,6 +254,7 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> ParamTensor<'a, B, P, S> {
             state,
             coeffs: Coeffs::default(),
             sq_norm: 0.0,
+            non_finite: None,
         }
     }
     /// Names it (errors quote the name).
@@ -291,6 +295,16 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> ParamTensor<'a, B, P, S> {
     /// Records the gradient's squared norm (for [`Backend::grad_sq_norms`] overrides).
     pub fn set_grad_sq_norm(&mut self, x: f64) {
         self.sq_norm = x;
+    }
+    /// How many elements of the updated parameters are NaN or ±Inf, when the backend counted
+    /// them in its update pass (`None`: not counted).
+    pub fn non_finite(&self) -> Option<u64> {
+        self.non_finite
+    }
+    /// Records how many updated parameters are not finite (for backends that count them while
+    /// storing θ — no extra pass over memory).
+    pub fn set_non_finite(&mut self, n: u64) {
+        self.non_finite = Some(n);
     }
     /// The parameter buffer.
     pub fn param(&self) -> &B::Buf<P> {

@@ -45,6 +45,14 @@ pub struct StepReport {
     pub lr: f64,
     /// How many tensors were stepped.
     pub tensors: usize,
+    /// The first tensor (in step order) whose updated parameters hold NaN or ±Inf — from a
+    /// parameter or state value that was already non-finite, or an update that overflowed —
+    /// as the backend counted them in its update pass. The guard cannot undo such a step; it
+    /// says where the damage is.
+    pub non_finite_params: Option<usize>,
+    /// Whether the backend counted non-finite parameters for every tensor of this step (when
+    /// `false`, `non_finite_params` is `None` for lack of a count, not for lack of damage).
+    pub params_checked: bool,
 }
 
 impl StepReport {
@@ -235,6 +243,8 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
             clip_scale: 1.0,
             lr: 0.0,
             tensors: count,
+            non_finite_params: None,
+            params_checked: false,
         };
         let needs_norms =
             cfg.skip_non_finite || cfg.global_clip.is_some() || cfg.per_tensor_clip.is_some();
@@ -286,9 +296,15 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
             memo: None,
         };
         tensors.visit(&mut v)?;
-        tensors.visit(&mut Apply {
+        let mut apply = Apply {
             backend: &mut self.backend,
-        })?;
+            at: 0,
+            first_bad: None,
+            counted: true,
+        };
+        tensors.visit(&mut apply)?;
+        report.non_finite_params = apply.first_bad;
+        report.params_checked = apply.counted;
         self.step = opt_t;
         report.step = opt_t;
         report.lr = StepScalars::at(&cfg, opt_t, opt_t).lr;
@@ -461,9 +477,12 @@ impl<'a, B: Backend> Visit<'a, B> for SetCoeffs<'_> {
     }
 }
 
-/// The backend's step, then the counts.
+/// The backend's step, then the counts; collects the backend's non-finite counts.
 struct Apply<'o, B: Backend> {
     backend: &'o mut B,
+    at: usize,
+    first_bad: Option<usize>,
+    counted: bool,
 }
 
 impl<'a, B: Backend> Visit<'a, B> for Apply<'_, B> {
@@ -472,9 +491,18 @@ impl<'a, B: Backend> Visit<'a, B> for Apply<'_, B> {
         &mut self,
         ts: &mut [ParamTensor<'a, B, P, S>],
     ) -> Result<(), Self::Error> {
+        for t in ts.iter_mut() {
+            t.non_finite = None;
+        }
         self.backend.step_tensors(ts).map_err(Error::Backend)?;
         for t in ts.iter_mut() {
             *t.state.step += 1;
+            match t.non_finite {
+                Some(n) if n > 0 && self.first_bad.is_none() => self.first_bad = Some(self.at),
+                Some(_) => {}
+                None => self.counted = false,
+            }
+            self.at += 1;
         }
         Ok(())
     }

@@ -83,27 +83,31 @@ impl<P, S> Bufs<P, S> {
     }
 }
 
-/// A kernel over `n` elements from `Bufs`. Unsafe: every non-null pointer must be valid for
-/// `n` elements, the buffers must not overlap, and the CPU must have the kernel's level.
-pub(crate) type KernelFn<P, S> = unsafe fn(&Coeffs, Bufs<P, S>, usize);
+/// A kernel over `n` elements from `Bufs`; returns how many stored parameters are NaN or ±Inf
+/// (counted in registers as they are stored: no extra pass). Unsafe: every non-null pointer
+/// must be valid for `n` elements, the buffers must not overlap, and the CPU must have the
+/// kernel's level.
+pub(crate) type KernelFn<P, S> = unsafe fn(&Coeffs, Bufs<P, S>, usize) -> u64;
 
 /// One register's worth of work, and which state buffers it touches.
 pub(crate) trait Op<L: Lanes> {
     const M: bool;
     const V: bool;
     const IB: bool;
-    /// Processes `L::N` elements at `b`.
-    unsafe fn vec<P: Element, S: Element>(&self, b: Bufs<P, S>);
+    /// Processes `L::N` elements at `b`; returns how many stored parameters are not finite.
+    unsafe fn vec<P: Element, S: Element>(&self, b: Bufs<P, S>) -> u32;
 }
 
 /// Runs `op` over `n` elements: whole registers, then the tail through stack buffers so that
 /// the tail takes the same vector code (the padding lanes are computed and discarded).
+/// Returns how many stored parameters are not finite.
 #[inline(always)]
 pub(crate) unsafe fn drive<L: Lanes, P: Element, S: Element, O: Op<L>>(
     op: &O,
     b: Bufs<P, S>,
     n: usize,
-) {
+) -> u64 {
+    let mut bad = 0u64;
     let mut i = 0;
     while i + L::N <= n {
         // Addresses past the end are fine: a prefetch never faults.
@@ -119,12 +123,12 @@ pub(crate) unsafe fn drive<L: Lanes, P: Element, S: Element, O: Op<L>>(
         if O::IB {
             L::prefetch(a.ib.cast());
         }
-        op.vec::<P, S>(b.at(i));
+        bad += op.vec::<P, S>(b.at(i)) as u64;
         i += L::N;
     }
     let rem = n - i;
     if rem == 0 {
-        return;
+        return bad;
     }
     let t = b.at(i);
     let mut p = [P::default(); MAX_LANES];
@@ -162,7 +166,9 @@ pub(crate) unsafe fn drive<L: Lanes, P: Element, S: Element, O: Op<L>>(
     if O::IB {
         ptr::copy_nonoverlapping(t.ib, local.ib, rem);
     }
+    // The padding lanes' results are discarded: count the real ones.
     op.vec::<P, S>(local);
+    bad += p[..rem].iter().filter(|x| !x.to_f32().is_finite()).count() as u64;
     ptr::copy_nonoverlapping(local.p, t.p, rem);
     if O::M {
         ptr::copy_nonoverlapping(local.m, t.m, rem);
@@ -173,6 +179,7 @@ pub(crate) unsafe fn drive<L: Lanes, P: Element, S: Element, O: Op<L>>(
     if O::IB {
         ptr::copy_nonoverlapping(local.ib, t.ib, rem);
     }
+    bad
 }
 
 /// SGD variants (`SGDV`): no momentum buffer, heavy ball, Nesterov.
@@ -244,7 +251,7 @@ impl<L: Lanes, const K: u32, const SAGE: bool, const MODU: u32, const SGDV: u32>
     const IB: bool = SAGE;
 
     #[inline(always)]
-    unsafe fn vec<P: Element, S: Element>(&self, b: Bufs<P, S>) {
+    unsafe fn vec<P: Element, S: Element>(&self, b: Bufs<P, S>) -> u32 {
         let th = load::<L, P>(b.p);
         let gr = load::<L, P>(b.g);
         // formula::effective_grad
@@ -303,7 +310,10 @@ impl<L: Lanes, const K: u32, const SAGE: bool, const MODU: u32, const SGDV: u32>
             m
         };
         let updated = L::sub(L::mul(th, self.pk), L::mul(step_s, dir));
-        store_round::<L, P>(b.p, L::sub(updated, L::mul(self.pd, updated)));
+        L::count_non_finite(store_round::<L, P>(
+            b.p,
+            L::sub(updated, L::mul(self.pd, updated)),
+        ))
     }
 }
 
@@ -319,7 +329,7 @@ impl<L: Lanes, const M: bool, const V: bool, const IB: bool> Op<L> for FloorOp<L
     const IB: bool = IB;
 
     #[inline(always)]
-    unsafe fn vec<P: Element, S: Element>(&self, b: Bufs<P, S>) {
+    unsafe fn vec<P: Element, S: Element>(&self, b: Bufs<P, S>) -> u32 {
         let th = load::<L, P>(b.p);
         let g = L::mul(load::<L, P>(b.g), self.c);
         for (on, s) in [(M, b.m), (V, b.v), (IB, b.ib)] {
@@ -328,6 +338,8 @@ impl<L: Lanes, const M: bool, const V: bool, const IB: bool> Op<L> for FloorOp<L
             }
         }
         store_round::<L, P>(b.p, L::add(th, g));
+        // The floor is the traffic alone: it counts nothing.
+        0
     }
 }
 
@@ -425,7 +437,7 @@ macro_rules! isa {
                     k: &Coeffs,
                     b: Bufs<P, S>,
                     n: usize,
-                ) {
+                ) -> u64 {
                     let op = StepOp::<$lanes, K, SAGE, MODU, SGDV>::new(k);
                     drive::<$lanes, P, S, _>(&op, b, n)
                 }
@@ -438,7 +450,7 @@ macro_rules! isa {
                     k: &Coeffs,
                     b: Bufs<P, S>,
                     n: usize,
-                ) {
+                ) -> u64 {
                     let op = FloorOp::<$lanes, M, V, IB> {
                         c: <$lanes as Lanes>::splat(k.step),
                     };
@@ -604,7 +616,11 @@ pub(crate) fn sq_norm<E: Element>(level: Level, x: &[E]) -> f64 {
 }
 
 /// The floor for the portable level: the same traffic in scalar code.
-pub(crate) unsafe fn floor_scalar<P: Element, S: Element>(k: &Coeffs, b: Bufs<P, S>, n: usize) {
+pub(crate) unsafe fn floor_scalar<P: Element, S: Element>(
+    k: &Coeffs,
+    b: Bufs<P, S>,
+    n: usize,
+) -> u64 {
     for i in 0..n {
         let t = b.range_from(i);
         let g = (*t.g).to_f32() * k.step;
@@ -615,4 +631,5 @@ pub(crate) unsafe fn floor_scalar<P: Element, S: Element>(k: &Coeffs, b: Bufs<P,
         }
         *t.p = P::from_f32((*t.p).to_f32() + g);
     }
+    0
 }

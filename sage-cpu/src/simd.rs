@@ -145,7 +145,8 @@ impl SimdCpu {
     }
 
     /// Steps every tensor (each with the kernel `choose` gives it), split across threads when
-    /// large enough.
+    /// large enough, and records in each tensor how many of its updated parameters are not
+    /// finite (counted by the kernels as they store θ).
     fn run_tensors<P: Element, S: Element>(
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
@@ -154,22 +155,33 @@ impl SimdCpu {
         #[cfg(feature = "alloc")]
         {
             let mut jobs = alloc::vec::Vec::with_capacity(tensors.len());
-            for t in tensors.iter_mut() {
+            // Tensors the vector kernels do not take (mismatched lengths) run here at once.
+            let mut direct = alloc::vec![None; tensors.len()];
+            for (i, t) in tensors.iter_mut().enumerate() {
                 let k = *t.coeffs();
                 match Job::new(t.view(), k, &choose) {
-                    Ok(job) => jobs.push(job),
-                    Err(view) => portable::fused(as_cpu(view), &k),
+                    Ok(job) => jobs.push((i, job)),
+                    Err(view) => direct[i] = Some(portable::fused(as_cpu(view), &k)),
                 }
             }
-            self.run_jobs(&jobs);
+            let counts = self.run_jobs(&jobs);
+            for ((i, _), n) in jobs.iter().zip(counts) {
+                direct[*i] = Some(n);
+            }
+            for (t, n) in tensors.iter_mut().zip(direct) {
+                if let Some(n) = n {
+                    t.set_non_finite(n);
+                }
+            }
         }
         #[cfg(not(feature = "alloc"))]
         for t in tensors.iter_mut() {
             let k = *t.coeffs();
-            match Job::new(t.view(), k, &choose) {
+            let n = match Job::new(t.view(), k, &choose) {
                 Ok(job) => job.run(0, job.len),
                 Err(view) => portable::fused(as_cpu(view), &k),
-            }
+            };
+            t.set_non_finite(n);
         }
     }
 
@@ -179,9 +191,13 @@ impl SimdCpu {
         move |k, has| kernel::pick::<P, S>(level, k, has).unwrap_or(portable_kernel::<P, S>)
     }
 
+    /// Runs every job; returns each job's count of non-finite parameters.
     #[cfg(feature = "alloc")]
-    fn run_jobs<P: Element, S: Element>(&self, jobs: &[Job<P, S>]) {
-        let total: usize = jobs.iter().map(|j| j.len).sum();
+    fn run_jobs<P: Element, S: Element>(
+        &self,
+        jobs: &[(usize, Job<P, S>)],
+    ) -> alloc::vec::Vec<u64> {
+        let total: usize = jobs.iter().map(|(_, j)| j.len).sum();
         #[cfg(feature = "std")]
         {
             let threads = self.thread_count();
@@ -190,35 +206,43 @@ impl SimdCpu {
             }
         }
         let _ = total;
-        for j in jobs {
-            j.run(0, j.len);
-        }
+        jobs.iter().map(|(_, j)| j.run(0, j.len)).collect()
     }
 
     /// Splits every tensor into chunks whose starts fall on 64-byte boundaries of the
     /// parameter buffer, and lets the threads pull chunks until none is left.
     #[cfg(feature = "std")]
-    fn run_parallel<P: Element, S: Element>(&self, jobs: &[Job<P, S>], threads: usize) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
+    fn run_parallel<P: Element, S: Element>(
+        &self,
+        jobs: &[(usize, Job<P, S>)],
+        threads: usize,
+    ) -> alloc::vec::Vec<u64> {
+        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
         let mut chunks: alloc::vec::Vec<(usize, usize, usize)> = alloc::vec::Vec::new();
-        for (ti, j) in jobs.iter().enumerate() {
+        for (ji, (_, j)) in jobs.iter().enumerate() {
             let mut start = 0;
             while start < j.len {
                 let end = aligned_split(j.bufs.p, start + self.chunk, j.len);
-                chunks.push((ti, start, end));
+                chunks.push((ji, start, end));
                 start = end;
             }
         }
         let threads = threads.min(chunks.len());
         let next = AtomicUsize::new(0);
+        let bad: alloc::vec::Vec<AtomicU64> = jobs.iter().map(|_| AtomicU64::new(0)).collect();
         let work = |_worker: usize| loop {
             let c = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&(ti, start, end)) = chunks.get(c) else {
+            let Some(&(ji, start, end)) = chunks.get(c) else {
                 break;
             };
-            jobs[ti].run(start, end);
+            let n = jobs[ji].1.run(start, end);
+            if n > 0 {
+                bad[ji].fetch_add(n, Ordering::Relaxed);
+            }
         };
         crate::pool::global().run(threads, &work);
+        // The pool's join orders these loads after the workers' adds.
+        bad.into_iter().map(AtomicU64::into_inner).collect()
     }
 }
 
@@ -253,7 +277,7 @@ fn as_cpu<P: Element, S: Element>(t: TensorMut<'_, SimdCpu, P, S>) -> TensorMut<
 ///
 /// # Safety
 /// As [`KernelFn`]: every non-null pointer valid for `n` elements, no overlap.
-unsafe fn portable_kernel<P: Element, S: Element>(k: &Coeffs, b: Bufs<P, S>, n: usize) {
+unsafe fn portable_kernel<P: Element, S: Element>(k: &Coeffs, b: Bufs<P, S>, n: usize) -> u64 {
     // SAFETY: the caller guarantees each non-null buffer is valid and exclusive for `n`.
     let state =
         |s: *mut S| (!s.is_null()).then(|| unsafe { core::slice::from_raw_parts_mut(s, n) });
@@ -273,7 +297,7 @@ unsafe fn portable_kernel<P: Element, S: Element>(k: &Coeffs, b: Bufs<P, S>, n: 
             ibar: state(b.ib),
         },
         k,
-    );
+    )
 }
 
 /// One tensor's step, as raw pointers so that threads can take disjoint ranges of it.
@@ -322,8 +346,8 @@ impl<P: Element, S: Element> Job<P, S> {
         })
     }
 
-    /// Runs elements `start..end`.
-    fn run(&self, start: usize, end: usize) {
+    /// Runs elements `start..end`; returns how many stored parameters are not finite.
+    fn run(&self, start: usize, end: usize) -> u64 {
         // SAFETY: the pointers come from live, exclusive slices of `len` elements each
         // (checked in `new`), `start..end` is within them, callers hand out disjoint ranges,
         // and the kernel's level was checked available when the `SimdCpu` was made.
@@ -400,10 +424,16 @@ impl Backend for SimdCpu {
         let choose = self.step_kernel::<P, S>();
         match Job::new(t, *k, &choose) {
             #[cfg(feature = "alloc")]
-            Ok(job) => self.run_jobs(core::slice::from_ref(&job)),
+            Ok(job) => {
+                self.run_jobs(&[(0, job)]);
+            }
             #[cfg(not(feature = "alloc"))]
-            Ok(job) => job.run(0, job.len),
-            Err(view) => portable::fused(as_cpu(view), k),
+            Ok(job) => {
+                job.run(0, job.len);
+            }
+            Err(view) => {
+                portable::fused(as_cpu(view), k);
+            }
         }
         Ok(())
     }

@@ -572,8 +572,9 @@ fn uncovered_layouts_fall_back() {
     }
 }
 
-/// Gradient norms: the same as the portable f64 sum up to summation order, and non-finite
-/// whenever an element is.
+/// Gradient norms: the SIMD levels sum in f64, the portable backend in f32 blocks (see
+/// `sage_cpu::portable::chunk_partial`), so they agree within the portable sum's stated
+/// error bound, and both are non-finite whenever an element is.
 #[test]
 fn sq_norms() {
     let mut rng = Rng(5);
@@ -583,7 +584,7 @@ fn sq_norms() {
         for (name, mut b) in backends() {
             let got = b.sq_norm(&x[..]).unwrap();
             assert!(
-                (got - want).abs() <= 1e-12 * want.max(1.0),
+                (got - want).abs() <= sage_cpu::portable::NORM_REL_ERROR * want,
                 "{name} n={n}: {got} vs {want}"
             );
             if *n > 0 {
@@ -638,6 +639,65 @@ fn norms_follow_the_chunk_grid() {
         a.extend(c);
         assert_eq!(a, whole, "{name}: partials of pieces");
     }
+}
+
+/// Non-finite parameters are counted in the update pass, exactly, at every level, threaded or
+/// not, in whole registers and tails alike; the portable backend counts too.
+#[test]
+fn non_finite_parameters_are_counted_in_the_update() {
+    let cfg = Config::reference(Algorithm::adamw(), 1e-3);
+    let lens = [17usize, 70_001, 5];
+    let bad_at: [&[usize]; 3] = [&[16], &[0, 15, 16, 33_333, 70_000], &[]];
+    let run = |b: &mut dyn FnMut(&mut [ParamTensor<'_, SimdCpu, f32, f32>])| {
+        let mut rng = Rng(77);
+        let mut params: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n)).collect();
+        for (p, at) in params.iter_mut().zip(bad_at) {
+            for (k, &i) in at.iter().enumerate() {
+                p[i] = if k % 2 == 0 {
+                    f32::NAN
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
+        }
+        let grads: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n)).collect();
+        let mut states: Vec<TensorState<Vec<f32>>> = lens
+            .iter()
+            .map(|&n| TensorState::zeros(cfg.state_layout(true), n))
+            .collect();
+        let mut ts: Vec<ParamTensor<'_, SimdCpu, f32, f32>> = params
+            .iter_mut()
+            .zip(&grads)
+            .zip(states.iter_mut())
+            .map(|((p, g), s)| ParamTensor::new(&mut p[..], &g[..], s.view()))
+            .collect();
+        let opt = Optimizer::new(SimdCpu::new(), cfg, [ParamGroup::sage()]).unwrap();
+        for t in ts.iter_mut() {
+            t.set_coeffs(opt.coeffs(1, 0, 1.0).unwrap());
+        }
+        b(&mut ts);
+        ts.iter().map(|t| t.non_finite()).collect::<Vec<_>>()
+    };
+    let want: Vec<Option<u64>> = bad_at.iter().map(|a| Some(a.len() as u64)).collect();
+    for (name, mut b) in backends().into_iter().chain([(
+        "threaded".to_string(),
+        SimdCpu::new().threads(3).min_parallel(0).chunk(64),
+    )]) {
+        let got = run(&mut |ts| b.step_tensors(ts).unwrap());
+        assert_eq!(got, want, "{name}");
+    }
+    // The portable backend, through the same slots.
+    let mut rng = Rng(78);
+    let mut p = rng.vec(9);
+    p[4] = f32::NAN;
+    let g = rng.vec(9);
+    let mut st = TensorState::<Vec<f32>>::zeros(cfg.state_layout(true), 9);
+    let mut opt = Optimizer::new(Cpu, cfg, [ParamGroup::sage()]).unwrap();
+    let rep = opt
+        .step(&mut [ParamTensor::new(&mut p[..], &g[..], st.view())])
+        .unwrap();
+    assert!(rep.params_checked);
+    assert_eq!(rep.non_finite_params, Some(0));
 }
 
 #[test]

@@ -198,7 +198,8 @@ pub fn group_of(n: usize) -> Vec<usize> {
 }
 
 /// Whether a step's report agrees with the oracle's: the rate exactly as the schedule gives
-/// it, the norm and clipping coefficient to summation-order rounding.
+/// it; the norm and clipping coefficient to 1e-5 relative (backends may sum a chunk's squares
+/// in f32 blocks, `sage_core::norm`; a dropped chunk or a wrong scale is far larger).
 pub fn same_report(rep: &sage_core::StepReport, oracle: &Reference) -> Result<(), String> {
     let Some(want) = oracle.last.filter(|_| rep.applied()) else {
         return Ok(());
@@ -211,14 +212,14 @@ pub fn same_report(rep: &sage_core::StepReport, oracle: &Reference) -> Result<()
         ));
     }
     if let Some(n) = rep.grad_norm {
-        if !close(n, want.grad_norm, 1e-9) {
+        if !close(n, want.grad_norm, 1e-5) {
             return Err(format!(
                 "report grad_norm {n} but the oracle's norm is {}",
                 want.grad_norm
             ));
         }
     }
-    if !close(rep.clip_scale, want.clip_scale, 1e-9) {
+    if !close(rep.clip_scale, want.clip_scale, 1e-5) {
         return Err(format!(
             "report clip_scale {} but the oracle's is {}",
             rep.clip_scale, want.clip_scale

@@ -563,3 +563,53 @@ pub fn huge_gradients<B: Harness>(b: &mut B) -> Result<(), Failure> {
     }
     Ok(())
 }
+
+/// A NaN or ±Inf already in a parameter (not the gradient): the guard cannot see it before the
+/// update, so the step applies; a backend that counts non-finite parameters in its update
+/// pass must name the tensor (and only when it counts may it say it checked). Clean steps
+/// report nothing.
+pub fn non_finite_params_reported<B: Harness>(b: &mut B) -> Result<(), Failure> {
+    let check = "non-finite parameters reported";
+    let fail = |d: String| Failure::new(check, d);
+    let lens = [9usize, 4097, 17];
+    let cfg = Config::reference(Algorithm::adamw(), 2e-3).global_clip(1.0);
+    let groups = vec![ParamGroup::sage().weight_decay(0.01)];
+    let gof = vec![0; lens.len()];
+    let mut r = rng(9300);
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut init = random_params(&mut r, &lens);
+        init[1][2049] = bad;
+        let mut model = Model::<B, f32, f32>::new(b, &cfg, &groups, &init, &gof)?;
+        let mut opt =
+            Optimizer::new(b.clone(), cfg, groups.clone()).map_err(|e| fail(e.to_string()))?;
+        let grads = random_grads(&mut r, &lens, 0.05);
+        let rep = model
+            .step(&mut opt, &grads)
+            .map_err(|e| fail(format!("{bad}: {e}")))?;
+        if !rep.applied() {
+            return Err(fail(format!(
+                "{bad} in θ (finite gradients) skipped the step: {rep:?}"
+            )));
+        }
+        let want = if rep.params_checked { Some(1) } else { None };
+        if rep.non_finite_params != want {
+            return Err(fail(format!(
+                "{bad} in θ of tensor 1: report says {:?} (counted: {})",
+                rep.non_finite_params, rep.params_checked
+            )));
+        }
+        // The next step from clean parameters reports nothing.
+        let mut clean =
+            Model::<B, f32, f32>::new(b, &cfg, &groups, &random_params(&mut r, &lens), &gof)?;
+        let rep = clean
+            .step(&mut opt, &grads)
+            .map_err(|e| fail(format!("clean step: {e}")))?;
+        if rep.non_finite_params.is_some() {
+            return Err(fail(format!(
+                "a clean step reported {:?}",
+                rep.non_finite_params
+            )));
+        }
+    }
+    Ok(())
+}

@@ -91,6 +91,10 @@ pub fn all<B: Harness + 'static>() -> Vec<(&'static str, Check<B>)> {
             contract::huge_gradients::<B>,
         ),
         ("non-finite gradients", guards::non_finite::<B>),
+        (
+            "non-finite parameters reported",
+            contract::non_finite_params_reported::<B>,
+        ),
         ("bad inputs give errors", guards::bad_inputs::<B>),
     ]
 }

@@ -41,6 +41,12 @@ impl Lanes for Avx2 {
         _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)))
     }
     #[inline(always)]
+    unsafe fn count_non_finite(v: __m256) -> u32 {
+        // |v| < ∞ is false for ±Inf and (unordered) for NaN.
+        let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(Self::abs(v), _mm256_set1_ps(f32::INFINITY));
+        8 - (_mm256_movemask_ps(finite) as u32).count_ones()
+    }
+    #[inline(always)]
     unsafe fn maxnum(a: __m256, b: __m256) -> __m256 {
         // maxps returns its second operand when either is NaN: that covers a NaN `b`;
         // a NaN `a` is replaced by `b` afterwards (both NaN gives NaN either way).

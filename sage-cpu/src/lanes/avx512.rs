@@ -43,6 +43,12 @@ impl Lanes for Avx512 {
         _mm512_castsi512_ps(bits)
     }
     #[inline(always)]
+    unsafe fn count_non_finite(v: __m512) -> u32 {
+        // |v| < ∞ is false for ±Inf and (unordered) for NaN.
+        let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(Self::abs(v), _mm512_set1_ps(f32::INFINITY));
+        16 - (finite as u32).count_ones()
+    }
+    #[inline(always)]
     unsafe fn maxnum(a: __m512, b: __m512) -> __m512 {
         // As for AVX2: maxps yields its second operand on NaN; then a NaN `a` takes `b`.
         let r = _mm512_max_ps(b, a);

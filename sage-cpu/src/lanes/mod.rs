@@ -40,6 +40,8 @@ pub(crate) trait Lanes: Copy {
     /// Rounds to bf16 exactly as `half::bf16::from_f32` (nearest even, NaN kept quiet),
     /// stores, and returns the stored values widened as `half::bf16::to_f32` would.
     unsafe fn store_round_bf16(p: *mut u16, v: Self::F) -> Self::F;
+    /// How many lanes of `v` are NaN or ±Inf.
+    unsafe fn count_non_finite(v: Self::F) -> u32;
     /// Hints that the cache line at `p` will be read soon (never faults).
     #[inline(always)]
     unsafe fn prefetch(p: *const u8) {

@@ -43,6 +43,12 @@ impl Lanes for Neon {
         vabsq_f32(a)
     }
     #[inline(always)]
+    unsafe fn count_non_finite(v: float32x4_t) -> u32 {
+        // |v| < ∞ is all-ones for finite lanes, 0 for ±Inf and NaN.
+        let finite = vcltq_f32(vabsq_f32(v), vdupq_n_f32(f32::INFINITY));
+        4 - vaddvq_u32(vshrq_n_u32::<31>(finite))
+    }
+    #[inline(always)]
     unsafe fn maxnum(a: float32x4_t, b: float32x4_t) -> float32x4_t {
         // FMAXNM is IEEE maxNum: a NaN operand yields the other, as f32::max.
         vmaxnmq_f32(a, b)
