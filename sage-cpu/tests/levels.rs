@@ -648,7 +648,8 @@ fn non_finite_parameters_are_counted_in_the_update() {
     let cfg = Config::reference(Algorithm::adamw(), 1e-3);
     let lens = [17usize, 70_001, 5];
     let bad_at: [&[usize]; 3] = [&[16], &[0, 15, 16, 33_333, 70_000], &[]];
-    let run = |b: &mut dyn FnMut(&mut [ParamTensor<'_, SimdCpu, f32, f32>])| {
+    type Steps<'s> = &'s mut dyn FnMut(&mut [ParamTensor<'_, SimdCpu, f32, f32>]);
+    let run = |b: Steps<'_>| {
         let mut rng = Rng(77);
         let mut params: Vec<Vec<f32>> = lens.iter().map(|&n| rng.vec(n)).collect();
         for (p, at) in params.iter_mut().zip(bad_at) {
