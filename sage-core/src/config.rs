@@ -255,11 +255,14 @@ pub struct Config {
     /// norm pass, whose chunk partials are non-finite when a chunk holds NaN/±Inf), or, with
     /// [`Optimizer::step_with_norms`](crate::Optimizer::step_with_norms), a non-finite total
     /// reported from outside (any rank's gradients). Then no parameter, state buffer or step
-    /// count changes, and the report names the first tensor. What it does not cover: NaN or
+    /// count changes, and the report names the first tensor. What it does not prevent: NaN or
     /// ±Inf already in a parameter or a state buffer (they flow into that element's update and
     /// its Ī; checkpoints refuse to load such state), and an update that overflows from finite
-    /// inputs (an ε or a rate out of all proportion). f16 state for `v` and `Ī`, and epsilons
-    /// that vanish in f32, are refused before any step.
+    /// inputs (an ε or a rate out of all proportion). Those are *reported* after the step
+    /// ([`StepReport::non_finite_params`](crate::StepReport)) by backends that count non-finite
+    /// parameters in their update pass (sage-cpu's do; `params_checked` says whether the
+    /// backend counted). f16 state for `v` and `Ī`, and epsilons that vanish in f32, are
+    /// refused before any step.
     pub skip_non_finite: bool,
 }
 
