@@ -398,3 +398,43 @@ fn burn_records_and_checkpoints_resume_exactly() {
     assert!(err.contains("bf16"), "{err}");
     assert_eq!(w3.steps(), 0);
 }
+
+#[test]
+fn non_finite_gradient_skips_that_tensor_per_tensor_and_the_step_whole() {
+    let device = Device::default().autodiff();
+    let cfg = SageConfig::new(reference(), rules());
+    let model = net(&device);
+    let before = values(&model);
+    let nan_grads = || {
+        let mut g = grads(&model, 0);
+        let id = model.fc1.weight.id;
+        let w = g.remove::<2>(id).unwrap();
+        g.register::<2>(id, w.mul_scalar(f32::NAN));
+        g
+    };
+    // burn's per-tensor contract: that tensor is skipped (value and count kept), the others step.
+    let mut optim = cfg.init_with(Cpu).unwrap();
+    let stepped = optim.step(cfg.config.lr, model.clone(), nan_grads());
+    let after = values(&stepped);
+    assert_eq!(after[0], before[0], "fc1.weight must not move");
+    assert!(after[1..].iter().zip(&before[1..]).any(|(a, b)| a != b));
+    let file = export_checkpoint(&optim, &stepped, &cfg).unwrap();
+    let counts: Vec<u64> = Checkpoint::parse(&file)
+        .unwrap()
+        .params()
+        .iter()
+        .map(|p| p.step)
+        .collect();
+    assert_eq!(counts, [0, 1, 1, 1, 1]);
+    // The whole-module step: nothing moves, no count advances.
+    let mut whole = SageConfig::new(reference().global_clip(1.0), rules())
+        .module_with(Cpu, &model)
+        .unwrap();
+    let same = whole
+        .step(cfg.config.lr, model.clone(), &nan_grads())
+        .map_err(|r| r.error)
+        .unwrap();
+    assert_eq!(values(&same), before);
+    assert!(!whole.last_report().unwrap().applied());
+    assert!(whole.param_steps().iter().all(|p| p.1 == 0));
+}
