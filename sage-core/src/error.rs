@@ -35,6 +35,14 @@ pub enum ErrorKind {
 pub trait BackendError: fmt::Debug + fmt::Display {
     /// The shared kind of this error.
     fn kind(&self) -> ErrorKind;
+
+    /// For a failed [`step_tensors`](crate::Backend::step_tensors) call: how many of its
+    /// tensors (the first ones, in order) were stepped before the failure. `None` (the
+    /// default): none were, or the backend cannot tell. The driver turns a positive count into
+    /// [`Error::PartialStep`], advancing exactly those tensors' counts.
+    fn applied_tensors(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The error type of backends that cannot fail (e.g. the portable CPU backend).
@@ -265,8 +273,25 @@ pub enum Error<E> {
         /// The count.
         step: u64,
     },
-    /// The backend failed. If it failed part-way through an update, the buffers of that step
-    /// are unspecified and the step counts were not advanced.
+    /// The backend failed after updating some of the step's tensors: the first `applied`
+    /// tensors (in step order) were stepped and their counts advanced, the rest are untouched;
+    /// the optimizer's own count did not advance. Retrying only the remaining tensors with
+    /// [`Optimizer::step_with_norms`](crate::Optimizer::step_with_norms) and this step's norms
+    /// completes the step exactly; retrying the whole step would step the first ones twice.
+    PartialStep {
+        /// Tensors stepped, from the first.
+        applied: usize,
+        /// Tensors in the step.
+        tensors: usize,
+        /// The step's squared gradient norms, when it computed them: `(total, per tensor)` is
+        /// what a retry needs; only the total is kept here (per-tensor norms are in the
+        /// tensors' slots).
+        total_sq: Option<f64>,
+        /// The backend's error.
+        source: E,
+    },
+    /// The backend failed. Unless it says otherwise ([`Error::PartialStep`]), nothing of the
+    /// step was applied or nothing can be said about it; the step counts were not advanced.
     Backend(E),
 }
 
@@ -287,6 +312,7 @@ impl<E: BackendError> Error<E> {
             },
             Error::NormCount { .. } => ErrorKind::LengthMismatch,
             Error::StepOverflow { .. } => ErrorKind::StateMismatch,
+            Error::PartialStep { source, .. } => source.kind(),
             Error::Backend(e) => e.kind(),
         }
     }
@@ -327,6 +353,15 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
                     "the optimizer's step count {step} cannot advance (u64 overflow)"
                 )
             }
+            Error::PartialStep {
+                applied,
+                tensors,
+                source,
+                ..
+            } => write!(
+                f,
+                "backend error after {applied} of {tensors} tensors were stepped (their counts advanced; do not retry them): {source}"
+            ),
             Error::Backend(e) => write!(f, "backend error: {e}"),
         }
     }

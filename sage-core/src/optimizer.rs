@@ -6,7 +6,7 @@ use crate::backend::{Backend, ParamTensor};
 use crate::coeffs::{clip_coefficient, Coeffs, StepScalars};
 use crate::config::{Config, ParamGroup};
 use crate::element::{DType, Element};
-use crate::error::{Error, Name, ParamProblem};
+use crate::error::{BackendError, Error, Name, ParamProblem};
 use crate::norm::chunk_count;
 use crate::state::{Buffer, StateLayout};
 use crate::tensors::{TensorSet, Visit};
@@ -302,7 +302,25 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
             first_bad: None,
             counted: true,
         };
-        tensors.visit(&mut apply)?;
+        if let Err(e) = tensors.visit(&mut apply) {
+            return Err(match e {
+                Error::Backend(source) => {
+                    // `apply.at` tensors (earlier slices, and the applied part of the failing
+                    // one) were stepped and counted.
+                    if apply.at > 0 {
+                        Error::PartialStep {
+                            applied: apply.at,
+                            tensors: count,
+                            total_sq: total.map(|(t, _)| t),
+                            source,
+                        }
+                    } else {
+                        Error::Backend(source)
+                    }
+                }
+                other => other,
+            });
+        }
         report.non_finite_params = apply.first_bad;
         report.params_checked = apply.counted;
         self.step = opt_t;
@@ -494,7 +512,15 @@ impl<'a, B: Backend> Visit<'a, B> for Apply<'_, B> {
         for t in ts.iter_mut() {
             t.non_finite = None;
         }
-        self.backend.step_tensors(ts).map_err(Error::Backend)?;
+        if let Err(e) = self.backend.step_tensors(ts) {
+            // The first `n` tensors of this slice were stepped: advance exactly their counts.
+            let n = e.applied_tensors().unwrap_or(0).min(ts.len());
+            for t in ts[..n].iter_mut() {
+                *t.state.step += 1;
+            }
+            self.at += n;
+            return Err(Error::Backend(e));
+        }
         for t in ts.iter_mut() {
             *t.state.step += 1;
             match t.non_finite {

@@ -250,3 +250,121 @@ fn a_non_finite_norm_from_outside_skips_everything() {
     assert_eq!(rep.outcome, Outcome::SkippedNonFinite { param: None });
     assert_eq!((w, st.step, opt.steps()), (vec![0.5; 4], 0, 0));
 }
+
+/// A backend whose multi-tensor step fails after stepping its first tensor.
+#[derive(Clone, Copy)]
+struct FailsAfterOne;
+
+#[derive(Debug)]
+struct AfterOne;
+
+impl core::fmt::Display for AfterOne {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("launch 2 failed")
+    }
+}
+
+impl sage_core::BackendError for AfterOne {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::DeviceLost
+    }
+    fn applied_tensors(&self) -> Option<usize> {
+        Some(1)
+    }
+}
+
+impl Backend for FailsAfterOne {
+    type Error = AfterOne;
+    type Buf<E: Element> = [E];
+    fn len<E: Element>(&self, b: &[E]) -> usize {
+        b.len()
+    }
+    fn sq_norm_chunks<E: Element>(
+        &mut self,
+        b: &[E],
+        first: usize,
+        out: &mut [f64],
+    ) -> Result<(), AfterOne> {
+        Slices.sq_norm_chunks(b, first, out).map_err(|e| match e {})
+    }
+    fn accumulate<P: Element, S: Element>(
+        &mut self,
+        which: Accumulate,
+        acc: &mut [S],
+        p: &[P],
+        g: &[P],
+        k: &Coeffs,
+    ) -> Result<(), AfterOne> {
+        Slices
+            .accumulate(which, acc, p, g, k)
+            .map_err(|e| match e {})
+    }
+    fn apply<P: Element, S: Element>(
+        &mut self,
+        t: ApplyArgs<'_, Self, P, S>,
+        k: &Coeffs,
+    ) -> Result<(), AfterOne> {
+        let ApplyArgs {
+            param,
+            grad,
+            m,
+            v,
+            ibar,
+        } = t;
+        Slices
+            .apply(
+                ApplyArgs {
+                    param,
+                    grad,
+                    m,
+                    v,
+                    ibar,
+                },
+                k,
+            )
+            .map_err(|e| match e {})
+    }
+    fn step_tensors<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), AfterOne> {
+        if let Some(t) = tensors.first_mut() {
+            let k = *t.coeffs();
+            self.fused_step(t.view(), &k)?;
+        }
+        Err(AfterOne)
+    }
+}
+
+#[test]
+fn a_partial_step_counts_exactly_the_tensors_it_applied() {
+    // The paper preset moves θ at the first step (the reference preset's s is 0 there).
+    let cfg = Config::paper(Algorithm::adamw(), 1e-3).global_clip(1.0);
+    let mut opt = Optimizer::new(FailsAfterOne, cfg, [ParamGroup::sage()]).unwrap();
+    let layout = opt.state_layout(0).unwrap();
+    let (mut a, mut b) = (vec![0.5f32; 4], vec![0.5f32; 4]);
+    let g = [0.1f32; 4];
+    let (mut sa, mut sb) = (
+        TensorState::<Vec<f32>>::zeros(layout, 4),
+        TensorState::<Vec<f32>>::zeros(layout, 4),
+    );
+    let e = opt
+        .step(&mut [
+            ParamTensor::new(&mut a[..], &g[..], sa.view()),
+            ParamTensor::new(&mut b[..], &g[..], sb.view()),
+        ])
+        .unwrap_err();
+    match e {
+        sage_core::Error::PartialStep {
+            applied: 1,
+            tensors: 2,
+            total_sq: Some(_),
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(e.kind(), ErrorKind::DeviceLost);
+    assert_eq!((sa.step, sb.step, opt.steps()), (1, 0, 0));
+    assert_ne!(a, vec![0.5; 4]);
+    assert_eq!(b, vec![0.5; 4]);
+}

@@ -136,6 +136,13 @@ impl BackendError for Error {
             Error::Cl { status, .. } => status.map_or(ErrorKind::Other, kind_of_status),
         }
     }
+
+    fn applied_tensors(&self) -> Option<usize> {
+        match self {
+            Error::Partial { applied, .. } => Some(*applied),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Error {
