@@ -87,7 +87,41 @@ impl<P, S> Bufs<P, S> {
 /// (counted in registers as they are stored: no extra pass). Unsafe: every non-null pointer
 /// must be valid for `n` elements, the buffers must not overlap, and the CPU must have the
 /// kernel's level.
-pub(crate) type KernelFn<P, S> = unsafe fn(&Coeffs, Bufs<P, S>, usize) -> u64;
+///
+/// The last argument, [`Then`], names what the same thread steps next (the next small
+/// tensor, or the rest of this one): near its end a kernel prefetches that instead of
+/// running past its own buffers.
+pub(crate) type KernelFn<P, S> = unsafe fn(&Coeffs, Bufs<P, S>, usize, Then<P, S>) -> u64;
+
+/// The buffers the thread steps after this range, and how many elements of them to
+/// prefetch (0: none); only ever prefetched, never read or written, so any value is safe.
+pub(crate) struct Then<P, S> {
+    pub bufs: Bufs<P, S>,
+    pub len: usize,
+}
+
+impl<P, S> Clone for Then<P, S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<P, S> Copy for Then<P, S> {}
+
+impl<P, S> Then<P, S> {
+    /// Nothing follows.
+    pub fn none() -> Self {
+        Then {
+            bufs: Bufs {
+                p: ptr::null_mut(),
+                g: ptr::null(),
+                m: ptr::null_mut(),
+                v: ptr::null_mut(),
+                ib: ptr::null_mut(),
+            },
+            len: 0,
+        }
+    }
+}
 
 /// One register's worth of work, and which state buffers it touches.
 pub(crate) trait Op<L: Lanes> {
@@ -98,30 +132,45 @@ pub(crate) trait Op<L: Lanes> {
     unsafe fn vec<P: Element, S: Element>(&self, b: Bufs<P, S>) -> u32;
 }
 
+/// Prefetches the line at `a` of every stream `O` touches (absent ones, null, skipped).
+#[inline(always)]
+unsafe fn prefetch_streams<L: Lanes, P, S, O: Op<L>>(a: Bufs<P, S>) {
+    L::prefetch(a.p.cast());
+    L::prefetch(a.g.cast());
+    if O::M {
+        L::prefetch(a.m.cast());
+    }
+    if O::V {
+        L::prefetch(a.v.cast());
+    }
+    if O::IB {
+        L::prefetch(a.ib.cast());
+    }
+}
+
 /// Runs `op` over `n` elements: whole registers, then the tail through stack buffers so that
 /// the tail takes the same vector code (the padding lanes are computed and discarded).
 /// Returns how many stored parameters are not finite.
+///
+/// Every stream is prefetched [`PREFETCH_AHEAD`] elements ahead; past the end of this range
+/// the prefetches go to `then` (what this thread steps next), as if the two were one buffer:
+/// many small tensors, each allocated on its own, then stream like one large one.
 #[inline(always)]
 pub(crate) unsafe fn drive<L: Lanes, P: Element, S: Element, O: Op<L>>(
     op: &O,
     b: Bufs<P, S>,
     n: usize,
+    then: Then<P, S>,
 ) -> u64 {
     let mut bad = 0u64;
     let mut i = 0;
     while i + L::N <= n {
-        // Addresses past the end are fine: a prefetch never faults.
-        let a = b.at(i + PREFETCH_AHEAD);
-        L::prefetch(a.p.cast());
-        L::prefetch(a.g.cast());
-        if O::M {
-            L::prefetch(a.m.cast());
-        }
-        if O::V {
-            L::prefetch(a.v.cast());
-        }
-        if O::IB {
-            L::prefetch(a.ib.cast());
+        let ahead = i + PREFETCH_AHEAD;
+        if ahead < n {
+            prefetch_streams::<L, P, S, O>(b.at(ahead));
+        } else if ahead - n < then.len {
+            // A prefetch never faults: a null (absent) stream of `then` costs nothing.
+            prefetch_streams::<L, P, S, O>(then.bufs.at(ahead - n));
         }
         bad += op.vec::<P, S>(b.at(i)) as u64;
         i += L::N;
@@ -396,6 +445,29 @@ pub(crate) unsafe fn sq_norm_lanes<L: Lanes, E: Element>(x: &[E]) -> f64 {
     acc.iter().sum()
 }
 
+/// The read floor of a buffer: every element loaded (widened to f32 in registers, as the norm
+/// does) and summed in f32 with four independent accumulators; the cheapest pass that still
+/// reads every byte. Returns the sum so the loads cannot be dropped.
+#[inline(always)]
+pub(crate) unsafe fn read_lanes<L: Lanes, E: Element>(x: &[E]) -> f32 {
+    let mut acc = [L::splat(0.0); 4];
+    let mut i = 0;
+    let p = x.as_ptr();
+    while i + 4 * L::N <= x.len() {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = L::add(*a, load::<L, E>(p.add(i + k * L::N)));
+        }
+        i += 4 * L::N;
+    }
+    let mut lanes = [0f32; MAX_LANES];
+    L::store_f32(
+        lanes.as_mut_ptr(),
+        L::add(L::add(acc[0], acc[1]), L::add(acc[2], acc[3])),
+    );
+    let tail: f32 = x[i..].iter().map(|v| v.to_f32()).sum();
+    lanes[..L::N].iter().sum::<f32>() + tail
+}
+
 /// An instruction set's kernel entry points.
 pub(crate) trait Isa {
     fn step<
@@ -409,6 +481,7 @@ pub(crate) trait Isa {
     fn floor<P: Element, S: Element, const M: bool, const V: bool, const IB: bool>(
     ) -> KernelFn<P, S>;
     fn sq_norm<E: Element>() -> unsafe fn(&[E]) -> f64;
+    fn read<E: Element>() -> unsafe fn(&[E]) -> f32;
 }
 
 /// Defines an [`Isa`] whose entry points are compiled with `$features`.
@@ -437,9 +510,10 @@ macro_rules! isa {
                     k: &Coeffs,
                     b: Bufs<P, S>,
                     n: usize,
+                    then: Then<P, S>,
                 ) -> u64 {
                     let op = StepOp::<$lanes, K, SAGE, MODU, SGDV>::new(k);
-                    drive::<$lanes, P, S, _>(&op, b, n)
+                    drive::<$lanes, P, S, _>(&op, b, n, then)
                 }
                 run::<P, S, K, SAGE, MODU, SGDV>
             }
@@ -450,11 +524,12 @@ macro_rules! isa {
                     k: &Coeffs,
                     b: Bufs<P, S>,
                     n: usize,
+                    then: Then<P, S>,
                 ) -> u64 {
                     let op = FloorOp::<$lanes, M, V, IB> {
                         c: <$lanes as Lanes>::splat(k.step),
                     };
-                    drive::<$lanes, P, S, _>(&op, b, n)
+                    drive::<$lanes, P, S, _>(&op, b, n, then)
                 }
                 run::<P, S, M, V, IB>
             }
@@ -462,6 +537,13 @@ macro_rules! isa {
                 #[target_feature(enable = $features)]
                 unsafe fn run<E: Element>(x: &[E]) -> f64 {
                     sq_norm_lanes::<$lanes, E>(x)
+                }
+                run::<E>
+            }
+            fn read<E: Element>() -> unsafe fn(&[E]) -> f32 {
+                #[target_feature(enable = $features)]
+                unsafe fn run<E: Element>(x: &[E]) -> f32 {
+                    read_lanes::<$lanes, E>(x)
                 }
                 run::<E>
             }
@@ -615,11 +697,38 @@ pub(crate) fn sq_norm<E: Element>(level: Level, x: &[E]) -> f64 {
     }
 }
 
+/// The read floor of `x` with `level`'s instruction set ([`read_lanes`]; scalar on the
+/// portable level).
+pub(crate) fn read_floor<E: Element>(level: Level, x: &[E]) -> f32 {
+    match level {
+        // SAFETY: a `SimdCpu` holds a level only after checking the CPU has it.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { Avx2Isa::read::<E>()(x) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { Avx512Isa::read::<E>()(x) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "aarch64")]
+        Level::Neon => unsafe { NeonIsa::read::<E>()(x) },
+        _ => {
+            let mut acc = [0f32; 4];
+            let mut quads = x.chunks_exact(4);
+            for q in &mut quads {
+                for (a, v) in acc.iter_mut().zip(q) {
+                    *a += v.to_f32();
+                }
+            }
+            acc.iter().sum::<f32>() + quads.remainder().iter().map(|v| v.to_f32()).sum::<f32>()
+        }
+    }
+}
+
 /// The floor for the portable level: the same traffic in scalar code.
 pub(crate) unsafe fn floor_scalar<P: Element, S: Element>(
     k: &Coeffs,
     b: Bufs<P, S>,
     n: usize,
+    _then: Then<P, S>,
 ) -> u64 {
     for i in 0..n {
         let t = b.range_from(i);

@@ -8,7 +8,7 @@ use sage_core::formula::Accumulate;
 use sage_core::norm;
 use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, ParamTensor, TensorMut};
 
-use crate::kernel::{self, Bufs, KernelFn, Present};
+use crate::kernel::{self, Bufs, KernelFn, Present, Then};
 use crate::level::Level;
 use crate::portable::{self, Cpu};
 
@@ -178,7 +178,7 @@ impl SimdCpu {
         for t in tensors.iter_mut() {
             let k = *t.coeffs();
             let n = match Job::new(t.view(), k, &choose) {
-                Ok(job) => job.run(0, job.len),
+                Ok(job) => job.run(0, job.len, None),
                 Err(view) => portable::fused(as_cpu(view), &k),
             };
             t.set_non_finite(n);
@@ -206,43 +206,111 @@ impl SimdCpu {
             }
         }
         let _ = total;
-        jobs.iter().map(|(_, j)| j.run(0, j.len)).collect()
+        (0..jobs.len())
+            .map(|i| {
+                let then = jobs.get(i + 1).map(|(_, t)| (t, 0, t.len));
+                jobs[i].1.run(0, jobs[i].1.len, then)
+            })
+            .collect()
     }
 
-    /// Splits every tensor into chunks whose starts fall on 64-byte boundaries of the
-    /// parameter buffer, and lets the threads pull chunks until none is left.
+    /// Cuts every tensor into pieces whose starts fall on 64-byte boundaries of the parameter
+    /// buffer, groups them into units of about `chunk` elements ([`Plan`]), and lets the
+    /// threads pull units until none is left.
     #[cfg(feature = "std")]
     fn run_parallel<P: Element, S: Element>(
         &self,
         jobs: &[(usize, Job<P, S>)],
         threads: usize,
     ) -> alloc::vec::Vec<u64> {
-        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-        let mut chunks: alloc::vec::Vec<(usize, usize, usize)> = alloc::vec::Vec::new();
-        for (ji, (_, j)) in jobs.iter().enumerate() {
-            let mut start = 0;
-            while start < j.len {
-                let end = aligned_split(j.bufs.p, start + self.chunk, j.len);
-                chunks.push((ji, start, end));
-                start = end;
-            }
-        }
-        let threads = threads.min(chunks.len());
-        let next = AtomicUsize::new(0);
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let plan = Plan::new(
+            self.chunk,
+            jobs.iter().map(|(_, j)| j.len),
+            |ji, at, len| aligned_split(jobs[ji].1.bufs.p, at, len),
+        );
         let bad: alloc::vec::Vec<AtomicU64> = jobs.iter().map(|_| AtomicU64::new(0)).collect();
-        let work = |_worker: usize| loop {
-            let c = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&(ji, start, end)) = chunks.get(c) else {
-                break;
-            };
-            let n = jobs[ji].1.run(start, end);
+        plan.run(threads, |(ji, start, end), then| {
+            let then = then.map(|(tj, s, e)| (&jobs[tj].1, s, e));
+            let n = jobs[ji].1.run(start, end, then);
             if n > 0 {
                 bad[ji].fetch_add(n, Ordering::Relaxed);
             }
-        };
-        crate::pool::global().run(threads, &work);
+        });
         // The pool's join orders these loads after the workers' adds.
         bad.into_iter().map(AtomicU64::into_inner).collect()
+    }
+}
+
+/// How a multi-tensor pass is shared among threads: every tensor cut into pieces of at most
+/// `chunk` elements (at split points the pass chooses), consecutive pieces grouped into units
+/// of at least `chunk` elements, and the units pulled by the threads one at a time, in order.
+///
+/// Grouping is what keeps many small tensors (biases, LayerNorms: a few hundred elements
+/// each) cheap: one shared counter increment per unit, not per tensor, and each thread walks
+/// consecutive tensors, as a single-threaded pass would.
+#[cfg(feature = "std")]
+struct Plan {
+    /// (tensor, start, end).
+    pieces: alloc::vec::Vec<(usize, usize, usize)>,
+    /// Unit `u` is `pieces[units[u]..units[u + 1]]`.
+    units: alloc::vec::Vec<usize>,
+}
+
+#[cfg(feature = "std")]
+impl Plan {
+    /// `split(tensor, at, len)` gives the end of a piece that should end near `at` (at or
+    /// after it, at most `len`).
+    fn new(
+        chunk: usize,
+        lens: impl Iterator<Item = usize>,
+        split: impl Fn(usize, usize, usize) -> usize,
+    ) -> Plan {
+        let chunk = chunk.max(1);
+        let mut pieces = alloc::vec::Vec::new();
+        let mut units = alloc::vec![0];
+        let mut filled = 0;
+        for (ti, len) in lens.enumerate() {
+            let mut start = 0;
+            while start < len {
+                let end = split(ti, start + chunk, len).max(start + 1);
+                pieces.push((ti, start, end));
+                filled += end - start;
+                if filled >= chunk {
+                    units.push(pieces.len());
+                    filled = 0;
+                }
+                start = end;
+            }
+        }
+        if filled > 0 {
+            units.push(pieces.len());
+        }
+        Plan { pieces, units }
+    }
+
+    /// Runs `f(piece, next)` for every piece (`(tensor, start, end)`), on up to `threads`
+    /// threads; `next` is the piece the same thread runs next (in the same unit), if any.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &self,
+        threads: usize,
+        f: impl Fn((usize, usize, usize), Option<(usize, usize, usize)>) + Sync,
+    ) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let count = self.units.len() - 1;
+        let next = AtomicUsize::new(0);
+        let work = |_worker: usize| loop {
+            let u = next.fetch_add(1, Ordering::Relaxed);
+            if u >= count {
+                break;
+            }
+            let unit = &self.pieces[self.units[u]..self.units[u + 1]];
+            for (k, &piece) in unit.iter().enumerate() {
+                f(piece, unit.get(k + 1).copied());
+            }
+        };
+        crate::pool::global().run(threads.min(count), &work);
     }
 }
 
@@ -277,7 +345,12 @@ fn as_cpu<P: Element, S: Element>(t: TensorMut<'_, SimdCpu, P, S>) -> TensorMut<
 ///
 /// # Safety
 /// As [`KernelFn`]: every non-null pointer valid for `n` elements, no overlap.
-unsafe fn portable_kernel<P: Element, S: Element>(k: &Coeffs, b: Bufs<P, S>, n: usize) -> u64 {
+unsafe fn portable_kernel<P: Element, S: Element>(
+    k: &Coeffs,
+    b: Bufs<P, S>,
+    n: usize,
+    _then: Then<P, S>,
+) -> u64 {
     // SAFETY: the caller guarantees each non-null buffer is valid and exclusive for `n`.
     let state =
         |s: *mut S| (!s.is_null()).then(|| unsafe { core::slice::from_raw_parts_mut(s, n) });
@@ -347,11 +420,17 @@ impl<P: Element, S: Element> Job<P, S> {
     }
 
     /// Runs elements `start..end`; returns how many stored parameters are not finite.
-    fn run(&self, start: usize, end: usize) -> u64 {
+    /// `then`: the range this thread runs next, if any (prefetched near the end).
+    fn run(&self, start: usize, end: usize, then: Option<(&Self, usize, usize)>) -> u64 {
+        let then = then.map_or(Then::none(), |(j, s, e)| Then {
+            bufs: j.bufs.range_from(s),
+            len: e - s,
+        });
         // SAFETY: the pointers come from live, exclusive slices of `len` elements each
         // (checked in `new`), `start..end` is within them, callers hand out disjoint ranges,
-        // and the kernel's level was checked available when the `SimdCpu` was made.
-        unsafe { (self.kernel)(&self.k, self.bufs.range_from(start), end - start) }
+        // and the kernel's level was checked available when the `SimdCpu` was made. `then`
+        // is only prefetched.
+        unsafe { (self.kernel)(&self.k, self.bufs.range_from(start), end - start, then) }
     }
 }
 
@@ -429,7 +508,7 @@ impl Backend for SimdCpu {
             }
             #[cfg(not(feature = "alloc"))]
             Ok(job) => {
-                job.run(0, job.len);
+                job.run(0, job.len, None);
             }
             Err(view) => {
                 portable::fused(as_cpu(view), k);
@@ -481,42 +560,72 @@ impl SimdCpu {
 #[cfg(feature = "std")]
 impl SimdCpu {
     /// Gradient norms of many tensors across threads. Each tensor is cut on the contract's
-    /// chunk grid ([`sage_core::norm`]) and its partials folded in order, so the result does
-    /// not depend on the thread count or on which thread took which chunk.
+    /// chunk grid ([`sage_core::norm`]), every chunk's partial is computed by whichever thread
+    /// takes it (threads take runs of consecutive chunks, [`Plan`]), and each tensor's
+    /// partials are folded in order, so the result does not depend on the thread count or on
+    /// which thread took which chunk.
     fn sq_norms_parallel<P: Element, S: Element>(
         &self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
         threads: usize,
     ) {
-        use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+        use std::sync::atomic::{AtomicU64, Ordering};
         let grads: alloc::vec::Vec<&[P]> = tensors.iter().map(|t| t.grad()).collect();
-        let mut chunks = alloc::vec::Vec::new();
-        for (ti, g) in grads.iter().enumerate() {
-            for start in (0..g.len()).step_by(norm::NORM_CHUNK) {
-                chunks.push((ti, start, (start + norm::NORM_CHUNK).min(g.len())));
-            }
+        // Tensor i's partials are partial[first[i]..first[i + 1]].
+        let mut first = alloc::vec::Vec::with_capacity(grads.len() + 1);
+        first.push(0);
+        for g in &grads {
+            first.push(first[first.len() - 1] + norm::chunk_count(g.len()));
         }
         let partial: alloc::vec::Vec<AtomicU64> =
-            chunks.iter().map(|_| AtomicU64::new(0)).collect();
-        let next = AtomicUsize::new(0);
+            (0..first[grads.len()]).map(|_| AtomicU64::new(0)).collect();
         let level = self.level;
-        let work = |_worker: usize| loop {
-            let c = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&(ti, start, end)) = chunks.get(c) else {
-                break;
-            };
-            let x = kernel::sq_norm(level, &grads[ti][start..end]);
-            partial[c].store(x.to_bits(), Ordering::Relaxed);
-        };
-        crate::pool::global().run(threads.min(chunks.len().max(1)), &work);
-        let mut sums = alloc::vec![0f64; tensors.len()];
-        for (c, &(ti, _, _)) in chunks.iter().enumerate() {
+        self.norm_plan(&grads).run(threads, |(ti, start, end), _| {
+            let g = grads[ti];
+            for (c, at) in (start..end).step_by(norm::NORM_CHUNK).enumerate() {
+                let x = kernel::sq_norm(level, &g[at..(at + norm::NORM_CHUNK).min(end)]);
+                let slot = first[ti] + start / norm::NORM_CHUNK + c;
+                partial[slot].store(x.to_bits(), Ordering::Relaxed);
+            }
+        });
+        for (ti, t) in tensors.iter_mut().enumerate() {
             // The pool's join (a mutex hand-off) orders these loads after the stores.
-            sums[ti] += f64::from_bits(partial[c].load(Ordering::Relaxed));
+            let own = &partial[first[ti]..first[ti + 1]];
+            t.set_grad_sq_norm(norm::fold(
+                own.iter()
+                    .map(|x| f64::from_bits(x.load(Ordering::Relaxed))),
+            ));
         }
-        for (t, s) in tensors.iter_mut().zip(sums) {
-            t.set_grad_sq_norm(s);
+    }
+
+    /// The norm pass's split: pieces on the chunk grid, in units of about `chunk` elements.
+    fn norm_plan<P: Element>(&self, grads: &[&[P]]) -> Plan {
+        Plan::new(self.chunk, grads.iter().map(|g| g.len()), |_, at, len| {
+            at.next_multiple_of(norm::NORM_CHUNK).min(len)
+        })
+    }
+
+    /// The bandwidth floor of the gradient-norm pass, for benchmarks: every gradient read
+    /// once (widened to f32 in registers, as the norm does) on the same threads and split as
+    /// [`Backend::grad_sq_norms`], with one add per element instead of the squares in `f64`.
+    /// Returns the sum of every gradient element (so that the reads happen).
+    pub fn stream_read_floor<P: Element, S: Element>(
+        &mut self,
+        tensors: &[ParamTensor<'_, Self, P, S>],
+    ) -> f32 {
+        let grads: alloc::vec::Vec<&[P]> = tensors.iter().map(|t| t.grad()).collect();
+        let total: usize = grads.iter().map(|g| g.len()).sum();
+        let threads = self.thread_count();
+        let level = self.level;
+        if threads <= 1 || total < self.min_parallel {
+            return grads.iter().map(|g| kernel::read_floor(level, g)).sum();
         }
+        let sum = std::sync::Mutex::new(0f32);
+        self.norm_plan(&grads).run(threads, |(ti, start, end), _| {
+            let x = kernel::read_floor(level, &grads[ti][start..end]);
+            *sum.lock().unwrap_or_else(|e| e.into_inner()) += x;
+        });
+        sum.into_inner().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -21,7 +21,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use sage_core::{
-    bf16, f16, Algorithm, Coeffs, Config, Element, Optimizer, ParamGroup, ParamTensor, TensorState,
+    bf16, f16, Algorithm, Backend, Coeffs, Config, Element, Optimizer, ParamGroup, ParamTensor,
+    TensorState,
 };
 use sage_cpu::{Level, SimdCpu};
 
@@ -50,41 +51,86 @@ fn scaled(n: Option<usize>) -> Vec<usize> {
         .collect()
 }
 
+/// 10,000 small tensors (biases, LayerNorms, adapters): 256 to 1024 elements each (1–4 KiB
+/// of f32), in a fixed pseudo-random mix.
+fn small_tensors(count: usize) -> Vec<usize> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..count)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            256 + (x % 769) as usize
+        })
+        .collect()
+}
+
+/// What a row steps.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// The optimizer's non-finite guard and clipping off: the fused kernel's own cost.
+    Plain,
+    /// The non-finite guard (the optimizer's default): one gradient-norm pass first.
+    Guarded,
+    /// Global clipping at 1.0 and the guard, as training runs (one norm pass, same kernel).
+    Clipped,
+    /// Per-tensor clipping at 1.0 and the guard (the authors' optimizers clip per tensor).
+    TensorClipped,
+}
+
 #[derive(Clone, Copy)]
 struct Algo {
     name: &'static str,
     cfg: Config,
     sage: bool,
-    guarded: bool,
+    kind: Kind,
+}
+
+impl Algo {
+    fn new(name: &'static str, cfg: Config, sage: bool, kind: Kind) -> Self {
+        let cfg = match kind {
+            Kind::Plain => cfg.skip_non_finite(false),
+            Kind::Guarded => cfg.skip_non_finite(true),
+            Kind::Clipped => cfg.skip_non_finite(true).global_clip(1.0),
+            Kind::TensorClipped => cfg.skip_non_finite(true).per_tensor_clip(1.0),
+        };
+        Algo {
+            name,
+            cfg,
+            sage,
+            kind,
+        }
+    }
+    fn reads_norm(&self) -> bool {
+        !matches!(self.kind, Kind::Plain)
+    }
 }
 
 fn algorithms() -> Vec<Algo> {
-    let plain = |name, cfg: Config, sage| Algo {
-        name,
-        cfg: cfg.skip_non_finite(false),
-        sage,
-        guarded: false,
-    };
+    use Kind::*;
+    let adam = Config::paper(Algorithm::adam(), 1e-4);
+    let adamw_ref = Config::reference(Algorithm::adamw(), 1e-4);
     vec![
-        plain("sgd-sage", Config::paper(Algorithm::sgd(0.9), 1e-3), true),
-        plain("adam-sage", Config::paper(Algorithm::adam(), 1e-4), true),
-        plain(
-            "adamw-sage",
-            Config::reference(Algorithm::adamw(), 1e-4),
+        Algo::new(
+            "sgd-sage",
+            Config::paper(Algorithm::sgd(0.9), 1e-3),
             true,
+            Plain,
         ),
-        plain(
+        Algo::new("adam-sage", adam, true, Plain),
+        Algo::new("adamw-sage", adamw_ref, true, Plain),
+        Algo::new(
             "adamax-sage",
             Config::reference(Algorithm::adamax(), 1e-4),
             true,
+            Plain,
         ),
-        plain("adamw", Config::reference(Algorithm::adamw(), 1e-4), false),
-        Algo {
-            name: "adam-sage (guarded)",
-            cfg: Config::paper(Algorithm::adam(), 1e-4).skip_non_finite(true),
-            sage: true,
-            guarded: true,
-        },
+        Algo::new("adamw", adamw_ref, false, Plain),
+        Algo::new("adam-sage (guarded)", adam, true, Guarded),
+        Algo::new("adam-sage (clipped)", adam, true, Clipped),
+        Algo::new("adamw-sage (tensor-clip)", adamw_ref, true, TensorClipped),
+        Algo::new("adamw (guarded)", adamw_ref, false, Guarded),
+        Algo::new("adamw (clipped)", adamw_ref, false, Clipped),
     ]
 }
 
@@ -94,6 +140,7 @@ struct Args {
     precisions: Vec<String>,
     level: Level,
     reps: usize,
+    small: usize,
     json: bool,
     list: bool,
 }
@@ -101,7 +148,7 @@ struct Args {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: sage-bench [--params N] [--threads 1,all] [--precision f32,bf16,bf16-state,f16] \
-         [--level best|portable|avx2|avx512|neon] [--reps N] [--json] [--list-tensors]"
+         [--level best|portable|avx2|avx512|neon] [--reps N] [--small N] [--json] [--list-tensors]"
     );
     ExitCode::from(64)
 }
@@ -113,7 +160,8 @@ fn parse() -> Result<Args, String> {
         threads: vec![1, hw],
         precisions: vec!["f32".into(), "bf16".into()],
         level: Level::best(),
-        reps: 3,
+        reps: 5,
+        small: 10_000,
         json: false,
         list: false,
     };
@@ -171,6 +219,10 @@ fn parse() -> Result<Args, String> {
                     .filter(|&n| n > 0)
                     .ok_or(format!("bad --reps {v}"))?;
             }
+            "--small" => {
+                let v = val()?;
+                a.small = v.parse().map_err(|_| format!("bad --small {v}"))?;
+            }
             "--json" => a.json = true,
             "--list-tensors" => a.list = true,
             "-h" | "--help" => return Err(String::new()),
@@ -180,12 +232,30 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-/// Every buffer of the model in one precision: parameters, gradients, and m, v, Ī.
+/// Every buffer of a model in one precision: parameters, gradients, and m, v, Ī. Allocated as
+/// a framework does: every parameter, then every gradient, then each tensor's state (m, v, Ī
+/// together, as `TensorState::zeros` and torch's optimizers allocate it) — or, for a slab
+/// model, each of the five streams as one allocation cut into the tensors (as frameworks with
+/// flat parameter and gradient buffers do).
 struct Model<P: Element, S: Element> {
     p: Vec<Vec<P>>,
     g: Vec<Vec<P>>,
     st: Vec<[Vec<S>; 3]>,
     steps: Vec<u64>,
+    /// Slab model: the tensors' lengths (every `Vec` above holds one slab).
+    cut: Option<Vec<usize>>,
+}
+
+/// `buf` cut into consecutive pieces of `sizes`.
+fn cut<'a, E>(mut buf: &'a mut [E], sizes: &[usize]) -> Vec<&'a mut [E]> {
+    sizes
+        .iter()
+        .map(|&n| {
+            let (head, rest) = std::mem::take(&mut buf).split_at_mut(n);
+            buf = rest;
+            head
+        })
+        .collect()
 }
 
 /// Cheap deterministic fill in [-scale, scale).
@@ -204,181 +274,441 @@ fn fill<E: Element>(n: usize, seed: u64, scale: f32, abs: bool) -> Vec<E> {
 
 impl<P: Element, S: Element> Model<P, S> {
     fn new(sizes: &[usize]) -> Self {
-        let mut m = Model {
-            p: vec![],
-            g: vec![],
-            st: vec![],
+        let seed = |i: usize, k: u64| i as u64 * 8 + k;
+        Model {
+            p: (sizes.iter().enumerate())
+                .map(|(i, &n)| fill(n, seed(i, 1), 0.05, false))
+                .collect(),
+            g: (sizes.iter().enumerate())
+                .map(|(i, &n)| fill(n, seed(i, 2), 1e-3, false))
+                .collect(),
+            st: (sizes.iter().enumerate())
+                .map(|(i, &n)| {
+                    [
+                        fill(n, seed(i, 3), 1e-4, false),
+                        fill(n, seed(i, 4), 1e-8, true),
+                        fill(n, seed(i, 5), 1e-5, true),
+                    ]
+                })
+                .collect(),
             steps: vec![0; sizes.len()],
-        };
-        for (i, &n) in sizes.iter().enumerate() {
-            let s = i as u64 * 8;
-            m.p.push(fill(n, s + 1, 0.05, false));
-            m.g.push(fill(n, s + 2, 1e-3, false));
-            m.st.push([
-                fill(n, s + 3, 1e-4, false),
-                fill(n, s + 4, 1e-8, true),
-                fill(n, s + 5, 1e-5, true),
-            ]);
+            cut: None,
         }
+    }
+
+    /// The slab model of `sizes`.
+    fn slab(sizes: &[usize]) -> Self {
+        let total = sizes.iter().sum();
+        let mut m = Model::new(&[total]);
+        m.steps = vec![0; sizes.len()];
+        m.cut = Some(sizes.to_vec());
         m
+    }
+
+    fn len(&self) -> usize {
+        self.p.iter().map(Vec::len).sum()
+    }
+
+    fn count(&self) -> usize {
+        self.steps.len()
     }
 
     /// The step's tensors with the buffers `layout` asks for.
     fn tensors(&mut self, layout: [bool; 3]) -> Vec<ParamTensor<'_, SimdCpu, P, S>> {
-        self.p
-            .iter_mut()
-            .zip(&self.g)
-            .zip(self.st.iter_mut())
+        type Bufs<'a, P, S> = (&'a mut [P], &'a [P], [&'a mut [S]; 3]);
+        let bufs: Vec<Bufs<'_, P, S>> = match &self.cut {
+            None => self
+                .p
+                .iter_mut()
+                .zip(&self.g)
+                .zip(self.st.iter_mut())
+                .map(|((p, g), [m, v, ib])| {
+                    (&mut p[..], &g[..], [&mut m[..], &mut v[..], &mut ib[..]])
+                })
+                .collect(),
+            Some(sizes) => {
+                let [m, v, ib] = &mut self.st[0];
+                let g: Vec<&mut [P]> = cut(&mut self.g[0], sizes);
+                cut(&mut self.p[0], sizes)
+                    .into_iter()
+                    .zip(g)
+                    .zip(
+                        cut(m, sizes)
+                            .into_iter()
+                            .zip(cut(v, sizes))
+                            .zip(cut(ib, sizes)),
+                    )
+                    .map(|((p, g), ((m, v), ib))| (p, &*g, [m, v, ib]))
+                    .collect()
+            }
+        };
+        bufs.into_iter()
             .zip(self.steps.iter_mut())
-            .map(|(((p, g), [m, v, ib]), step)| {
+            .map(|((p, g, [m, v, ib]), step)| {
                 let state = TensorState {
-                    m: layout[0].then_some(&mut m[..]),
-                    v: layout[1].then_some(&mut v[..]),
-                    ibar: layout[2].then_some(&mut ib[..]),
+                    m: layout[0].then_some(m),
+                    v: layout[1].then_some(v),
+                    ibar: layout[2].then_some(ib),
                     step,
                 };
-                ParamTensor::new(&mut p[..], &g[..], state)
+                ParamTensor::new(p, g, state)
             })
             .collect()
     }
 }
 
-/// What one row measures.
+/// What one row times.
+#[derive(Clone, Copy, PartialEq)]
 enum Job {
+    /// The in-place streaming pass over the buffers of a layout.
     Floor([bool; 3]),
+    /// Every gradient read once (the norm pass's traffic).
+    ReadFloor,
+    /// The gradient-norm pass alone (`Backend::grad_sq_norms`, as the guarded step runs it).
+    Norm,
+    /// An optimizer step of algorithm `i`.
     Step(usize),
 }
 
 struct Row {
+    /// Which model (index into the run's models).
+    model: usize,
+    job: Job,
     label: String,
     sage: bool,
     layout: [bool; 3],
-    guarded: bool,
+    /// Reads the gradients once more (a norm pass).
+    norm: bool,
     best: f64,
 }
 
-fn bytes_per_param(layout: [bool; 3], p: usize, s: usize, guarded: bool) -> f64 {
-    let states = layout.iter().filter(|&&b| b).count();
-    // read θ, g and each state; write θ and each state; the guard reads g once more
-    (2 * p + states * s + p + states * s + if guarded { p } else { 0 }) as f64
+impl Row {
+    fn new(
+        model: usize,
+        job: Job,
+        label: String,
+        sage: bool,
+        layout: [bool; 3],
+        norm: bool,
+    ) -> Self {
+        Row {
+            model,
+            job,
+            label,
+            sage,
+            layout,
+            norm,
+            best: f64::INFINITY,
+        }
+    }
+}
+
+/// Bytes a row moves per parameter.
+fn bytes_per_param(row: &Row, p: usize, s: usize) -> f64 {
+    let states = row.layout.iter().filter(|&&b| b).count();
+    let norm = if row.norm { p } else { 0 };
+    match row.job {
+        Job::ReadFloor | Job::Norm => p as f64,
+        // read θ, g and each state; write θ and each state; a norm pass reads g once more
+        _ => (2 * p + states * s + p + states * s + norm) as f64,
+    }
+}
+
+fn floor_name(l: [bool; 3]) -> String {
+    let states = l.iter().filter(|&&b| b).count();
+    format!("floor {}r{}w", 2 + states, 1 + states)
+}
+
+/// Times every row of `rows` over `models`, interleaved rep by rep (rep 0 warms up: page
+/// faults, the thread pool); keeps each row's best.
+fn time_rows<P: Element, S: Element>(
+    args: &Args,
+    backend: SimdCpu,
+    algos: &[Algo],
+    models: &mut [Model<P, S>],
+    rows: &mut [Row],
+) {
+    let mut opts: Vec<Vec<Optimizer<SimdCpu>>> = models
+        .iter()
+        .map(|_| {
+            algos
+                .iter()
+                .map(|a| {
+                    let group = if a.sage {
+                        ParamGroup::sage()
+                    } else {
+                        ParamGroup::plain()
+                    }
+                    .weight_decay(0.01);
+                    Optimizer::new(backend, a.cfg, [group]).expect("valid config")
+                })
+                .collect()
+        })
+        .collect();
+    let mut b = backend;
+    let mut sink = 0f32;
+    for rep in 0..=args.reps {
+        for row in rows.iter_mut() {
+            let model = &mut models[row.model];
+            let dt = match row.job {
+                Job::Floor(l) => {
+                    let mut ts = model.tensors(l);
+                    for t in ts.iter_mut() {
+                        t.set_coeffs(Coeffs {
+                            step: 1e-9,
+                            ..Coeffs::default()
+                        });
+                    }
+                    let t0 = Instant::now();
+                    b.stream_floor(&mut ts);
+                    t0.elapsed().as_secs_f64()
+                }
+                Job::ReadFloor => {
+                    let ts = model.tensors([false; 3]);
+                    let t0 = Instant::now();
+                    sink += b.stream_read_floor(&ts);
+                    t0.elapsed().as_secs_f64()
+                }
+                Job::Norm => {
+                    let mut ts = model.tensors([false; 3]);
+                    let t0 = Instant::now();
+                    b.grad_sq_norms(&mut ts).expect("infallible");
+                    let dt = t0.elapsed().as_secs_f64();
+                    sink += ts[0].grad_sq_norm() as f32;
+                    dt
+                }
+                Job::Step(i) => {
+                    let mut ts = model.tensors(row.layout);
+                    let opt = &mut opts[row.model][i];
+                    let t0 = Instant::now();
+                    let report = opt.step(&mut ts).expect("step");
+                    let dt = t0.elapsed().as_secs_f64();
+                    assert!(report.applied(), "{}: the step was skipped", row.label);
+                    dt
+                }
+            };
+            if rep > 0 {
+                row.best = row.best.min(dt);
+            }
+        }
+    }
+    std::hint::black_box(sink);
+}
+
+/// One printed (or JSON) result.
+struct Out<'a> {
+    args: &'a Args,
+    model: &'a str,
+    precision: &'a str,
+    threads: usize,
+    params: usize,
+    tensors: usize,
+}
+
+impl Out<'_> {
+    fn print(&self, row: &Row, bpp: f64, floor: f64, limit: f64, vs_flat: Option<f64>) {
+        let n = self.params as f64;
+        let ns = row.best * 1e9 / n;
+        let gbps = bpp * n / row.best / 1e9;
+        let (fr, lr) = (row.best / floor, row.best / limit);
+        if self.args.json {
+            let flat = vs_flat.map_or(String::new(), |v| format!(",\"vs_flat\":{v:.3}"));
+            println!(
+                "{{\"backend\":\"cpu/{}\",\"model\":\"{}\",\"algorithm\":\"{}\",\"sage\":{},\"precision\":\"{}\",\"threads\":{},\"params\":{},\"tensors\":{},\"ns_per_param\":{:.4},\"gbps\":{:.2},\"floor_ratio\":{:.3},\"limit_ratio\":{:.3}{}}}",
+                self.args.level, self.model, row.label, row.sage, self.precision, self.threads,
+                self.params, self.tensors, ns, gbps, fr, lr, flat
+            );
+        } else {
+            println!(
+                "{:<10} {:<6} {:<26} {:<4} {:<10} {:>3} {:>9.3} {:>7.2} {:>7.3} {:>7.3} {:>7}",
+                format!("cpu/{}", self.args.level),
+                self.model,
+                row.label,
+                if row.sage { "on" } else { "off" },
+                self.precision,
+                self.threads,
+                ns,
+                gbps,
+                fr,
+                lr,
+                vs_flat.map_or("-".into(), |v| format!("{v:.3}")),
+            );
+        }
+    }
 }
 
 fn run_precision<P: Element, S: Element>(args: &Args, sizes: &[usize], precision: &str) {
-    let n: usize = sizes.iter().sum();
-    let mut model = Model::<P, S>::new(sizes);
     let algos = algorithms();
+    let mut models = vec![Model::<P, S>::new(sizes)];
+    let n = models[0].len();
     for &threads in &args.threads {
         let backend = SimdCpu::with_level(args.level)
             .expect("level checked available")
             .threads(threads);
-        let mut opts: Vec<(Optimizer<SimdCpu>, [bool; 3])> = algos
+        let mut layouts: Vec<[bool; 3]> = Vec::new();
+        for a in &algos {
+            let l = a.cfg.state_layout(a.sage);
+            if !layouts.contains(&[l.m, l.v, l.ibar]) {
+                layouts.push([l.m, l.v, l.ibar]);
+            }
+        }
+        let mut rows: Vec<Row> = layouts
             .iter()
-            .map(|a| {
-                let group = if a.sage {
-                    ParamGroup::sage()
-                } else {
-                    ParamGroup::plain()
-                }
-                .weight_decay(0.01);
-                let l = a.cfg.state_layout(a.sage);
-                (
-                    Optimizer::new(backend, a.cfg, [group]).expect("valid config"),
-                    [l.m, l.v, l.ibar],
-                )
-            })
+            .map(|&l| Row::new(0, Job::Floor(l), floor_name(l), l[2], l, false))
             .collect();
-        let mut floors: Vec<[bool; 3]> = Vec::new();
-        for (_, l) in &opts {
-            if !floors.contains(l) {
-                floors.push(*l);
-            }
-        }
-        let mut rows: Vec<(Job, Row)> = Vec::new();
-        for l in &floors {
-            let name = format!(
-                "floor {}r{}w",
-                2 + l.iter().filter(|&&b| b).count(),
-                1 + l.iter().filter(|&&b| b).count()
-            );
-            rows.push((
-                Job::Floor(*l),
-                Row {
-                    label: name,
-                    sage: l[2],
-                    layout: *l,
-                    guarded: false,
-                    best: f64::INFINITY,
-                },
-            ));
-        }
+        rows.push(Row::new(
+            0,
+            Job::ReadFloor,
+            "floor 1r (gradients)".into(),
+            false,
+            [false; 3],
+            false,
+        ));
+        rows.push(Row::new(
+            0,
+            Job::Norm,
+            "grad-norm".into(),
+            false,
+            [false; 3],
+            true,
+        ));
         for (i, a) in algos.iter().enumerate() {
-            rows.push((
+            let l = a.cfg.state_layout(a.sage);
+            rows.push(Row::new(
+                0,
                 Job::Step(i),
-                Row {
-                    label: a.name.into(),
-                    sage: a.sage,
-                    layout: opts[i].1,
-                    guarded: a.guarded,
-                    best: f64::INFINITY,
-                },
+                a.name.into(),
+                a.sage,
+                [l.m, l.v, l.ibar],
+                a.reads_norm(),
             ));
         }
-        let mut floor_backend = backend;
-        // Rep 0 warms up (page faults, the thread pool); the best of the rest counts.
-        for rep in 0..=args.reps {
-            for (job, row) in rows.iter_mut() {
-                let dt = match job {
-                    Job::Floor(l) => {
-                        let mut ts = model.tensors(*l);
-                        for t in ts.iter_mut() {
-                            t.set_coeffs(Coeffs {
-                                step: 1e-9,
-                                ..Coeffs::default()
-                            });
-                        }
-                        let t0 = Instant::now();
-                        floor_backend.stream_floor(&mut ts);
-                        t0.elapsed().as_secs_f64()
-                    }
-                    Job::Step(i) => {
-                        let (opt, l) = &mut opts[*i];
-                        let mut ts = model.tensors(*l);
-                        let t0 = Instant::now();
-                        opt.step(&mut ts).expect("step");
-                        t0.elapsed().as_secs_f64()
-                    }
-                };
-                if rep > 0 {
-                    row.best = row.best.min(dt);
-                }
+        time_rows(args, backend, &algos, &mut models, &mut rows);
+        let out = Out {
+            args,
+            model: "bert",
+            precision,
+            threads,
+            params: n,
+            tensors: sizes.len(),
+        };
+        let read = rows
+            .iter()
+            .find(|r| r.job == Job::ReadFloor)
+            .map_or(f64::NAN, |r| r.best);
+        for row in &rows {
+            let floor = match row.job {
+                Job::ReadFloor | Job::Norm => read,
+                _ => rows
+                    .iter()
+                    .find(|r| matches!(r.job, Job::Floor(l) if l == row.layout))
+                    .map_or(f64::NAN, |r| r.best),
+            };
+            let limit = if row.norm && !matches!(row.job, Job::Norm) {
+                floor + read
+            } else {
+                floor
+            };
+            out.print(
+                row,
+                bytes_per_param(row, P::DTYPE.size(), S::DTYPE.size()),
+                floor,
+                limit,
+                None,
+            );
+        }
+    }
+}
+
+/// Many small tensors against one flat tensor of the same total size.
+fn run_small<P: Element, S: Element>(args: &Args, count: usize, precision: &str) {
+    let sizes = small_tensors(count);
+    let total: usize = sizes.iter().sum();
+    let mut models = vec![
+        Model::<P, S>::new(&sizes),
+        Model::<P, S>::slab(&sizes),
+        Model::<P, S>::new(&[total]),
+    ];
+    const NAMES: [&str; 3] = ["small", "slab", "flat"];
+    let adam = Config::paper(Algorithm::adam(), 1e-4);
+    let algos = [
+        Algo::new("adam-sage", adam, true, Kind::Plain),
+        Algo::new("adam-sage (guarded)", adam, true, Kind::Guarded),
+    ];
+    let sage = [true; 3];
+    for &threads in &args.threads {
+        let backend = SimdCpu::with_level(args.level)
+            .expect("level checked available")
+            .threads(threads);
+        let mut rows = Vec::new();
+        for model in 0..models.len() {
+            rows.push(Row::new(
+                model,
+                Job::Floor(sage),
+                floor_name(sage),
+                true,
+                sage,
+                false,
+            ));
+            rows.push(Row::new(
+                model,
+                Job::ReadFloor,
+                "floor 1r (gradients)".into(),
+                false,
+                [false; 3],
+                false,
+            ));
+            rows.push(Row::new(
+                model,
+                Job::Norm,
+                "grad-norm".into(),
+                false,
+                [false; 3],
+                true,
+            ));
+            for (i, a) in algos.iter().enumerate() {
+                rows.push(Row::new(
+                    model,
+                    Job::Step(i),
+                    a.name.into(),
+                    true,
+                    sage,
+                    a.reads_norm(),
+                ));
             }
         }
-        for (_, row) in &rows {
-            let floor = rows
-                .iter()
-                .find(|(j, r)| matches!(j, Job::Floor(_)) && r.layout == row.layout)
-                .map(|(_, r)| r.best)
-                .unwrap_or(f64::NAN);
-            let bpp = bytes_per_param(row.layout, P::DTYPE.size(), S::DTYPE.size(), row.guarded);
-            let ns = row.best * 1e9 / n as f64;
-            let gbps = bpp * n as f64 / row.best / 1e9;
-            let ratio = row.best / floor;
-            if args.json {
-                println!(
-                    "{{\"backend\":\"cpu/{}\",\"algorithm\":\"{}\",\"sage\":{},\"precision\":\"{}\",\"threads\":{},\"params\":{},\"tensors\":{},\"ns_per_param\":{:.4},\"gbps\":{:.2},\"floor_ratio\":{:.3}}}",
-                    args.level, row.label, row.sage, precision, threads, n, sizes.len(), ns, gbps, ratio
-                );
-            } else {
-                println!(
-                    "{:<10} {:<22} {:<5} {:<10} {:>7} {:>9.3} {:>8.2} {:>8.3}",
-                    format!("cpu/{}", args.level),
-                    row.label,
-                    if row.sage { "on" } else { "off" },
-                    precision,
-                    threads,
-                    ns,
-                    gbps,
-                    ratio
+        time_rows(args, backend, &algos, &mut models, &mut rows);
+        let per_model = rows.len() / models.len();
+        let flat = models.len() - 1;
+        for (model, name) in NAMES.iter().enumerate() {
+            let own = &rows[model * per_model..(model + 1) * per_model];
+            let out = Out {
+                args,
+                model: name,
+                precision,
+                threads,
+                params: total,
+                tensors: models[model].count(),
+            };
+            let floor = own[0].best;
+            let read = own[1].best;
+            for (k, row) in own.iter().enumerate() {
+                let f = match row.job {
+                    Job::ReadFloor | Job::Norm => read,
+                    _ => floor,
+                };
+                let limit = if row.norm && !matches!(row.job, Job::Norm) {
+                    f + read
+                } else {
+                    f
+                };
+                let flat = rows[flat * per_model + k].best;
+                out.print(
+                    row,
+                    bytes_per_param(row, P::DTYPE.size(), S::DTYPE.size()),
+                    f,
+                    limit,
+                    Some(row.best / flat),
                 );
             }
         }
@@ -405,15 +735,28 @@ fn main() -> ExitCode {
     let n: usize = sizes.iter().sum();
     if !args.json {
         println!(
-            "sage-bench: {n} parameters in {} tensors, level {}, {} reps (best of), threads {:?}",
+            "sage-bench: {n} parameters in {} tensors (model bert), level {}, {} reps (best of), \
+             threads {:?}; model small: {} tensors of 256-1024 elements, flat: one tensor of \
+             the same total",
             sizes.len(),
             args.level,
             args.reps,
-            args.threads
+            args.threads,
+            args.small,
         );
         println!(
-            "{:<10} {:<22} {:<5} {:<10} {:>7} {:>9} {:>8} {:>8}",
-            "backend", "algorithm", "sage", "precision", "threads", "ns/param", "GB/s", "floor"
+            "{:<10} {:<6} {:<26} {:<4} {:<10} {:>3} {:>9} {:>7} {:>7} {:>7} {:>7}",
+            "backend",
+            "model",
+            "row",
+            "sage",
+            "precision",
+            "thr",
+            "ns/param",
+            "GB/s",
+            "x floor",
+            "x limit",
+            "x flat"
         );
     }
     for p in &args.precisions {
@@ -423,6 +766,17 @@ fn main() -> ExitCode {
             "bf16-state" => run_precision::<bf16, bf16>(&args, &sizes, p),
             "f16" => run_precision::<f16, f32>(&args, &sizes, p),
             _ => unreachable!("checked in parse"),
+        }
+    }
+    if args.small > 0 {
+        for p in &args.precisions {
+            match p.as_str() {
+                "f32" => run_small::<f32, f32>(&args, args.small, p),
+                "bf16" => run_small::<bf16, f32>(&args, args.small, p),
+                "bf16-state" => run_small::<bf16, bf16>(&args, args.small, p),
+                "f16" => run_small::<f16, f32>(&args, args.small, p),
+                _ => unreachable!("checked in parse"),
+            }
         }
     }
     ExitCode::SUCCESS
