@@ -2,7 +2,7 @@
 
 use sage_core::formula::{self, Accumulate};
 use sage_core::norm;
-use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, TensorMut};
+use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, ParamTensor, TensorMut};
 
 /// The portable CPU backend.
 ///
@@ -29,21 +29,92 @@ use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, TensorMut};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cpu;
 
-/// `Σ x²` on the contract's chunk grid ([`sage_core::norm`]): each chunk summed in f64 in
-/// order, the chunks folded first to last. NaN and ±Inf propagate; f32 squares cannot overflow.
+/// Elements per `f32` block of the norm ([`chunk_partial`]).
+pub const NORM_BLOCK: usize = 32;
+
+/// Independent `f32` accumulators within a block (element `i` goes to lane `i % 4`).
+const NORM_LANES: usize = 4;
+
+/// A bound on the relative error of [`sq_norm`] and of every chunk partial against the exact
+/// `Σ x²`, for finite inputs whose squares are normal `f32` numbers (each square that is
+/// subnormal in `f32`, |x| < 2⁻⁶³ ≈ 1.1e-19, may add up to 2⁻¹⁴⁹ ≈ 1.4e-45 of absolute error
+/// instead): one rounding per square, at most `NORM_BLOCK / NORM_LANES − 1` per lane sum and
+/// 2 in the lanes' tree, each ≤ 2⁻²⁴ relative on non-negative terms, plus one more 2⁻²⁴ for
+/// the second-order terms and the `f64` folds (≤ 2⁻⁵³ per block). The norm itself (`√`) is
+/// within half of it.
+pub const NORM_REL_ERROR: f64 = (NORM_BLOCK / NORM_LANES + 3) as f64 * (1.0 / (1u64 << 24) as f64);
+
+/// `Σ x²` on the contract's chunk grid ([`sage_core::norm`]): each chunk's partial from
+/// [`chunk_partial`], the chunks folded first to last in `f64`.
 pub fn sq_norm<E: Element>(x: &[E]) -> f64 {
-    norm::fold(x.chunks(norm::NORM_CHUNK).map(norm::chunk_partial))
+    norm::fold(x.chunks(norm::NORM_CHUNK).map(chunk_partial))
 }
 
 /// The partials of chunks `first .. first + out.len()` of `x` ([`sage_core::norm`]).
 pub fn sq_norm_chunks<E: Element>(x: &[E], first: usize, out: &mut [f64]) {
     for (c, o) in out.iter_mut().enumerate() {
-        *o = norm::chunk_partial(&x[norm::chunk_range(x.len(), first + c)]);
+        *o = chunk_partial(&x[norm::chunk_range(x.len(), first + c)]);
     }
 }
 
-/// The fused step over slices of equal length (checked by the caller).
-pub fn fused<P: Element, S: Element>(t: TensorMut<'_, Cpu, P, S>, k: &Coeffs) {
+/// One chunk's `Σ x²` as the portable backend computes it, the same on every target: blocks
+/// of [`NORM_BLOCK`] elements summed in `f32` (squares in [`NORM_LANES`] accumulators, added
+/// pairwise), each block's sum widened to `f64` and the blocks added in order in `f64`.
+///
+/// `f32` arithmetic is what a single-precision FPU (Cortex-M4F, M33F) does in hardware and
+/// an FPU-less core does with half the soft-float work of `f64`; the `f64` adds run once per
+/// block. The contract's guarantees hold exactly:
+/// - the result depends on the chunk's contents only (a fixed order of operations);
+/// - a block whose `f32` sum is not finite — a NaN or ±Inf element, or finite elements whose
+///   squares overflow `f32` (|x| ≳ 1.8e19) — is summed again exactly in `f64`
+///   ([`norm::chunk_partial`]): NaN and ±Inf make the partial non-finite, and finite inputs
+///   never overflow it (4096 squares of `f32::MAX` are 4.7e80);
+/// - otherwise the relative error is within [`NORM_REL_ERROR`] (≈ 6e-7).
+///
+/// ```
+/// use sage_cpu::portable::{chunk_partial, NORM_REL_ERROR};
+/// let x = [3.0f32, 4.0, 1e-3];
+/// assert!((chunk_partial(&x) - 25.000001).abs() <= NORM_REL_ERROR * 25.0);
+/// // 2⁶⁴ squared overflows f32: the block is summed again in f64, exactly.
+/// let big = 2f32.powi(64);
+/// assert_eq!(chunk_partial(&[big, big]), 2.0 * 2f64.powi(128));
+/// assert!(chunk_partial(&[1.0f32, f32::NAN]).is_nan());
+/// assert_eq!(chunk_partial(&[1.0f32, f32::NEG_INFINITY]), f64::INFINITY);
+/// ```
+pub fn chunk_partial<E: Element>(chunk: &[E]) -> f64 {
+    let mut total = 0f64;
+    for block in chunk.chunks(NORM_BLOCK) {
+        let s = block_sq(block);
+        total += if s.is_finite() {
+            f64::from(s)
+        } else {
+            norm::chunk_partial(block)
+        };
+    }
+    total
+}
+
+/// `Σ x²` of at most [`NORM_BLOCK`] elements in `f32`: lane `i % 4` takes element `i`.
+#[inline(always)]
+fn block_sq<E: Element>(block: &[E]) -> f32 {
+    let mut acc = [0f32; NORM_LANES];
+    let mut quads = block.chunks_exact(NORM_LANES);
+    for q in &mut quads {
+        for (a, x) in acc.iter_mut().zip(q) {
+            let x = x.to_f32();
+            *a += x * x;
+        }
+    }
+    for (a, x) in acc.iter_mut().zip(quads.remainder()) {
+        let x = x.to_f32();
+        *a += x * x;
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
+}
+
+/// The fused step over slices of equal length (checked by the caller); returns how many
+/// updated parameters are NaN or ±Inf (counted as they are stored).
+pub fn fused<P: Element, S: Element>(t: TensorMut<'_, Cpu, P, S>, k: &Coeffs) -> u64 {
     let TensorMut {
         param,
         grad,
@@ -51,6 +122,7 @@ pub fn fused<P: Element, S: Element>(t: TensorMut<'_, Cpu, P, S>, k: &Coeffs) {
         mut v,
         mut ibar,
     } = t;
+    let mut bad = 0u64;
     for (i, (p, g)) in param.iter_mut().zip(grad.iter()).enumerate() {
         formula::step::<P, S>(
             k,
@@ -60,7 +132,9 @@ pub fn fused<P: Element, S: Element>(t: TensorMut<'_, Cpu, P, S>, k: &Coeffs) {
             v.as_deref_mut().map(|b| &mut b[i]),
             ibar.as_deref_mut().map(|b| &mut b[i]),
         );
+        bad += u64::from(!p.to_f32().is_finite());
     }
+    bad
 }
 
 impl Backend for Cpu {
@@ -127,6 +201,18 @@ impl Backend for Cpu {
         k: &Coeffs,
     ) -> Result<(), Infallible> {
         fused(t, k);
+        Ok(())
+    }
+
+    fn step_tensors<P: Element, S: Element>(
+        &mut self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) -> Result<(), Infallible> {
+        for t in tensors.iter_mut() {
+            let k = *t.coeffs();
+            let bad = fused(t.view(), &k);
+            t.set_non_finite(bad);
+        }
         Ok(())
     }
 }
