@@ -333,8 +333,9 @@ fn sweep() {
                 }
                 let mean = (accs[0] + accs[1]) / 2.0;
                 println!(
-                    "{:10} lr {lr:<6} beta0 {beta0:<4}: validation accuracy last {:.1}%, all {:.1}%, mean {:.1}%",
+                    "{:10} lr {lr:<6} beta0 {:<4}: validation accuracy last {:.1}%, all {:.1}%, mean {:.1}%",
                     if sage { "AdamW-SAGE" } else { "AdamW" },
+                    if sage { beta0.to_string() } else { "-".into() },
                     accs[0] * 100.0,
                     accs[1] * 100.0,
                     mean * 100.0
@@ -345,10 +346,14 @@ fn sweep() {
             }
         }
         println!(
-            "best {}: lr {}, beta0 {} (validation mean {:.1}%)",
+            "best {}: lr {}{} (validation mean {:.1}%)",
             if sage { "AdamW-SAGE" } else { "AdamW" },
             best.1,
-            best.2,
+            if sage {
+                format!(", beta0 {}", best.2)
+            } else {
+                String::new()
+            },
             best.0 * 100.0
         );
     }
