@@ -40,6 +40,51 @@ impl Lanes for Avx2 {
     unsafe fn abs(a: __m256) -> __m256 {
         _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)))
     }
+    type D = __m256d;
+    #[inline(always)]
+    unsafe fn zero_d() -> __m256d {
+        _mm256_setzero_pd()
+    }
+    #[inline(always)]
+    unsafe fn add_d(a: __m256d, b: __m256d) -> __m256d {
+        _mm256_add_pd(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add_squares(acc: [__m256d; 2], v: __m256) -> [__m256d; 2] {
+        let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+        let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v));
+        [
+            _mm256_add_pd(acc[0], _mm256_mul_pd(lo, lo)),
+            _mm256_add_pd(acc[1], _mm256_mul_pd(hi, hi)),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn add_wide(acc: [__m256d; 2], v: __m256) -> [__m256d; 2] {
+        let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+        let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v));
+        [_mm256_add_pd(acc[0], lo), _mm256_add_pd(acc[1], hi)]
+    }
+    #[inline(always)]
+    unsafe fn sum_d(a: __m256d) -> f64 {
+        let mut x = [0f64; 4];
+        _mm256_storeu_pd(x.as_mut_ptr(), a);
+        (x[0] + x[1]) + (x[2] + x[3])
+    }
+    const MASKED: bool = true;
+    #[inline(always)]
+    unsafe fn load_f32_first(p: *const f32, n: usize) -> __m256 {
+        _mm256_maskload_ps(p, first(n))
+    }
+    #[inline(always)]
+    unsafe fn store_f32_first(p: *mut f32, v: __m256, n: usize) {
+        _mm256_maskstore_ps(p, first(n), v)
+    }
+    #[inline(always)]
+    unsafe fn count_non_finite_first(v: __m256, n: usize) -> u32 {
+        let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(Self::abs(v), _mm256_set1_ps(f32::INFINITY));
+        let mask = (1u32 << n) - 1;
+        (mask & !(_mm256_movemask_ps(finite) as u32)).count_ones()
+    }
     #[inline(always)]
     unsafe fn count_non_finite(v: __m256) -> u32 {
         // |v| < ∞ is false for ±Inf and (unordered) for NaN.
@@ -95,6 +140,15 @@ impl Lanes for Avx2 {
         _mm_storeu_si128(p.cast(), _mm256_castsi256_si128(packed));
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(hi))
     }
+}
+
+/// All-ones in the first `n < 8` lanes (the masks of `maskload`/`maskstore`).
+#[inline(always)]
+unsafe fn first(n: usize) -> __m256i {
+    _mm256_cmpgt_epi32(
+        _mm256_set1_epi32(n as i32),
+        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+    )
 }
 
 /// All-ones lanes where the f32 bits `x` are a NaN.

@@ -42,6 +42,55 @@ impl Lanes for Avx512 {
         let bits = _mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7fff_ffff));
         _mm512_castsi512_ps(bits)
     }
+    type D = __m512d;
+    #[inline(always)]
+    unsafe fn zero_d() -> __m512d {
+        _mm512_setzero_pd()
+    }
+    #[inline(always)]
+    unsafe fn add_d(a: __m512d, b: __m512d) -> __m512d {
+        _mm512_add_pd(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add_squares(acc: [__m512d; 2], v: __m512) -> [__m512d; 2] {
+        let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        // `_mm512_extractf32x8_ps` needs AVX-512DQ; the f64x4 extract is Foundation.
+        let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+            _mm512_castps_pd(v),
+        )));
+        [
+            _mm512_add_pd(acc[0], _mm512_mul_pd(lo, lo)),
+            _mm512_add_pd(acc[1], _mm512_mul_pd(hi, hi)),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn add_wide(acc: [__m512d; 2], v: __m512) -> [__m512d; 2] {
+        let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+            _mm512_castps_pd(v),
+        )));
+        [_mm512_add_pd(acc[0], lo), _mm512_add_pd(acc[1], hi)]
+    }
+    #[inline(always)]
+    unsafe fn sum_d(a: __m512d) -> f64 {
+        let mut x = [0f64; 8];
+        _mm512_storeu_pd(x.as_mut_ptr(), a);
+        ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))
+    }
+    const MASKED: bool = true;
+    #[inline(always)]
+    unsafe fn load_f32_first(p: *const f32, n: usize) -> __m512 {
+        _mm512_maskz_loadu_ps(first(n), p)
+    }
+    #[inline(always)]
+    unsafe fn store_f32_first(p: *mut f32, v: __m512, n: usize) {
+        _mm512_mask_storeu_ps(p, first(n), v)
+    }
+    #[inline(always)]
+    unsafe fn count_non_finite_first(v: __m512, n: usize) -> u32 {
+        let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(Self::abs(v), _mm512_set1_ps(f32::INFINITY));
+        (first(n) & !finite).count_ones()
+    }
     #[inline(always)]
     unsafe fn count_non_finite(v: __m512) -> u32 {
         // |v| < ∞ is false for ±Inf and (unordered) for NaN.
@@ -95,6 +144,12 @@ impl Lanes for Avx512 {
         _mm256_storeu_si256(p.cast(), _mm512_cvtepi32_epi16(hi));
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi))
     }
+}
+
+/// The first `n < 16` lanes.
+#[inline(always)]
+fn first(n: usize) -> __mmask16 {
+    ((1u32 << n) - 1) as __mmask16
 }
 
 /// Lanes where the f32 bits `x` are a NaN.

@@ -40,12 +40,102 @@ pub(crate) trait Lanes: Copy {
     /// Rounds to bf16 exactly as `half::bf16::from_f32` (nearest even, NaN kept quiet),
     /// stores, and returns the stored values widened as `half::bf16::to_f32` would.
     unsafe fn store_round_bf16(p: *mut u16, v: Self::F) -> Self::F;
+    /// A register of f64 lanes (half as many as `F`), for the squared norm.
+    type D: Copy;
+    unsafe fn zero_d() -> Self::D;
+    unsafe fn add_d(a: Self::D, b: Self::D) -> Self::D;
+    /// `[lo + a², hi + b²]`: the lanes of `v` widened to f64 (low half into `acc[0]`, high
+    /// half into `acc[1]`), squared and added (plain mul and add: exact squares, one
+    /// rounding per add).
+    unsafe fn add_squares(acc: [Self::D; 2], v: Self::F) -> [Self::D; 2];
+    /// `[lo + a, hi + b]`: the lanes of `v` widened to f64 and added (as `add_squares`,
+    /// without squaring).
+    unsafe fn add_wide(acc: [Self::D; 2], v: Self::F) -> [Self::D; 2];
+    /// The lanes of `a` summed in a fixed order.
+    unsafe fn sum_d(a: Self::D) -> f64;
     /// How many lanes of `v` are NaN or ±Inf.
     unsafe fn count_non_finite(v: Self::F) -> u32;
+    /// Whether [`load_f32_first`](Self::load_f32_first) and the other `_first` methods are
+    /// masked instructions (touching no memory past `n` lanes), so that a tail of f32 buffers
+    /// runs in place; otherwise the kernels take tails through stack buffers.
+    const MASKED: bool = false;
+    /// The first `n < N` lanes from `p` (the rest 0); `p` is valid for `n` elements only.
+    #[inline(always)]
+    unsafe fn load_f32_first(p: *const f32, n: usize) -> Self::F {
+        let mut x = [0f32; 16];
+        core::ptr::copy_nonoverlapping(p, x.as_mut_ptr(), n);
+        Self::load_f32(x.as_ptr())
+    }
+    /// Stores the first `n < N` lanes of `v` at `p` (valid for `n` elements only).
+    #[inline(always)]
+    unsafe fn store_f32_first(p: *mut f32, v: Self::F, n: usize) {
+        let mut x = [0f32; 16];
+        Self::store_f32(x.as_mut_ptr(), v);
+        core::ptr::copy_nonoverlapping(x.as_ptr(), p, n);
+    }
+    /// How many of the first `n` lanes of `v` are NaN or ±Inf.
+    #[inline(always)]
+    unsafe fn count_non_finite_first(v: Self::F, n: usize) -> u32 {
+        let mut x = [0f32; 16];
+        Self::store_f32(x.as_mut_ptr(), v);
+        x[..n].iter().filter(|x| !x.is_finite()).count() as u32
+    }
     /// Hints that the cache line at `p` will be read soon (never faults).
     #[inline(always)]
     unsafe fn prefetch(p: *const u8) {
         let _ = p;
+    }
+}
+
+/// How a kernel reaches one register's elements: all of them ([`Whole`]), or the first `n` of
+/// f32 buffers with masked loads and stores ([`First`], for tails).
+pub(crate) trait Access<L: Lanes>: Copy {
+    /// As [`load`].
+    unsafe fn load<E: Element>(self, p: *const E) -> L::F;
+    /// As [`store_round`].
+    unsafe fn store_round<E: Element>(self, p: *mut E, v: L::F) -> L::F;
+    /// How many of the lanes reached are NaN or ±Inf.
+    unsafe fn count_non_finite(self, v: L::F) -> u32;
+}
+
+/// Every lane.
+#[derive(Clone, Copy)]
+pub(crate) struct Whole;
+
+impl<L: Lanes> Access<L> for Whole {
+    #[inline(always)]
+    unsafe fn load<E: Element>(self, p: *const E) -> L::F {
+        load::<L, E>(p)
+    }
+    #[inline(always)]
+    unsafe fn store_round<E: Element>(self, p: *mut E, v: L::F) -> L::F {
+        store_round::<L, E>(p, v)
+    }
+    #[inline(always)]
+    unsafe fn count_non_finite(self, v: L::F) -> u32 {
+        L::count_non_finite(v)
+    }
+}
+
+/// The first `n < N` lanes of f32 buffers (every buffer the kernel touches must be f32).
+#[derive(Clone, Copy)]
+pub(crate) struct First(pub usize);
+
+impl<L: Lanes> Access<L> for First {
+    #[inline(always)]
+    unsafe fn load<E: Element>(self, p: *const E) -> L::F {
+        debug_assert!(E::DTYPE == DType::F32);
+        L::load_f32_first(p.cast(), self.0)
+    }
+    #[inline(always)]
+    unsafe fn store_round<E: Element>(self, p: *mut E, v: L::F) -> L::F {
+        debug_assert!(E::DTYPE == DType::F32);
+        L::store_f32_first(p.cast(), v, self.0);
+        v
+    }
+    #[inline(always)]
+    unsafe fn count_non_finite(self, v: L::F) -> u32 {
+        L::count_non_finite_first(v, self.0)
     }
 }
 

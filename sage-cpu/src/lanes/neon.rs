@@ -42,6 +42,34 @@ impl Lanes for Neon {
     unsafe fn abs(a: float32x4_t) -> float32x4_t {
         vabsq_f32(a)
     }
+    type D = float64x2_t;
+    #[inline(always)]
+    unsafe fn zero_d() -> float64x2_t {
+        vdupq_n_f64(0.0)
+    }
+    #[inline(always)]
+    unsafe fn add_d(a: float64x2_t, b: float64x2_t) -> float64x2_t {
+        vaddq_f64(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add_squares(acc: [float64x2_t; 2], v: float32x4_t) -> [float64x2_t; 2] {
+        let lo = vcvt_f64_f32(vget_low_f32(v));
+        let hi = vcvt_high_f64_f32(v);
+        [
+            vaddq_f64(acc[0], vmulq_f64(lo, lo)),
+            vaddq_f64(acc[1], vmulq_f64(hi, hi)),
+        ]
+    }
+    #[inline(always)]
+    unsafe fn add_wide(acc: [float64x2_t; 2], v: float32x4_t) -> [float64x2_t; 2] {
+        let lo = vcvt_f64_f32(vget_low_f32(v));
+        let hi = vcvt_high_f64_f32(v);
+        [vaddq_f64(acc[0], lo), vaddq_f64(acc[1], hi)]
+    }
+    #[inline(always)]
+    unsafe fn sum_d(a: float64x2_t) -> f64 {
+        vgetq_lane_f64::<0>(a) + vgetq_lane_f64::<1>(a)
+    }
     #[inline(always)]
     unsafe fn count_non_finite(v: float32x4_t) -> u32 {
         // |v| < ∞ is all-ones for finite lanes, 0 for ±Inf and NaN.
