@@ -16,49 +16,17 @@
 //!
 //! `--steps N` (default 10), `--spin` (MPI waits spinning instead of yielding).
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::time::Instant;
 
 use sage_core::{Algorithm, Config, ParamGroup};
 use sage_cpu::SimdCpu;
 use sage_dist::data_parallel::{all_reduce_grads, reduce_scatter_grads, Grad};
 use sage_dist::mpi::MpiComm;
-use sage_dist::{Communicator, DistTensor, ShardedOptimizer, StepTimes, TensorSpec};
-
-/// all-MiniLM-L6-v2's parameters (BERT layout, hidden 384, 6 layers, intermediate 1536).
-fn minilm() -> Vec<TensorSpec> {
-    let (h, i, v) = (384, 1536, 30_522);
-    let mut t = vec![
-        TensorSpec::new("embeddings.word_embeddings.weight", v * h).group(1),
-        TensorSpec::new("embeddings.position_embeddings.weight", 512 * h).group(1),
-        TensorSpec::new("embeddings.token_type_embeddings.weight", 2 * h).group(1),
-        TensorSpec::new("embeddings.LayerNorm.weight", h).group(1),
-        TensorSpec::new("embeddings.LayerNorm.bias", h).group(1),
-    ];
-    for l in 0..6 {
-        let p = format!("encoder.layer.{l}");
-        for (name, len, group) in [
-            ("attention.self.query.weight", h * h, 0),
-            ("attention.self.query.bias", h, 1),
-            ("attention.self.key.weight", h * h, 0),
-            ("attention.self.key.bias", h, 1),
-            ("attention.self.value.weight", h * h, 0),
-            ("attention.self.value.bias", h, 1),
-            ("attention.output.dense.weight", h * h, 0),
-            ("attention.output.dense.bias", h, 1),
-            ("attention.output.LayerNorm.weight", h, 1),
-            ("attention.output.LayerNorm.bias", h, 1),
-            ("intermediate.dense.weight", i * h, 0),
-            ("intermediate.dense.bias", i, 1),
-            ("output.dense.weight", h * i, 0),
-            ("output.dense.bias", h, 1),
-            ("output.LayerNorm.weight", h, 1),
-            ("output.LayerNorm.bias", h, 1),
-        ] {
-            t.push(TensorSpec::new(format!("{p}.{name}"), len).group(group));
-        }
-    }
-    t
-}
+use sage_dist::{Communicator, DistTensor, ShardedOptimizer, StepTimes};
+use support::minilm;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -14,10 +14,10 @@ mod support;
 
 use std::path::PathBuf;
 
-use sage_core::{bf16, Element};
+use sage_core::{bf16, Algorithm, Config, Element, ParamGroup};
 use sage_cpu::{Cpu, SimdCpu};
 use sage_dist::mpi::MpiComm;
-use sage_dist::Communicator;
+use sage_dist::{Communicator, ShardedOptimizer};
 use support::*;
 
 fn fail(comm: &MpiComm, msg: &str) -> ! {
@@ -107,6 +107,37 @@ fn main() {
                 let held: f64 = (0..world).map(|r| all[2 * r]).sum();
                 if held != total {
                     fail(&comm, &format!("ranks hold {held} bytes of {total}"));
+                }
+            }
+            // The same at the scale of the fine-tuning job's model: all-MiniLM-L6-v2's 101
+            // tensors (22.6M parameters), AdamW-SAGE on the linear weights (m, v, Ī), plain
+            // AdamW elsewhere (m, v); state allocated, then measured on its buffers.
+            let opt = ShardedOptimizer::<Cpu, f32, f32>::new(
+                Cpu,
+                Config::reference(Algorithm::adamw(), 1e-4),
+                vec![ParamGroup::sage().weight_decay(0.01), ParamGroup::plain()],
+                minilm(),
+                &comm,
+            )
+            .unwrap_or_else(|e| fail(&comm, &e.to_string()));
+            let mine = [opt.state_bytes() as f64, opt.pieces().len() as f64];
+            comm.all_gather_f64(&mine, &vec![2; world], &mut all)
+                .unwrap_or_else(|e| fail(&comm, &e.to_string()));
+            if rank == 0 {
+                let total = opt.total_state_bytes() as f64;
+                println!("  optimizer state per rank, MiniLM-L6 shapes (101 tensors, 22.6M parameters; one process holds {:.1} MB):", total / 1e6);
+                for r in 0..world {
+                    let b = all[2 * r];
+                    println!(
+                        "    rank {r}: {:>3} pieces, {:>6.1} MB = {:.4} of the total (1/N = {:.4})",
+                        all[2 * r + 1],
+                        b / 1e6,
+                        b / total,
+                        1.0 / world as f64
+                    );
+                    if (b / total - 1.0 / world as f64).abs() > 0.002 {
+                        fail(&comm, &format!("rank {r} holds {b} of {total} bytes"));
+                    }
                 }
                 println!("dist-check: ok");
             }

@@ -37,10 +37,14 @@ const SAMPLES: usize = 1797;
 const TRAIN: usize = 1500;
 const BATCH: usize = 60;
 
-/// Final held-out accuracy within this many points of the reference, and final mean training
-/// loss within this relative difference (the gradient sum's order differs on N > 1 ranks).
-const ACC_TOLERANCE: f64 = 1.5;
-const LOSS_TOLERANCE: f64 = 0.05;
+/// On N > 1 ranks the gradient sum's order differs from one process's, so the runs part by
+/// rounding: the final held-out accuracy must be within this many points of the reference
+/// (one image is 0.34), the final mean training loss within this relative difference, and
+/// every parameter within this fraction of the largest |θ| (measured: 0 points, ~1e-7 and
+/// ~1e-4 on 2, 3 and 4 ranks).
+const ACC_TOLERANCE: f64 = 1.0;
+const LOSS_TOLERANCE: f64 = 1e-3;
+const PARAM_TOLERANCE: f64 = 1e-3;
 
 fn specs() -> Vec<TensorSpec> {
     vec![
@@ -318,6 +322,7 @@ fn main() {
     }
     let mut shadow_equal = true;
     let mut last = (0.0, 0.0, 0.0, 0.0);
+    let mut worst_rel = 0f64;
     let started = Instant::now();
     let mut step_time = 0.0;
     for epoch in 0..epochs {
@@ -398,6 +403,7 @@ fn main() {
                 racc
             );
             last = (loss / n, ref_loss / n, acc, racc);
+            worst_rel = worst_rel.max(rel);
             if world == 1 && d != 0.0 {
                 fail(&comm, "one rank differs from the one-process reference");
             }
@@ -434,7 +440,11 @@ fn main() {
             "final: train loss {loss:.6} vs {rloss:.6} (relative {rel:.2e}, tolerance {LOSS_TOLERANCE}), held-out accuracy {acc:.2}% vs {racc:.2}% (tolerance {ACC_TOLERANCE} points); {:.1} s",
             started.elapsed().as_secs_f64()
         );
-        if rel > LOSS_TOLERANCE || (acc - racc).abs() > ACC_TOLERANCE {
+        println!(
+            "largest parameter difference over the run: {worst_rel:.2e} of max |θ| (tolerance {PARAM_TOLERANCE})"
+        );
+        if rel > LOSS_TOLERANCE || (acc - racc).abs() > ACC_TOLERANCE || worst_rel > PARAM_TOLERANCE
+        {
             fail(&comm, "outside the tolerance of the one-process run");
         }
         println!("dp-train: ok");

@@ -2,10 +2,12 @@
 //! contiguous range per rank on the norm grid's chunk boundaries.
 //!
 //! Rank `r` owns the flat range `[b_r, b_{r+1})`, where `b_r` is the chunk start (a multiple of
-//! [`NORM_CHUNK`] inside some tensor, or a tensor's first element) nearest to `r·L/N`. So:
+//! [`NORM_CHUNK`] inside some tensor, or a tensor's first element) nearest to `r/N` of the
+//! model's weight: its elements ([`Layout::new`]), or its optimizer state in bytes
+//! ([`Layout::weighted`], what [`ShardedOptimizer`](crate::ShardedOptimizer) uses). So:
 //!
-//! - every rank holds within [`NORM_CHUNK`] elements of `L/N` (balanced whatever the tensor
-//!   sizes: one embedding of a third of the model is split like everything else);
+//! - every rank holds its share to within one chunk (balanced whatever the tensor sizes: one
+//!   embedding of a third of the model is split like everything else);
 //! - a tensor is split into at most one contiguous piece per rank, in rank order, and every
 //!   piece starts on a chunk boundary of its tensor, so each rank's chunk partials are a
 //!   contiguous run of the single-process partials and gathering them in rank order gives
@@ -86,9 +88,22 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Partitions `tensors` (in step order) over `world` ranks. Refused: `world == 0`, an empty
-    /// or repeated name, a total length that overflows.
+    /// Partitions `tensors` (in step order) over `world` ranks, balancing elements. Refused:
+    /// `world == 0`, an empty or repeated name, a total length that overflows.
     pub fn new(tensors: Vec<TensorSpec>, world: usize) -> Result<Self, DistError> {
+        Layout::weighted(tensors, world, |_| 1)
+    }
+
+    /// Partitions `tensors` over `world` ranks balancing `Σ weight(tensor)` over each rank's
+    /// elements: with the bytes of state an element of the tensor's group needs, every rank
+    /// holds about `1/N` of the optimizer state ([`ShardedOptimizer::new`](crate::ShardedOptimizer::new)
+    /// does this; elements of weight 0 go to whichever rank the boundary leaves them).
+    /// Boundaries stay on the chunk grid, so a rank is within one chunk's weight of its share.
+    pub fn weighted(
+        tensors: Vec<TensorSpec>,
+        world: usize,
+        weight: impl Fn(&TensorSpec) -> usize,
+    ) -> Result<Self, DistError> {
         if world == 0 {
             return Err(DistError::input(None, "world size 0"));
         }
@@ -118,16 +133,25 @@ impl Layout {
             starts.extend((0..chunk_count(t.len)).map(|c| off + c * NORM_CHUNK));
         }
         starts.push(total);
+        // The cumulative weight at each chunk start (weights are per element, per tensor).
+        let mut cum = Vec::with_capacity(starts.len());
+        let mut acc = 0u128;
+        for t in &tensors {
+            let w = weight(t) as u128;
+            cum.extend((0..chunk_count(t.len)).map(|c| acc + (c * NORM_CHUNK) as u128 * w));
+            acc += t.len as u128 * w;
+        }
+        cum.push(acc);
         let mut bounds = vec![0usize; world + 1];
         bounds[world] = total;
         for r in 1..world {
-            let target = (r as u128 * total as u128 / world as u128) as usize;
+            let target = r as u128 * acc / world as u128;
             let lo = bounds[r - 1];
-            // The first start at or after the target, and the one before it.
-            // `starts` ends with `total` >= target, so `i` is in range.
-            let i = starts.partition_point(|&s| s < target);
-            let pick = match i.checked_sub(1).map(|j| starts[j]) {
-                Some(before) if target - before <= starts[i] - target => before,
+            // The first chunk start at or past the target weight, and the one before it;
+            // `cum` ends with the total, so `i` is in range.
+            let i = cum.partition_point(|&c| c < target);
+            let pick = match i.checked_sub(1) {
+                Some(j) if target - cum[j] <= cum[i] - target => starts[j],
                 _ => starts[i],
             };
             bounds[r] = pick.max(lo).min(total);
@@ -291,6 +315,33 @@ mod tests {
                 .map(|r| l.pieces(r).iter().map(Piece::chunks).sum::<usize>())
                 .sum();
             assert_eq!(chunks, per_rank);
+        }
+    }
+
+    #[test]
+    fn weighted_balances_the_weight() {
+        // An embedding-like tensor of weight 9 (no SAGE: m, v) and weights of 13 (m, v, Ī).
+        let t = vec![
+            TensorSpec::new("emb", 300_000).group(1),
+            TensorSpec::new("w1", 100_000),
+            TensorSpec::new("w2", 100_000),
+        ];
+        let w = |s: &TensorSpec| if s.group == 1 { 9 } else { 13 };
+        let total: usize = t.iter().map(|s| s.len * w(s)).sum();
+        for world in 1..=6 {
+            let l = Layout::weighted(t.clone(), world, w).unwrap();
+            l.validate().unwrap();
+            for r in 0..world {
+                let mine: usize = l
+                    .pieces(r)
+                    .iter()
+                    .map(|p| p.len() * w(&l.tensors()[p.tensor]))
+                    .sum();
+                assert!(
+                    mine.abs_diff(total / world) <= 13 * NORM_CHUNK,
+                    "world {world} rank {r}: {mine} of {total}"
+                );
+            }
         }
     }
 

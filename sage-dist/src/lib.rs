@@ -18,6 +18,36 @@
 //!   from ranks that did not use a tensor, or a reduce-scatter).
 //! - [`checkpoint`]: sharded checkpoints (sage-checkpoint files per rank plus the layout),
 //!   loaded onto any world size.
+//!
+//! ```
+//! use sage_core::{Algorithm, Config, ParamGroup};
+//! use sage_cpu::Cpu;
+//! use sage_dist::{DistTensor, ShardedOptimizer, TensorSpec, ThreadComm};
+//!
+//! let tensors = vec![TensorSpec::new("w", 10_000), TensorSpec::new("b", 100).group(1)];
+//! let cfg = Config::reference(Algorithm::adamw(), 1e-3).global_clip(1.0);
+//! let groups = vec![ParamGroup::sage().weight_decay(0.01), ParamGroup::plain()];
+//! // Two ranks (threads here; `mpiexec -n 2` with `sage_dist::mpi::MpiComm` in a real job).
+//! let out = ThreadComm::run(2, |mut comm| {
+//!     let mut opt =
+//!         ShardedOptimizer::<Cpu, f32, f32>::new(Cpu, cfg, groups.clone(), tensors.clone(), &comm)
+//!             .unwrap();
+//!     // Every rank holds the whole parameters and the (data-parallel, summed) gradients.
+//!     let (mut w, mut b) = (vec![0.5f32; 10_000], vec![0.1f32; 100]);
+//!     let (gw, gb) = (vec![1e-3f32; 10_000], vec![2e-3f32; 100]);
+//!     let report = opt
+//!         .step(
+//!             &mut comm,
+//!             &mut [DistTensor::new(&mut w[..], &gw[..]), DistTensor::new(&mut b[..], &gb[..])],
+//!         )
+//!         .unwrap();
+//!     assert!(report.report.applied());
+//!     (w, b, opt.state_bytes(), opt.total_state_bytes())
+//! });
+//! // The same parameters on every rank; each rank holds about half of the state.
+//! assert_eq!((&out[0].0, &out[0].1), (&out[1].0, &out[1].1));
+//! assert_eq!(out[0].2 + out[1].2, out[0].3);
+//! ```
 #![deny(missing_docs)]
 
 pub mod checkpoint;

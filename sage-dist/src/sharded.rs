@@ -1,12 +1,13 @@
 //! The sharded optimizer (ZeRO stage 1): each rank keeps the state of its own pieces only,
 //! steps them through sage-core's [`Optimizer`], and all-gathers the parameters.
 
+use std::borrow::Borrow;
 use std::marker::PhantomData;
 use std::time::Instant;
 
 use sage_core::norm::{chunk_count, reduce};
 use sage_core::{
-    Config, Element, GlobalNorms, HostBuffers, Optimizer, Outcome, ParamGroup, ParamTensor,
+    Buffer, Config, Element, GlobalNorms, HostBuffers, Optimizer, Outcome, ParamGroup, ParamTensor,
     StepReport, TensorState,
 };
 
@@ -88,14 +89,14 @@ pub struct DistReport {
 /// SAGE with its state sharded over the ranks of a communicator (ZeRO stage 1).
 ///
 /// Every rank holds the whole parameters (replicated) and the state of its own pieces only
-/// ([`Layout`]: a contiguous `1/N` of the flattened model, cut on the norm grid). A step
-/// (1) agrees on which tensors have a gradient (a tensor is absent only when it is absent on
-/// every rank), (2) computes this rank's chunk partials of the gradients it owns, (3)
-/// all-gathers them and reduces them in the contract's order into the global and per-tensor
-/// squared norms — the same bits one process computes, whatever the partition — (4) steps its
+/// ([`Layout`]: a contiguous `1/N` of the flattened model's state, cut on the norm grid). A
+/// step (1) computes this rank's chunk partials of the gradients it owns, (2) all-gathers every
+/// rank's presence flags and partials — a tensor is absent only when it is absent on every
+/// rank — and reduces the partials in the contract's order into the global and per-tensor
+/// squared norms, the same bits one process computes whatever the partition, (3) steps its
 /// pieces with [`Optimizer::step_with_norms`], so clipping and the non-finite guard make one
-/// decision for every rank, and (5) all-gathers the updated parameters. Parameters, state and
-/// counts equal a single process stepping the whole model, bit for bit.
+/// decision for every rank, and (4) all-gathers the updated parameters. Parameters, state,
+/// counts and the report equal a single process stepping the whole model, bit for bit.
 ///
 /// `P` is the parameter (and gradient) storage type, `S` the state's; every tensor of one
 /// sharded optimizer has the same pair.
@@ -132,7 +133,17 @@ where
         comm: &C,
     ) -> Result<Self, DistError> {
         let opt = Optimizer::new(backend, config, groups).map_err(DistError::optimizer)?;
-        let layout = Layout::new(tensors, comm.size())?;
+        // Balance the state: each element weighs the bytes of state its group needs (elements
+        // of stateless groups weigh nothing; a model with no state at all balances elements).
+        let bytes = |t: &TensorSpec| {
+            opt.state_layout(t.group)
+                .map_or(0, |l| l.bytes_per_param(S::DTYPE))
+        };
+        let layout = if tensors.iter().any(|t| t.len > 0 && bytes(t) > 0) {
+            Layout::weighted(tensors, comm.size(), bytes)?
+        } else {
+            Layout::new(tensors, comm.size())?
+        };
         Self::with_layout(opt, layout, comm.rank())
     }
 
@@ -211,18 +222,13 @@ where
         self.opt.backend_mut()
     }
 
-    /// Bytes of optimizer state this rank holds.
+    /// Bytes of optimizer state this rank holds, measured on its buffers.
     pub fn state_bytes(&self) -> usize {
-        self.layout
-            .pieces(self.rank)
+        let b = self.opt.backend();
+        self.states
             .iter()
-            .map(|p| {
-                let g = self.layout.tensors()[p.tensor].group;
-                self.opt
-                    .state_layout(g)
-                    .map_or(0, |l| l.bytes_per_param(S::DTYPE))
-                    * p.len()
-            })
+            .flat_map(|st| Buffer::ALL.into_iter().filter_map(|k| st.get(k)))
+            .map(|buf| b.len(buf.borrow()) * std::mem::size_of::<S>())
             .sum()
     }
 
@@ -280,8 +286,10 @@ where
     /// Three collectives: one all-gather of every rank's presence flags and chunk partials, the
     /// parameters' all-gather, and an all-gather of two numbers per rank for the report.
     ///
-    /// On error nothing was changed when the error is [`DistError::Input`] (found before any
-    /// collective) or [`DistError::Disagree`] (found by every rank alike, before any update).
+    /// On [`DistError::Input`] (this rank's tensors do not fit the layout) and
+    /// [`DistError::Disagree`] (presence differs between ranks, or another rank's tensors do
+    /// not fit) nothing was changed on any rank: every rank still takes part in the first
+    /// exchange and returns an error, none waits for a rank that gave up.
     pub fn step<C: BufferComm<B>>(
         &mut self,
         comm: &mut C,
@@ -299,14 +307,17 @@ where
                 ),
             ));
         }
-        {
+        // A rank whose tensors do not fit still takes part in the exchange below, saying so,
+        // so that every rank returns an error instead of waiting for it.
+        let mut refused = {
             let b = self.opt.backend();
             self.check_tensors(
                 tensors
                     .iter()
                     .map(|t| (b.len(&*t.param), t.grad.map(|g| b.len(g)))),
-            )?;
-        }
+            )
+            .err()
+        };
         let mut times = StepTimes::default();
         let cfg = *self.opt.config();
         let needs_norms =
@@ -323,7 +334,7 @@ where
         let mut pviews = Vec::new();
         let mut gviews = Vec::new();
         let mut meta = Vec::new(); // (piece index, tensor index)
-        {
+        if refused.is_none() {
             let mut it = pieces.iter().enumerate().peekable();
             for (ti, t) in tensors.iter_mut().enumerate() {
                 let Some(&(pi, p)) = it.peek() else { break };
@@ -365,22 +376,25 @@ where
                 0
             }
         };
-        let counts: Vec<usize> = (0..world).map(|r| nt + chunks_of(r)).collect();
+        // Per rank: whether it can take part, its presence flags, its partials.
+        let head = 1 + nt;
+        let counts: Vec<usize> = (0..world).map(|r| head + chunks_of(r)).collect();
         let mut mine = vec![0.0; counts[rank]];
-        for (m, &p) in mine.iter_mut().zip(&local) {
+        for (m, &p) in mine[1..].iter_mut().zip(&local) {
             *m = p as u8 as f64;
         }
-        if needs_norms {
-            let n = self
-                .opt
-                .partials_len(&mut set)
-                .map_err(DistError::optimizer)?;
-            let mut got = vec![0.0; n];
-            self.opt
-                .grad_norm_partials(&mut set, &mut got)
-                .map_err(DistError::optimizer)?;
+        let mut got = Vec::new();
+        if needs_norms && refused.is_none() {
+            let r = self.opt.partials_len(&mut set).and_then(|n| {
+                got = vec![0.0; n];
+                self.opt.grad_norm_partials(&mut set, &mut got)
+            });
+            refused = r.err().map(DistError::optimizer);
+        }
+        mine[0] = refused.is_none() as u8 as f64;
+        if needs_norms && refused.is_none() {
             // Spread the set's partials over the slots of all this rank's pieces.
-            let mut slot = nt;
+            let mut slot = head;
             let mut from = 0;
             let mut next = meta.iter().peekable();
             for (pi, p) in pieces.iter().enumerate() {
@@ -400,18 +414,22 @@ where
         let mut all = vec![0.0; counts.iter().sum()];
         comm.all_gather_f64(&mine, &counts, &mut all)
             .map_err(DistError::comm)?;
+        let offs = crate::comm::offsets(&counts);
+        if let Some(r) = (0..world).find(|&r| all[offs[r]] == 0.0) {
+            return Err(refused.unwrap_or(DistError::Disagree {
+                what: format!("rank {r} refused the step (its tensors do not fit the layout)"),
+            }));
+        }
         let mut present = vec![false; nt];
         {
             let mut at = 0;
             for (r, &c) in counts.iter().enumerate() {
-                let flags = &all[at..at + nt];
+                let flags = &all[at + 1..at + head];
                 for (i, &f) in flags.iter().enumerate() {
                     if r == 0 {
                         present[i] = f > 0.0;
                     } else if present[i] != (f > 0.0) {
-                        let have = (0..world)
-                            .filter(|&q| all[counts[..q].iter().sum::<usize>() + i] > 0.0)
-                            .count();
+                        let have = (0..world).filter(|&q| all[offs[q] + 1 + i] > 0.0).count();
                         return Err(DistError::Disagree {
                             what: format!(
                                 "tensor {i} ({}) has a gradient on {have} of {world} ranks (exchange gradients first: data_parallel::all_reduce_grads gives absent ones zeros)",
@@ -437,7 +455,7 @@ where
             let mut seq = Vec::with_capacity(all.len());
             let mut off = 0;
             for (r, &c) in counts.iter().enumerate() {
-                let mut slot = off + nt;
+                let mut slot = off + head;
                 for p in self.layout.pieces(r) {
                     if present[p.tensor] {
                         seq.extend_from_slice(&all[slot..slot + p.chunks()]);

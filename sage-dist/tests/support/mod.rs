@@ -34,6 +34,42 @@ pub fn specs() -> Vec<TensorSpec> {
         .collect()
 }
 
+/// all-MiniLM-L6-v2's parameters (BERT layout, hidden 384, 6 layers, intermediate 1536).
+pub fn minilm() -> Vec<TensorSpec> {
+    let (h, i, v) = (384, 1536, 30_522);
+    let mut t = vec![
+        TensorSpec::new("embeddings.word_embeddings.weight", v * h).group(1),
+        TensorSpec::new("embeddings.position_embeddings.weight", 512 * h).group(1),
+        TensorSpec::new("embeddings.token_type_embeddings.weight", 2 * h).group(1),
+        TensorSpec::new("embeddings.LayerNorm.weight", h).group(1),
+        TensorSpec::new("embeddings.LayerNorm.bias", h).group(1),
+    ];
+    for l in 0..6 {
+        let p = format!("encoder.layer.{l}");
+        for (name, len, group) in [
+            ("attention.self.query.weight", h * h, 0),
+            ("attention.self.query.bias", h, 1),
+            ("attention.self.key.weight", h * h, 0),
+            ("attention.self.key.bias", h, 1),
+            ("attention.self.value.weight", h * h, 0),
+            ("attention.self.value.bias", h, 1),
+            ("attention.output.dense.weight", h * h, 0),
+            ("attention.output.dense.bias", h, 1),
+            ("attention.output.LayerNorm.weight", h, 1),
+            ("attention.output.LayerNorm.bias", h, 1),
+            ("intermediate.dense.weight", i * h, 0),
+            ("intermediate.dense.bias", i, 1),
+            ("output.dense.weight", h * i, 0),
+            ("output.dense.bias", h, 1),
+            ("output.LayerNorm.weight", h, 1),
+            ("output.LayerNorm.bias", h, 1),
+        ] {
+            t.push(TensorSpec::new(format!("{p}.{name}"), len).group(group));
+        }
+    }
+    t
+}
+
 pub fn groups() -> Vec<ParamGroup> {
     vec![
         ParamGroup::sage().weight_decay(0.01),
@@ -128,13 +164,15 @@ pub fn poison(s: u64) -> Option<(usize, usize, f32)> {
 }
 
 /// The whole gradient of tensor `t` at step `s`: per-tensor scales so that per-tensor
-/// clipping treats tensors differently, and per-chunk scales (1, 2, 4, 8, 16) so that the
-/// chunk partials differ in magnitude and their sum depends on its order; every 11th element 0.
+/// clipping treats tensors differently, and per-chunk scales (1, 2^5, 2^10, 2^15) so that the
+/// chunk partials span 2^30 in magnitude: their f64 sum needs more than 53 bits and depends on
+/// its order (backends compute partials in f32 blocks, whose sums are otherwise exact in any
+/// order); every 11th element 0.
 pub fn grad(s: u64, t: usize) -> Vec<f32> {
     let scale = [0.3, 0.2, 3.0, 0.5][t % 4];
     let mut g: Vec<f32> = (0..LENS[t])
         .map(|i| {
-            let chunk = (1u32 << ((i / 4096) % 5)) as f32;
+            let chunk = (1u32 << (5 * ((i / 4096) % 4))) as f32;
             if i % 11 == 5 {
                 0.0
             } else {
