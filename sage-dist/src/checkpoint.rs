@@ -91,6 +91,25 @@ where
             let b = self.optimizer().backend();
             self.check_tensors(params.iter().map(|p| (b.len(p), None)))?;
         }
+        // No layout file while the rank files are being (re)written: a save that dies half
+        // way leaves a set that does not load, not a mix of two saves that does.
+        let mut cleared = [0.0];
+        if rank == 0 {
+            let path = dir.join(LAYOUT_FILE);
+            let gone = match std::fs::remove_file(&path) {
+                Ok(()) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            };
+            cleared[0] = (!gone) as u8 as f64;
+        }
+        comm.all_reduce_sum_f64(&mut cleared)
+            .map_err(DistError::comm)?;
+        if cleared[0] > 0.0 {
+            return Err(DistError::checkpoint(
+                dir.join(LAYOUT_FILE),
+                "rank 0 could not remove the previous layout file",
+            ));
+        }
         let mine = self.write_rank_file(dir, params);
         // Every rank's outcome, so that no rank reports success for a partial set.
         let mut failed = vec![0.0; world];
