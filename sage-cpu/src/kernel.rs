@@ -92,7 +92,12 @@ impl<P, S> Bufs<P, S> {
 /// The last argument, [`Then`], names what the same thread steps next (the next small
 /// tensor, or the rest of this one): near its end a kernel prefetches that instead of
 /// running past its own buffers.
+///
+/// At most [`MAX_CALL`] elements per call (the lanes' non-finite counters are u32).
 pub(crate) type KernelFn<P, S> = unsafe fn(&Coeffs, Bufs<P, S>, usize, Then<P, S>) -> u64;
+
+/// The most elements one kernel call may take (callers cut longer ranges).
+pub(crate) const MAX_CALL: usize = 1 << 30;
 
 /// The buffers the thread steps after this range, and how many elements of them to
 /// prefetch (0: none); only ever prefetched, never read or written, so any value is safe.
@@ -129,9 +134,9 @@ pub(crate) trait Op<L: Lanes> {
     const M: bool;
     const V: bool;
     const IB: bool;
-    /// Processes the `L::N` elements at `b` (or those `a` reaches); returns how many stored
-    /// parameters are not finite.
-    unsafe fn vec<P: Element, S: Element, A: Access<L>>(&self, b: Bufs<P, S>, a: A) -> u32;
+    /// Processes the `L::N` elements at `b` (or those `a` reaches), adding the stored
+    /// parameters that are not finite to the lane counters `bad`.
+    unsafe fn vec<P: Element, S: Element, A: Access<L>>(&self, b: Bufs<P, S>, a: A, bad: &mut L::C);
 }
 
 /// Prefetches the line at `a` of every stream `O` touches (absent ones, null, skipped).
@@ -164,7 +169,7 @@ pub(crate) unsafe fn drive<L: Lanes, P: Element, S: Element, O: Op<L>>(
     n: usize,
     then: Then<P, S>,
 ) -> u64 {
-    let mut bad = 0u64;
+    let mut counts = L::zero_c();
     let mut i = 0;
     while i + L::N <= n {
         let ahead = i + PREFETCH_AHEAD;
@@ -174,17 +179,19 @@ pub(crate) unsafe fn drive<L: Lanes, P: Element, S: Element, O: Op<L>>(
             // A prefetch never faults: a null (absent) stream of `then` costs nothing.
             prefetch_streams::<L, P, S, O>(then.bufs.at(ahead - n));
         }
-        bad += op.vec::<P, S, _>(b.at(i), Whole) as u64;
+        op.vec::<P, S, _>(b.at(i), Whole, &mut counts);
         i += L::N;
     }
     let rem = n - i;
-    if rem == 0 {
-        return bad;
-    }
-    if L::MASKED && P::DTYPE == DType::F32 && S::DTYPE == DType::F32 {
+    if rem > 0 && L::MASKED && P::DTYPE == DType::F32 && S::DTYPE == DType::F32 {
         // In place with masked loads and stores: no copies, and the next tensor's first
         // loads do not wait on small stores to the line they share.
-        return bad + op.vec::<P, S, _>(b.at(i), First(rem)) as u64;
+        op.vec::<P, S, _>(b.at(i), First(rem), &mut counts);
+        return L::sum_c(counts);
+    }
+    let mut bad = L::sum_c(counts);
+    if rem == 0 {
+        return bad;
     }
     let t = b.at(i);
     let mut p = [P::default(); MAX_LANES];
@@ -223,7 +230,7 @@ pub(crate) unsafe fn drive<L: Lanes, P: Element, S: Element, O: Op<L>>(
         ptr::copy_nonoverlapping(t.ib, local.ib, rem);
     }
     // The padding lanes' results are discarded: count the real ones.
-    op.vec::<P, S, _>(local, Whole);
+    op.vec::<P, S, _>(local, Whole, &mut L::zero_c());
     bad += p[..rem].iter().filter(|x| !x.to_f32().is_finite()).count() as u64;
     ptr::copy_nonoverlapping(local.p, t.p, rem);
     if O::M {
@@ -307,7 +314,12 @@ impl<L: Lanes, const K: u32, const SAGE: bool, const MODU: u32, const SGDV: u32>
     const IB: bool = SAGE;
 
     #[inline(always)]
-    unsafe fn vec<P: Element, S: Element, A: Access<L>>(&self, b: Bufs<P, S>, a: A) -> u32 {
+    unsafe fn vec<P: Element, S: Element, A: Access<L>>(
+        &self,
+        b: Bufs<P, S>,
+        a: A,
+        bad: &mut L::C,
+    ) {
         let th = a.load::<P>(b.p);
         let gr = a.load::<P>(b.g);
         // formula::effective_grad
@@ -366,7 +378,8 @@ impl<L: Lanes, const K: u32, const SAGE: bool, const MODU: u32, const SGDV: u32>
             m
         };
         let updated = L::sub(L::mul(th, self.pk), L::mul(step_s, dir));
-        a.count_non_finite(a.store_round::<P>(b.p, L::sub(updated, L::mul(self.pd, updated))))
+        let stored = a.store_round::<P>(b.p, L::sub(updated, L::mul(self.pd, updated)));
+        *bad = a.add_non_finite(*bad, stored);
     }
 }
 
@@ -382,7 +395,12 @@ impl<L: Lanes, const M: bool, const V: bool, const IB: bool> Op<L> for FloorOp<L
     const IB: bool = IB;
 
     #[inline(always)]
-    unsafe fn vec<P: Element, S: Element, A: Access<L>>(&self, b: Bufs<P, S>, a: A) -> u32 {
+    unsafe fn vec<P: Element, S: Element, A: Access<L>>(
+        &self,
+        b: Bufs<P, S>,
+        a: A,
+        bad: &mut L::C,
+    ) {
         let th = a.load::<P>(b.p);
         let g = L::mul(a.load::<P>(b.g), self.c);
         for (on, s) in [(M, b.m), (V, b.v), (IB, b.ib)] {
@@ -392,7 +410,7 @@ impl<L: Lanes, const M: bool, const V: bool, const IB: bool> Op<L> for FloorOp<L
         }
         a.store_round::<P>(b.p, L::add(th, g));
         // The floor is the traffic alone: it counts nothing.
-        0
+        let _ = bad;
     }
 }
 

@@ -426,11 +426,27 @@ impl<P: Element, S: Element> Job<P, S> {
             bufs: j.bufs.range_from(s),
             len: e - s,
         });
-        // SAFETY: the pointers come from live, exclusive slices of `len` elements each
-        // (checked in `new`), `start..end` is within them, callers hand out disjoint ranges,
-        // and the kernel's level was checked available when the `SimdCpu` was made. `then`
-        // is only prefetched.
-        unsafe { (self.kernel)(&self.k, self.bufs.range_from(start), end - start, then) }
+        let mut bad = 0;
+        let mut at = start;
+        while at < end {
+            // Kernels take at most MAX_CALL elements (their counters are u32 lanes).
+            let to = end.min(at + kernel::MAX_CALL);
+            let next = if to < end {
+                Then {
+                    bufs: self.bufs.range_from(to),
+                    len: end - to,
+                }
+            } else {
+                then
+            };
+            // SAFETY: the pointers come from live, exclusive slices of `len` elements each
+            // (checked in `new`), `at..to` is within them, callers hand out disjoint ranges,
+            // and the kernel's level was checked available when the `SimdCpu` was made.
+            // `next` is only prefetched.
+            bad += unsafe { (self.kernel)(&self.k, self.bufs.range_from(at), to - at, next) };
+            at = to;
+        }
+        bad
     }
 }
 

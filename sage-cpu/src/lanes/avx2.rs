@@ -79,11 +79,28 @@ impl Lanes for Avx2 {
     unsafe fn store_f32_first(p: *mut f32, v: __m256, n: usize) {
         _mm256_maskstore_ps(p, first(n), v)
     }
+    type C = __m256i;
     #[inline(always)]
-    unsafe fn count_non_finite_first(v: __m256, n: usize) -> u32 {
-        let finite = _mm256_cmp_ps::<_CMP_LT_OQ>(Self::abs(v), _mm256_set1_ps(f32::INFINITY));
-        let mask = (1u32 << n) - 1;
-        (mask & !(_mm256_movemask_ps(finite) as u32)).count_ones()
+    unsafe fn zero_c() -> __m256i {
+        _mm256_setzero_si256()
+    }
+    #[inline(always)]
+    unsafe fn add_non_finite(c: __m256i, v: __m256) -> __m256i {
+        let d = _mm256_sub_ps(v, v);
+        // All-ones (−1) in the non-finite lanes.
+        _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(d, d)))
+    }
+    #[inline(always)]
+    unsafe fn add_non_finite_first(c: __m256i, v: __m256, n: usize) -> __m256i {
+        let d = _mm256_sub_ps(v, v);
+        let bad = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(d, d));
+        _mm256_sub_epi32(c, _mm256_and_si256(bad, first(n)))
+    }
+    #[inline(always)]
+    unsafe fn sum_c(c: __m256i) -> u64 {
+        let mut x = [0u32; 8];
+        _mm256_storeu_si256(x.as_mut_ptr().cast(), c);
+        x.iter().map(|&n| u64::from(n)).sum()
     }
     #[inline(always)]
     unsafe fn count_non_finite(v: __m256) -> u32 {

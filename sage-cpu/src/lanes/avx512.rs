@@ -86,10 +86,28 @@ impl Lanes for Avx512 {
     unsafe fn store_f32_first(p: *mut f32, v: __m512, n: usize) {
         _mm512_mask_storeu_ps(p, first(n), v)
     }
+    type C = __m512i;
     #[inline(always)]
-    unsafe fn count_non_finite_first(v: __m512, n: usize) -> u32 {
-        let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(Self::abs(v), _mm512_set1_ps(f32::INFINITY));
-        (first(n) & !finite).count_ones()
+    unsafe fn zero_c() -> __m512i {
+        _mm512_setzero_si512()
+    }
+    #[inline(always)]
+    unsafe fn add_non_finite(c: __m512i, v: __m512) -> __m512i {
+        let d = _mm512_sub_ps(v, v);
+        let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d);
+        _mm512_mask_sub_epi32(c, bad, c, _mm512_set1_epi32(-1))
+    }
+    #[inline(always)]
+    unsafe fn add_non_finite_first(c: __m512i, v: __m512, n: usize) -> __m512i {
+        let d = _mm512_sub_ps(v, v);
+        let bad = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d) & first(n);
+        _mm512_mask_sub_epi32(c, bad, c, _mm512_set1_epi32(-1))
+    }
+    #[inline(always)]
+    unsafe fn sum_c(c: __m512i) -> u64 {
+        let mut x = [0u32; 16];
+        _mm512_storeu_si512(x.as_mut_ptr().cast(), c);
+        x.iter().map(|&n| u64::from(n)).sum()
     }
     #[inline(always)]
     unsafe fn count_non_finite(v: __m512) -> u32 {

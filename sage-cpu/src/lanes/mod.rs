@@ -53,6 +53,17 @@ pub(crate) trait Lanes: Copy {
     unsafe fn add_wide(acc: [Self::D; 2], v: Self::F) -> [Self::D; 2];
     /// The lanes of `a` summed in a fixed order.
     unsafe fn sum_d(a: Self::D) -> f64;
+    /// Per-lane counters of non-finite values (u32 lanes; a kernel call covers at most
+    /// 2³⁰ elements, so they cannot wrap).
+    type C: Copy;
+    unsafe fn zero_c() -> Self::C;
+    /// `c` plus 1 in each lane where `v` is NaN or ±Inf (`v − v` is NaN exactly there): a
+    /// subtract, a compare and an integer add, with no reduction per register.
+    unsafe fn add_non_finite(c: Self::C, v: Self::F) -> Self::C;
+    /// As [`add_non_finite`](Self::add_non_finite) for the first `n < N` lanes only.
+    unsafe fn add_non_finite_first(c: Self::C, v: Self::F, n: usize) -> Self::C;
+    /// The counters summed.
+    unsafe fn sum_c(c: Self::C) -> u64;
     /// How many lanes of `v` are NaN or ±Inf.
     unsafe fn count_non_finite(v: Self::F) -> u32;
     /// Whether [`load_f32_first`](Self::load_f32_first) and the other `_first` methods are
@@ -73,13 +84,6 @@ pub(crate) trait Lanes: Copy {
         Self::store_f32(x.as_mut_ptr(), v);
         core::ptr::copy_nonoverlapping(x.as_ptr(), p, n);
     }
-    /// How many of the first `n` lanes of `v` are NaN or ±Inf.
-    #[inline(always)]
-    unsafe fn count_non_finite_first(v: Self::F, n: usize) -> u32 {
-        let mut x = [0f32; 16];
-        Self::store_f32(x.as_mut_ptr(), v);
-        x[..n].iter().filter(|x| !x.is_finite()).count() as u32
-    }
     /// Hints that the cache line at `p` will be read soon (never faults).
     #[inline(always)]
     unsafe fn prefetch(p: *const u8) {
@@ -94,8 +98,8 @@ pub(crate) trait Access<L: Lanes>: Copy {
     unsafe fn load<E: Element>(self, p: *const E) -> L::F;
     /// As [`store_round`].
     unsafe fn store_round<E: Element>(self, p: *mut E, v: L::F) -> L::F;
-    /// How many of the lanes reached are NaN or ±Inf.
-    unsafe fn count_non_finite(self, v: L::F) -> u32;
+    /// `c` plus 1 in each lane reached where `v` is NaN or ±Inf.
+    unsafe fn add_non_finite(self, c: L::C, v: L::F) -> L::C;
 }
 
 /// Every lane.
@@ -112,8 +116,8 @@ impl<L: Lanes> Access<L> for Whole {
         store_round::<L, E>(p, v)
     }
     #[inline(always)]
-    unsafe fn count_non_finite(self, v: L::F) -> u32 {
-        L::count_non_finite(v)
+    unsafe fn add_non_finite(self, c: L::C, v: L::F) -> L::C {
+        L::add_non_finite(c, v)
     }
 }
 
@@ -134,8 +138,8 @@ impl<L: Lanes> Access<L> for First {
         v
     }
     #[inline(always)]
-    unsafe fn count_non_finite(self, v: L::F) -> u32 {
-        L::count_non_finite_first(v, self.0)
+    unsafe fn add_non_finite(self, c: L::C, v: L::F) -> L::C {
+        L::add_non_finite_first(c, v, self.0)
     }
 }
 

@@ -42,6 +42,30 @@ impl Lanes for Neon {
     unsafe fn abs(a: float32x4_t) -> float32x4_t {
         vabsq_f32(a)
     }
+    type C = uint32x4_t;
+    #[inline(always)]
+    unsafe fn zero_c() -> uint32x4_t {
+        vdupq_n_u32(0)
+    }
+    #[inline(always)]
+    unsafe fn add_non_finite(c: uint32x4_t, v: float32x4_t) -> uint32x4_t {
+        let d = vsubq_f32(v, v);
+        // All-ones where `d` is not NaN (v finite); their complement counts.
+        vsubq_u32(c, vmvnq_u32(vceqq_f32(d, d)))
+    }
+    #[inline(always)]
+    unsafe fn add_non_finite_first(c: uint32x4_t, v: float32x4_t, n: usize) -> uint32x4_t {
+        let d = vsubq_f32(v, v);
+        let idx: [u32; 4] = [0, 1, 2, 3];
+        let first = vcltq_u32(vld1q_u32(idx.as_ptr()), vdupq_n_u32(n as u32));
+        vsubq_u32(c, vandq_u32(vmvnq_u32(vceqq_f32(d, d)), first))
+    }
+    #[inline(always)]
+    unsafe fn sum_c(c: uint32x4_t) -> u64 {
+        let mut x = [0u32; 4];
+        vst1q_u32(x.as_mut_ptr(), c);
+        x.iter().map(|&n| u64::from(n)).sum()
+    }
     type D = float64x2_t;
     #[inline(always)]
     unsafe fn zero_d() -> float64x2_t {
