@@ -453,8 +453,9 @@ const NORM_BLOCK_ITERS: usize = 8;
 /// of `NORM_REGS · NORM_BLOCK_ITERS` registers (512 elements with AVX-512); each block's sum
 /// is added to two f64 registers, or — when it is not finite (a NaN or ±Inf element, or
 /// finite squares past f32's range, |x| ≳ 1.8e19) — the block is summed again exactly in f64
-/// (NaN and ±Inf then make the result non-finite; finite inputs never overflow). What is
-/// left after the last whole block is summed in f64 (registers, then one by one).
+/// (NaN and ±Inf then make the result non-finite; finite inputs never overflow). The whole
+/// registers after the last whole block (a short tensor) form one shorter block, the same
+/// way; the last elements (fewer than a register) are added in f64 one by one.
 ///
 /// The result depends only on `x` (the contract's requirement for a chunk partial). Each f32
 /// lane sums [`NORM_BLOCK_ITERS`] squares, so the relative error is below about
@@ -477,24 +478,47 @@ pub(crate) unsafe fn sq_norm_lanes<L: Lanes, E: Element>(x: &[E]) -> f64 {
             }
         }
         let sum = L::add(L::add(acc[0], acc[1]), L::add(acc[2], acc[3]));
-        if L::count_non_finite(sum) == 0 {
-            total = L::add_wide(total, sum);
-        } else {
-            for r in 0..NORM_REGS * NORM_BLOCK_ITERS {
-                total = L::add_squares(total, load::<L, E>(p.add(i + r * L::N)));
-            }
-        }
+        total = norm_block::<L, E>(total, sum, p.add(i), block / L::N);
         i += block;
     }
-    while i + L::N <= x.len() {
-        total = L::add_squares(total, load::<L, E>(p.add(i)));
-        i += L::N;
+    // The whole registers left (a short tensor, or the end of a chunk): one shorter block.
+    let regs = (x.len() - i) / L::N;
+    if regs > 0 {
+        // Register r into accumulator r % NORM_REGS, as in a whole block: each lane still
+        // sums at most NORM_BLOCK_ITERS squares.
+        let mut acc = [L::splat(0.0); NORM_REGS];
+        for r in 0..regs {
+            let v = load::<L, E>(p.add(i + r * L::N));
+            acc[r % NORM_REGS] = L::add(acc[r % NORM_REGS], L::mul(v, v));
+        }
+        let sum = L::add(L::add(acc[0], acc[1]), L::add(acc[2], acc[3]));
+        total = norm_block::<L, E>(total, sum, p.add(i), regs);
+        i += regs * L::N;
     }
     let tail = x[i..].iter().fold(0f64, |s, v| {
         let f = v.to_f32() as f64;
         s + f * f
     });
     L::sum_d(L::add_d(total[0], total[1])) + tail
+}
+
+/// Adds a norm block's f32 sum `sum` (of the `regs` registers at `p`) to `total`, or, when it
+/// is not finite, the block's squares again in f64.
+#[inline(always)]
+unsafe fn norm_block<L: Lanes, E: Element>(
+    total: [L::D; 2],
+    sum: L::F,
+    p: *const E,
+    regs: usize,
+) -> [L::D; 2] {
+    if L::count_non_finite(sum) == 0 {
+        return L::add_wide(total, sum);
+    }
+    let mut total = total;
+    for r in 0..regs {
+        total = L::add_squares(total, load::<L, E>(p.add(r * L::N)));
+    }
+    total
 }
 
 /// The read floor of a buffer: every element loaded (widened to f32 in registers, as the norm
