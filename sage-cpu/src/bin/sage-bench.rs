@@ -1,19 +1,25 @@
-//! `sage-bench`: the fused SAGE step on the CPU against the memory-bandwidth floor.
+//! `sage-bench`: every path of the CPU step against the memory-bandwidth floor.
 //!
 //! ```text
 //! sage-bench [--params N] [--threads 1,all] [--precision f32,bf16] [--level best|avx2|...]
-//!            [--reps N] [--json] [--list-tensors]
+//!            [--reps N] [--small N] [--json] [--list-tensors]
 //! ```
 //!
-//! In one run, for each precision and thread count, it times an in-place streaming pass with
-//! each algorithm's traffic (the floor: the same buffers read and written back in place, the
-//! same conversions, threads and split, one add per value), then each algorithm, interleaved
-//! rep by rep so that a noisy machine slows both alike; the best rep of each is reported as
-//! ns/parameter, GB/s and the ratio to its floor. Default sizes: BERT-base's tensors (about
+//! In one run, for each precision and thread count, it times in-place streaming passes with
+//! each algorithm's traffic (the floors: the same buffers read and written back in place, the
+//! same conversions, threads and split, one add per value), a read-only pass over the
+//! gradients (`floor 1r`, the norm pass's traffic), the gradient-norm pass alone, and each
+//! algorithm plain (guard and clipping off: the fused kernel's own cost), guarded (the
+//! optimizer's default), clipped globally and per tensor — interleaved rep by rep so that a
+//! noisy machine slows all alike; the best rep of each is reported as ns/parameter, GB/s, the
+//! ratio to its floor (`x floor`) and to what it must move at the floors' speed (`x limit`:
+//! floor + `floor 1r` for rows with a norm pass). Default sizes: BERT-base's tensors (about
 //! 110M parameters in 199 tensors); `--params N` scales every tensor to about N in all.
 //!
-//! The headline rows step with the non-finite guard and clipping off (the fused kernel's own
-//! cost); the `(guarded)` row adds the optimizer's default gradient-norm pass.
+//! Then, unless `--small 0`: Adam-SAGE over N (default 10,000) tensors of 256–1024 elements,
+//! each buffer allocated on its own (`small`) or cut from one allocation per stream (`slab`),
+//! against one flat tensor of the same total (`x flat`).
+//!
 //! `--list-tensors` prints the tensor lengths, one per line, and exits (`bench/compare_torch.py`
 //! steps torch's optimizers on the same tensors).
 
