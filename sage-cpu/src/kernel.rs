@@ -525,6 +525,8 @@ unsafe fn norm_block<L: Lanes, E: Element>(
 /// does) and summed in f32 with four independent accumulators; the cheapest pass that still
 /// reads every byte. Returns the sum so the loads cannot be dropped.
 #[inline(always)]
+// Only the threaded benchmark helper `SimdCpu::stream_read_floor` (std) reads through it.
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
 pub(crate) unsafe fn read_lanes<L: Lanes, E: Element>(x: &[E]) -> f32 {
     let mut acc = [L::splat(0.0); 4];
     let mut i = 0;
@@ -557,6 +559,7 @@ pub(crate) trait Isa {
     fn floor<P: Element, S: Element, const M: bool, const V: bool, const IB: bool>(
     ) -> KernelFn<P, S>;
     fn sq_norm<E: Element>() -> unsafe fn(&[E]) -> f64;
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
     fn read<E: Element>() -> unsafe fn(&[E]) -> f32;
 }
 
@@ -775,6 +778,8 @@ pub(crate) fn sq_norm<E: Element>(level: Level, x: &[E]) -> f64 {
 
 /// The read floor of `x` with `level`'s instruction set ([`read_lanes`]; scalar on the
 /// portable level).
+// Only the threaded benchmark helper `SimdCpu::stream_read_floor` (std) reads through it.
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
 pub(crate) fn read_floor<E: Element>(level: Level, x: &[E]) -> f32 {
     match level {
         // SAFETY: a `SimdCpu` holds a level only after checking the CPU has it.
