@@ -262,18 +262,6 @@ impl<T> TensorState<T> {
     }
 }
 
-impl<'a, X: ?Sized> StateMut<'a, X> {
-    /// Reborrows for a shorter step.
-    pub fn reborrow(&mut self) -> StateMut<'_, X> {
-        TensorState {
-            m: self.m.as_deref_mut(),
-            v: self.v.as_deref_mut(),
-            ibar: self.ibar.as_deref_mut(),
-            step: &mut *self.step,
-        }
-    }
-}
-
 #[cfg(feature = "alloc")]
 impl<S: crate::Element> TensorState<alloc::vec::Vec<S>> {
     /// Host state of a tensor of `len` elements: a zeroed `Vec` for every buffer `layout`
