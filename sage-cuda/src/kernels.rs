@@ -263,9 +263,17 @@ pub struct Image {
 
 /// Whether the NVRTC library can be loaded (searched by cudarc's names: `libnvrtc.so`,
 /// `libnvrtc.so.13`, ... on the loader's path).
+#[cfg(feature = "dynamic-loading")]
 pub fn nvrtc_available() -> bool {
     // SAFETY: only tries to dlopen the library by name and closes it.
     unsafe { nvrtc::is_culib_present() }
+}
+
+/// Whether the NVRTC library can be loaded: always, with `dynamic-linking` (the program is
+/// linked against it, so it would not have started without it).
+#[cfg(not(feature = "dynamic-loading"))]
+pub fn nvrtc_available() -> bool {
+    true
 }
 
 /// NVRTC's version `(major, minor)`, or `NotAvailable`.

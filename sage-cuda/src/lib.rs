@@ -3,9 +3,11 @@
 //! SAGE ([`sage_core`]) on NVIDIA GPUs: one fused pass per step (every buffer read once and
 //! written once), many tensors per launch, the gradient norms of all tensors in one launch.
 //!
-//! The CUDA layer is [`cudarc`]: the driver API and NVRTC are loaded at run time, so this
-//! crate builds with no CUDA toolkit and a program that uses it starts on a machine with no
-//! driver ([`Cuda::new`] then returns a `NotAvailable` error). Its buffers are cudarc's
+//! The CUDA layer is [`cudarc`]: the driver API and NVRTC are loaded at run time (the default
+//! feature, `dynamic-loading`), so this crate builds with no CUDA toolkit and a program that
+//! uses it starts on a machine with no driver ([`Cuda::new`] then returns a `NotAvailable`
+//! error). The `dynamic-linking` feature links them at build time instead, as candle's CUDA
+//! backend has cudarc do: a build that has both must use this one (one cudarc serves both). Its buffers are cudarc's
 //! [`CudaSlice`], the type candle and burn hold their tensors in, so a framework's parameters
 //! are stepped in place: [`Backend::Buf<E>`](sage_core::Backend::Buf) is `CudaSlice<E>`.
 //! [`Cuda`] also implements [`HostBuffers`] (uploads and host copies), so checkpoints and the
@@ -151,9 +153,17 @@ fn not_available(op: &str, e: cudarc::driver::DriverError) -> CudaError {
 }
 
 /// Whether the driver library (`libcuda.so`) can be loaded here.
+#[cfg(feature = "dynamic-loading")]
 pub fn driver_present() -> bool {
     // SAFETY: only tries to dlopen the library by name and closes it.
     unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether the driver library (`libcuda.so`) can be loaded here: always, with `dynamic-linking`
+/// (the program is linked against it, so it would not have started without it).
+#[cfg(not(feature = "dynamic-loading"))]
+pub fn driver_present() -> bool {
+    true
 }
 
 /// Runs `f`, turning a panic inside cudarc (a symbol missing from an old driver) into an error.
