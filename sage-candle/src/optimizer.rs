@@ -300,8 +300,10 @@ fn entry_mut<'a, X: HostBuffers, S: Element>(
 
 enum Engines<B: SliceBackend> {
     Cpu(Engine<B>),
+    /// Boxed: the CUDA backend's handle (context, stream, scratch buffers) is several times
+    /// the CPU engine's size, which every CPU optimizer would otherwise carry.
     #[cfg(feature = "cuda")]
-    Cuda(Engine<sage_cuda::Cuda>),
+    Cuda(Box<Engine<sage_cuda::Cuda>>),
 }
 
 /// Runs `$body` with `$e` bound to whichever engine this optimizer has.
@@ -432,7 +434,7 @@ impl<B: SliceBackend> SageOptimizer<B> {
             #[cfg(feature = "cuda")]
             Device::Cuda(dev) => {
                 let cuda = sage_cuda::Cuda::with_stream(dev.cuda_stream()).map_err(sage_err)?;
-                Engines::Cuda(Engine::new(cuda, &params, &slots)?)
+                Engines::Cuda(Box::new(Engine::new(cuda, &params, &slots)?))
             }
             other => {
                 return Err(sage_err(format!(

@@ -3,9 +3,9 @@
 # the CUDA libraries (`dynamic-linking`), so sage-cuda is built in its `dynamic-linking` mode in
 # the same cudarc. nvcc and the headers candle's kernels include come from NVIDIA's PyPI wheels
 # of CUDA 13.0 (the version sage-cuda's run-time loading names), installed into the ignored
-# .cache/ under a name keyed by the pinned versions. Only libraries (rlibs) and type-checked
-# tests are built: nothing is linked into an executable, so cuBLAS, cuRAND and a libcuda stub
-# are not needed. Its own target directory: candle's CUDA build does not invalidate the main
+# .cache/ under a name keyed by the pinned versions. Only libraries (rlibs) and type-checked,
+# linted tests are built: nothing is linked into an executable, so cuBLAS, cuRAND, NVRTC and a
+# libcuda stub are not needed. Its own target directory: candle's CUDA build does not invalidate the main
 # one's artifacts, nor wait on its lock.
 set -euo pipefail
 source scripts/lib.sh
@@ -44,5 +44,8 @@ export LD_LIBRARY_PATH="$root/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export CARGO_TARGET_DIR=target/candle-cuda
 nvcc --version | tail -1
 cargo build -p sage-candle --features cuda --lib
-cargo check -p sage-candle --features cuda --tests
+# Type-checks the tests (and examples) with the feature, and lints what step 10 cannot reach.
+cargo clippy -p sage-candle --features cuda --all-targets -- -D warnings
+# sage-cuda's own linking mode, alone: its `cfg`s around the run-time loader's probes.
+cargo clippy -p sage-cuda --no-default-features --features dynamic-linking --all-targets -- -D warnings
 cargo build -p sage-finetune --features cuda --lib
