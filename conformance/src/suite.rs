@@ -12,12 +12,19 @@ use crate::{checks, vectors};
 pub struct Options {
     /// Directories of `*.json` trajectory files to replay.
     pub vector_dirs: Vec<PathBuf>,
+    /// The backend counts non-finite parameters in its update pass (sage-cpu's, sage-cuda's
+    /// and sage-opencl's do): adds the check `non-finite parameters counted`, which fails a
+    /// step that does not say it counted (`StepReport::params_checked`), on top of the one
+    /// every backend gets (a count, where there is one, must be right). Default `false`: a
+    /// backend is not required to count.
+    pub counts_non_finite: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             vector_dirs: vec![vectors::default_dir()],
+            counts_non_finite: false,
         }
     }
 }
@@ -115,7 +122,14 @@ pub fn run_suite<B: Harness + 'static>(mut b: B, opts: &Options) -> Vec<Row> {
             }
         }
     }
-    for (name, check) in checks::<B>() {
+    let mut list = checks::<B>();
+    if opts.counts_non_finite {
+        list.push((
+            "non-finite parameters counted",
+            crate::checks::contract::non_finite_params_counted::<B>,
+        ));
+    }
+    for (name, check) in list {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&mut b)))
             .unwrap_or_else(|_| Err(Failure::new(name, "the check panicked")));
         push(name.to_string(), r.map(|()| String::new()));

@@ -1,5 +1,7 @@
 //! The suite must catch bugs: each backend here is sage-cpu with one planted bug, and the suite
-//! must fail on every one of them (and pass on the healthy backend).
+//! must fail on every one of them (and pass on the healthy backend). Like the real backends,
+//! each counts non-finite parameters (after its update, in a pass of its own) and is run as one
+//! that must (`Options::counts_non_finite`), so the counting bugs are planted too.
 
 use sage_conformance::suite::{run_suite, Options, Status};
 use sage_conformance::Harness;
@@ -35,6 +37,12 @@ enum Bug {
     Bf16Beta,
     /// Claims to have counted non-finite parameters in its update pass but never finds any.
     MiscountsNonFinite,
+    /// Counts non-finite parameters in the first 65,536 elements of each tensor only (a GPU
+    /// kernel that counts in its first chunk, or drops the other chunks' counts).
+    CountsFirstChunk,
+    /// Stops counting non-finite parameters (reports `params_checked: false`) while it is run
+    /// as a backend that counts.
+    NeverCounts,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -136,9 +144,17 @@ impl Backend for Broken {
                 };
             }
             self.fused_step(view, &k)?;
-            if self.0 == Bug::MiscountsNonFinite {
-                t.set_non_finite(0);
-            }
+            let counted = match self.0 {
+                Bug::NeverCounts => continue,
+                Bug::MiscountsNonFinite => 0,
+                Bug::CountsFirstChunk => t.param().len().min(65_536),
+                _ => t.param().len(),
+            };
+            let bad = t.param()[..counted]
+                .iter()
+                .filter(|x| !x.to_f32().is_finite())
+                .count();
+            t.set_non_finite(bad as u64);
         }
         Ok(())
     }
@@ -199,8 +215,16 @@ impl Backend for Broken {
 
 sage_core::slice_host_buffers!(Broken, "broken");
 
+/// Options of a backend that counts non-finite parameters, as sage-cpu's do.
+fn counting() -> Options {
+    Options {
+        counts_non_finite: true,
+        ..Options::default()
+    }
+}
+
 fn failing_checks<B: Harness + 'static>(b: B) -> Vec<String> {
-    run_suite(b, &Options::default())
+    run_suite(b, &counting())
         .into_iter()
         .filter(|r| matches!(r.status, Status::Fail(_)))
         .map(|r| r.check)
@@ -209,9 +233,41 @@ fn failing_checks<B: Harness + 'static>(b: B) -> Vec<String> {
 
 #[test]
 fn healthy_backend_passes_everything() {
-    let rows = run_suite(Cpu, &Options::default());
+    let rows = run_suite(Cpu, &counting());
     let bad: Vec<_> = rows.iter().filter(|r| r.status != Status::Pass).collect();
     assert!(bad.is_empty(), "{bad:#?}");
+    assert!(rows
+        .iter()
+        .any(|r| r.check == "non-finite parameters counted"));
+}
+
+/// The counting bugs are caught by the checks on non-finite parameters themselves, not by
+/// chance elsewhere; a backend that does not count passes where it is not required to.
+#[test]
+fn counting_bugs_are_caught_by_the_count_checks() {
+    use sage_conformance::checks::contract::{
+        non_finite_params_counted, non_finite_params_reported,
+    };
+    for bug in [Bug::MiscountsNonFinite, Bug::CountsFirstChunk] {
+        assert!(
+            non_finite_params_reported(&mut Broken(bug)).is_err(),
+            "{bug:?}"
+        );
+        assert!(
+            non_finite_params_counted(&mut Broken(bug)).is_err(),
+            "{bug:?}"
+        );
+    }
+    let mut silent = Broken(Bug::NeverCounts);
+    assert!(non_finite_params_reported(&mut silent).is_ok());
+    assert!(non_finite_params_counted(&mut silent).is_err());
+    for mut healthy in [Broken(Bug::OddTail), Broken(Bug::SharedCoeffs)] {
+        // Bugs of the update, not of the count: both count checks pass.
+        assert!(
+            non_finite_params_counted(&mut healthy).is_ok(),
+            "{healthy:?}"
+        );
+    }
 }
 
 #[test]
@@ -228,6 +284,8 @@ fn every_planted_bug_is_caught() {
         Bug::LongNorm,
         Bug::Bf16Beta,
         Bug::MiscountsNonFinite,
+        Bug::CountsFirstChunk,
+        Bug::NeverCounts,
     ];
     // Two at a time: the suite runs whole for each.
     let caught: Vec<(Bug, Vec<String>)> = std::thread::scope(|s| {

@@ -105,6 +105,13 @@ SAGE_FN float sage_apply(const sage_coeffs k, float theta, float grad, float m, 
     return updated - k.post_decay * updated;
 }
 
+/* 1 when x is NaN or +-Inf (all exponent bits set), else 0: what the backends count in the
+ * stored parameters (StepReport::non_finite_params). On the bits, so no compiler option that
+ * relaxes floating point can fold it away. */
+SAGE_FN SAGE_U32 sage_non_finite(float x) {
+    return (sage_f32_to_bits(x) & 0x7f800000u) == 0x7f800000u ? 1u : 0u;
+}
+
 /* Which accumulation the second state buffer gets. */
 SAGE_FN int sage_second_kind(const sage_coeffs k) {
     return k.kind == SAGE_KIND_ADAMAX ? SAGE_ACC_INF_NORM : SAGE_ACC_SECOND_MOMENT;

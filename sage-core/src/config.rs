@@ -260,8 +260,8 @@ pub struct Config {
     /// its Ī; checkpoints refuse to load such state), and an update that overflows from finite
     /// inputs (an ε or a rate out of all proportion). Those are *reported* after the step
     /// ([`StepReport::non_finite_params`](crate::StepReport)) by backends that count non-finite
-    /// parameters in their update pass (sage-cpu's do; `params_checked` says whether the
-    /// backend counted). f16 state for `v` and `Ī`, and epsilons that vanish in f32, are
+    /// parameters in their update pass (sage-cpu's, sage-cuda's and sage-opencl's do;
+    /// `params_checked` says whether the backend counted). f16 state for `v` and `Ī`, and epsilons that vanish in f32, are
     /// refused before any step.
     pub skip_non_finite: bool,
 }

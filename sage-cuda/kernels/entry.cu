@@ -86,9 +86,11 @@ __device__ __forceinline__ float sage_elem(const sage_coeffs& k, int second, flo
 
 /* The fused step over one chunk of `len` (<= SAGE_CHUNK) elements, by the whole block.
  * 32-bit indices; four elements per load where every buffer is aligned, one at a time for
- * the tail and for unaligned buffers. */
+ * the tail and for unaligned buffers. Returns how many of this thread's stored parameters are
+ * NaN or +-Inf (read back from storage, so an f32 that overflows f16 counts), taken from the
+ * registers the store writes: no extra memory traffic. */
 template <class P, class S>
-__device__ __forceinline__ void sage_chunk_step(const sage_coeffs& k,
+__device__ __forceinline__ unsigned sage_chunk_step(const sage_coeffs& k,
                                                 typename P::T* __restrict__ param,
                                                 const typename P::T* __restrict__ grad,
                                                 typename S::T* __restrict__ m,
@@ -97,7 +99,7 @@ __device__ __forceinline__ void sage_chunk_step(const sage_coeffs& k,
                                                 unsigned len) {
     const int second = sage_second_kind(k);
     const bool hm = m != 0, hv = v != 0, hi = ib != 0;
-    unsigned start = 0;
+    unsigned start = 0, bad = 0;
     if (sage_aligned<P>(param) && sage_aligned<P>(grad) && (!hm || sage_aligned<S>(m)) &&
         (!hv || sage_aligned<S>(v)) && (!hi || sage_aligned<S>(ib))) {
         const unsigned len4 = len & ~3u;
@@ -112,6 +114,7 @@ __device__ __forceinline__ void sage_chunk_step(const sage_coeffs& k,
             for (int j = 0; j < 4; ++j) {
                 pv.x[j] = P::st(sage_elem<S>(k, second, P::ld(pv.x[j]), P::ld(gv.x[j]), hm, hv, hi,
                                              mv.x[j], vv.x[j], iv.x[j]));
+                bad += sage_non_finite(P::ld(pv.x[j]));
             }
             if (hm) *reinterpret_cast<typename S::V*>(m + i) = mv;
             if (hv) *reinterpret_cast<typename S::V*>(v + i) = vv;
@@ -128,19 +131,31 @@ __device__ __forceinline__ void sage_chunk_step(const sage_coeffs& k,
         if (hm) m[i] = ms;
         if (hv) v[i] = vs;
         if (hi) ib[i] = is;
-        param[i] = P::st(out);
+        const typename P::T stored = P::st(out);
+        param[i] = stored;
+        bad += sage_non_finite(P::ld(stored));
     }
+    return bad;
+}
+
+/* Adds one thread's count of non-finite parameters to its tensor's counter (`counts` null: not
+ * counted). Non-finite values are rare, so the atomic is too: a thread with none skips it, and
+ * one that has some adds them once per chunk (at most SAGE_CHUNK / SAGE_THREADS values). */
+__device__ __forceinline__ void sage_count(sage_u64* counts, unsigned bad) {
+    if (counts && bad) atomicAdd(counts, (sage_u64)bad);
 }
 
 template <class E> __device__ __forceinline__ typename E::T* sage_at(sage_u64 p, sage_u64 off) {
     return p ? reinterpret_cast<typename E::T*>(p) + off : (typename E::T*)0;
 }
 
-/* Multi-tensor step: block b steps chunk b of the chunk table. */
+/* Multi-tensor step: block b steps chunk b of the chunk table; counts[t] (when not null, zeroed
+ * before the launch) receives tensor t's non-finite stored parameters. */
 template <class P, class S>
 __device__ __forceinline__ void sage_mt_step(const sage_coeffs* __restrict__ coeffs,
                                              const sage_tensor* __restrict__ tensors,
-                                             const sage_chunk_desc* __restrict__ chunks) {
+                                             const sage_chunk_desc* __restrict__ chunks,
+                                             sage_u64* __restrict__ counts) {
     const sage_chunk_desc c = chunks[blockIdx.x];
     const sage_tensor t = tensors[c.tensor];
     const sage_coeffs k = coeffs[t.coeff];
@@ -148,21 +163,26 @@ __device__ __forceinline__ void sage_mt_step(const sage_coeffs* __restrict__ coe
     if (base >= t.n) return;
     const sage_u64 rest = t.n - base;
     const unsigned len = rest < SAGE_CHUNK ? (unsigned)rest : SAGE_CHUNK;
-    sage_chunk_step<P, S>(k, sage_at<P>(t.param, base), sage_at<P>(t.grad, base), sage_at<S>(t.m, base),
-                          sage_at<S>(t.v, base), sage_at<S>(t.ibar, base), len);
+    const unsigned bad = sage_chunk_step<P, S>(k, sage_at<P>(t.param, base), sage_at<P>(t.grad, base),
+                                               sage_at<S>(t.m, base), sage_at<S>(t.v, base),
+                                               sage_at<S>(t.ibar, base), len);
+    sage_count(counts ? counts + c.tensor : (sage_u64*)0, bad);
 }
 
 /* One tensor, coefficients and pointers as kernel parameters (no upload): block b steps
- * elements [b*SAGE_CHUNK, (b+1)*SAGE_CHUNK). */
+ * elements [b*SAGE_CHUNK, (b+1)*SAGE_CHUNK); *count (when not null, zeroed before the launch)
+ * receives its non-finite stored parameters. */
 template <class P, class S>
 __device__ __forceinline__ void sage_step1(const sage_coeffs& k, sage_u64 param, sage_u64 grad, sage_u64 m,
-                                           sage_u64 v, sage_u64 ibar, sage_u64 n) {
+                                           sage_u64 v, sage_u64 ibar, sage_u64 n, sage_u64* count) {
     const sage_u64 base = (sage_u64)blockIdx.x * SAGE_CHUNK;
     if (base >= n) return;
     const sage_u64 rest = n - base;
     const unsigned len = rest < SAGE_CHUNK ? (unsigned)rest : SAGE_CHUNK;
-    sage_chunk_step<P, S>(k, sage_at<P>(param, base), sage_at<P>(grad, base), sage_at<S>(m, base),
-                          sage_at<S>(v, base), sage_at<S>(ibar, base), len);
+    const unsigned bad = sage_chunk_step<P, S>(k, sage_at<P>(param, base), sage_at<P>(grad, base),
+                                               sage_at<S>(m, base), sage_at<S>(v, base),
+                                               sage_at<S>(ibar, base), len);
+    sage_count(count, bad);
 }
 
 /* Primitive: one EMA pass over a state buffer (grid-stride, 64-bit indices). */
@@ -290,13 +310,13 @@ __device__ __forceinline__ void sage_norm_fold(const sage_tensor* __restrict__ t
 #define SAGE_ENTRIES(PN, PT, SN, ST)                                                                      \
     extern "C" __global__ void __launch_bounds__(SAGE_THREADS)                                           \
         sage_mt_step_##PN##_##SN(const sage_coeffs* coeffs, const sage_tensor* tensors,                  \
-                                 const sage_chunk_desc* chunks) {                                        \
-        sage_mt_step<PT, ST>(coeffs, tensors, chunks);                                                   \
+                                 const sage_chunk_desc* chunks, sage_u64* counts) {                      \
+        sage_mt_step<PT, ST>(coeffs, tensors, chunks, counts);                                           \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(SAGE_THREADS)                                           \
         sage_step1_##PN##_##SN(const sage_coeffs k, sage_u64 param, sage_u64 grad, sage_u64 m,           \
-                               sage_u64 v, sage_u64 ibar, sage_u64 n) {                                  \
-        sage_step1<PT, ST>(k, param, grad, m, v, ibar, n);                                               \
+                               sage_u64 v, sage_u64 ibar, sage_u64 n, sage_u64* count) {                 \
+        sage_step1<PT, ST>(k, param, grad, m, v, ibar, n, count);                                        \
     }                                                                                                    \
     extern "C" __global__ void sage_accumulate_##PN##_##SN(const sage_coeffs k, int which, sage_u64 acc, \
                                                             sage_u64 param, sage_u64 grad, sage_u64 n) { \

@@ -107,6 +107,8 @@ struct Scratch {
     meta: Option<CudaSlice<u8>>,
     partials: Option<CudaSlice<f64>>,
     out: Option<CudaSlice<f64>>,
+    /// Each tensor's count of non-finite stored parameters, written by the step kernels.
+    counts: Option<CudaSlice<u64>>,
 }
 
 /// The CUDA backend: a device context, the stream every launch goes to, and the kernels.
@@ -374,6 +376,92 @@ impl Cuda {
                 Ok(unsafe { self.stream.upgrade_device_ptr::<T>(p, 0) })
             }
         }
+    }
+
+    /// The single-tensor step kernel over one tensor (no table upload). With `count`, also
+    /// counts its non-finite stored parameters and returns the count, which waits for the
+    /// kernel; without, the launch stays asynchronous and `None` is returned.
+    fn step1<P: Element, S: Element>(
+        &mut self,
+        t: TensorMut<'_, Self, P, S>,
+        k: &Coeffs,
+        count: bool,
+    ) -> Result<Option<u64>, CudaError> {
+        let TensorMut {
+            param,
+            grad,
+            m,
+            v,
+            ibar,
+        } = t;
+        let n = param.len();
+        same_lens(
+            n,
+            grad.len(),
+            [&m, &v, &ibar].map(|s| s.as_ref().map(|s| s.len())),
+        )?;
+        if n == 0 {
+            return Ok(Some(0));
+        }
+        let blocks = plan::chunks_of(n as u64);
+        if blocks > plan::MAX_CHUNKS as u64 {
+            return Err(CudaError::TooLarge(format!(
+                "{n} elements in one tensor ({blocks} chunks of {CHUNK})"
+            )));
+        }
+        let name = format!("sage_step1_{}_{}", P::DTYPE, S::DTYPE);
+        let f = self.function(step_program::<P, S>(), &name)?;
+        let stream = self.stream.clone();
+        let (p, _gp) = param.device_ptr_mut(&stream);
+        let (g, _gg) = grad.device_ptr(&stream);
+        let (pm, _gm) = write_ptr(m, &stream);
+        let (pv, _gv) = write_ptr(v, &stream);
+        let (pi, _gi) = write_ptr(ibar, &stream);
+        let (karg, n64) = (KArg(*k), n as u64);
+        let counter = if count { self.zeroed_counts(1)? } else { 0 };
+        let mut b = stream.launch_builder(&f);
+        b.arg(&karg)
+            .arg(&p)
+            .arg(&g)
+            .arg(&pm)
+            .arg(&pv)
+            .arg(&pi)
+            .arg(&n64)
+            .arg(&counter);
+        // SAFETY: live buffers of n elements; one block per chunk of the tensor; the counter
+        // (when not null) is one zeroed u64 of the scratch.
+        unsafe { b.launch(grid(blocks as u32, THREADS)) }
+            .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
+        if !count {
+            return Ok(None);
+        }
+        Ok(Some(self.read_counts(1)?[0]))
+    }
+
+    /// `n` zeroed counters in the scratch (zeroed on the stream, before the launch that adds
+    /// to them): their device address.
+    fn zeroed_counts(&mut self, n: usize) -> Result<u64, CudaError> {
+        let stream = self.stream.clone();
+        let buf = grow(&stream, &mut self.scratch.counts, n)?;
+        stream
+            .memset_zeros(&mut buf.slice_mut(0..n))
+            .map_err(|e| CudaError::driver("zero the non-finite counters", e))?;
+        Ok(raw(buf, &stream))
+    }
+
+    /// The first `n` counters after the step kernel that wrote them: one read-back, then the
+    /// wait for the stream (the step's only synchronisation).
+    fn read_counts(&mut self, n: usize) -> Result<Vec<u64>, CudaError> {
+        let stream = self.stream.clone();
+        let buf = grow(&stream, &mut self.scratch.counts, n)?;
+        let mut host = vec![0u64; n];
+        stream
+            .memcpy_dtoh(&buf.slice(0..n), &mut host)
+            .map_err(|e| CudaError::driver("read back the non-finite counts", e))?;
+        stream
+            .synchronize()
+            .map_err(|e| CudaError::driver("run the step", e))?;
+        Ok(host)
     }
 
     /// Copies `bytes` into the scratch metadata buffer (one host-to-device copy) and returns
@@ -853,49 +941,8 @@ impl Backend for Cuda {
         t: TensorMut<'_, Self, P, S>,
         k: &Coeffs,
     ) -> Result<(), CudaError> {
-        let TensorMut {
-            param,
-            grad,
-            m,
-            v,
-            ibar,
-        } = t;
-        let n = param.len();
-        same_lens(
-            n,
-            grad.len(),
-            [&m, &v, &ibar].map(|s| s.as_ref().map(|s| s.len())),
-        )?;
-        if n == 0 {
-            return Ok(());
-        }
-        let blocks = plan::chunks_of(n as u64);
-        if blocks > plan::MAX_CHUNKS as u64 {
-            return Err(CudaError::TooLarge(format!(
-                "{n} elements in one tensor ({blocks} chunks of {CHUNK})"
-            )));
-        }
-        let name = format!("sage_step1_{}_{}", P::DTYPE, S::DTYPE);
-        let f = self.function(step_program::<P, S>(), &name)?;
-        let stream = self.stream.clone();
-        let (p, _gp) = param.device_ptr_mut(&stream);
-        let (g, _gg) = grad.device_ptr(&stream);
-        let (pm, _gm) = write_ptr(m, &stream);
-        let (pv, _gv) = write_ptr(v, &stream);
-        let (pi, _gi) = write_ptr(ibar, &stream);
-        let (karg, n64) = (KArg(*k), n as u64);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&karg)
-            .arg(&p)
-            .arg(&g)
-            .arg(&pm)
-            .arg(&pv)
-            .arg(&pi)
-            .arg(&n64);
-        // SAFETY: live buffers of n elements; one block per chunk of the tensor.
-        unsafe { b.launch(grid(blocks as u32, THREADS)) }
-            .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
-        Ok(())
+        // No count wanted here: the launch stays asynchronous.
+        self.step1(t, k, false).map(|_| ())
     }
 
     /// Every tensor's chunk partials in one launch, each tensor's fold by one thread in a
@@ -933,15 +980,21 @@ impl Backend for Cuda {
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
     ) -> Result<(), CudaError> {
+        // Every tensor's non-finite stored parameters are counted by the step kernel (an
+        // empty tensor has none) and read back once the step has run.
         // One non-empty tensor: the single-tensor kernel needs no table upload.
         let mut live = tensors.iter().filter(|t| !t.param().is_empty());
         if let (Some(_), None) = (live.next(), live.next()) {
-            for t in tensors.iter_mut() {
-                if !t.param().is_empty() {
-                    let k = *t.coeffs();
-                    return self.fused_step(t.view(), &k);
-                }
+            let at = tensors
+                .iter()
+                .position(|t| !t.param().is_empty())
+                .unwrap_or(0);
+            let k = *tensors[at].coeffs();
+            let bad = self.step1(tensors[at].view(), &k, true)?.unwrap_or(0);
+            for (i, t) in tensors.iter_mut().enumerate() {
+                t.set_non_finite(if i == at { bad } else { 0 });
             }
+            return Ok(());
         }
         let stream = self.stream.clone();
         let mut guards = Vec::with_capacity(tensors.len() * 5);
@@ -980,6 +1033,10 @@ impl Backend for Cuda {
         }
         let packed = plan::pack(&entries)?;
         if packed.n_chunks == 0 {
+            drop(guards);
+            for t in tensors.iter_mut() {
+                t.set_non_finite(0);
+            }
             return Ok(());
         }
         let name = format!("sage_mt_step_{}_{}", P::DTYPE, S::DTYPE);
@@ -988,12 +1045,19 @@ impl Backend for Cuda {
         let coeffs = meta + packed.coeffs_at as u64;
         let tables = meta + packed.tensors_at as u64;
         let chunks = meta + packed.chunks_at as u64;
+        let n = entries.len();
+        let counts = self.zeroed_counts(n)?;
         let mut b = stream.launch_builder(&f);
-        b.arg(&coeffs).arg(&tables).arg(&chunks);
-        // SAFETY: the tables describe live buffers of the lengths checked above.
+        b.arg(&coeffs).arg(&tables).arg(&chunks).arg(&counts);
+        // SAFETY: the tables describe live buffers of the lengths checked above; `counts`
+        // holds one zeroed u64 per tensor of the table.
         unsafe { b.launch(grid(packed.n_chunks as u32, THREADS)) }
             .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
         drop(guards);
+        let bad = self.read_counts(n)?;
+        for (t, bad) in tensors.iter_mut().zip(bad) {
+            t.set_non_finite(bad);
+        }
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! On a real GPU (skipped, with a note, where there is none; `SAGE_REQUIRE_CUDA=1` makes a
 //! missing device a failure): the gradient norms follow sage-core's chunk grid bit for bit
-//! whichever path computes them, the host copies of `HostBuffers`, and one optimizer step with
-//! norms computed elsewhere equal to the step that computes its own.
+//! whichever path computes them, the host copies of `HostBuffers`, one optimizer step with
+//! norms computed elsewhere equal to the step that computes its own, and the step kernels'
+//! counts of non-finite parameters.
 
 use sage_core::norm::{self, NORM_CHUNK};
 use sage_core::{
@@ -258,4 +259,85 @@ fn step_with_gathered_norms_equals_the_step() {
     let (b, nb) = run(true);
     assert_eq!(na.to_bits(), nb.to_bits());
     assert_eq!(a, b);
+}
+
+/// The step kernels count each tensor's non-finite stored parameters exactly (what sage-cpu
+/// reports): NaN and ±Inf planted in vector lanes, tails and later chunks, on the multi-tensor
+/// path and the single-tensor one (one non-empty tensor among empty ones), for f32 and f16
+/// parameters (1e5 is +Inf in f16). Each count equals the non-finite values of the downloaded
+/// parameters.
+fn counts_non_finite<P: Element>(gpu: &Cuda) {
+    let cfg = Config::reference(Algorithm::adamw(), 1e-2);
+    let k = Optimizer::new(gpu.clone(), cfg, [ParamGroup::sage()])
+        .unwrap()
+        .coeffs(1, 0, 1.0)
+        .unwrap();
+    let planted = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e5];
+    let at = [0usize, 2, 5, 4096, 65_536, 131_075, 199_999];
+    for lens in [vec![0usize, 5, 65_537, 0, 200_003, 3], vec![0, 200_003, 0]] {
+        let host: Vec<Vec<P>> = lens
+            .iter()
+            .enumerate()
+            .map(|(t, &n)| {
+                let mut v = values::<P>(n, t as u64 + 7, 1.0);
+                for (j, &i) in at.iter().enumerate() {
+                    if i < n {
+                        v[i] = P::from_f32(planted[j % planted.len()]);
+                    }
+                }
+                v
+            })
+            .collect();
+        let mut ps: Vec<CudaSlice<P>> = host.iter().map(|h| gpu.upload(h).unwrap()).collect();
+        let gs: Vec<CudaSlice<P>> = lens
+            .iter()
+            .map(|&n| gpu.upload(&values::<P>(n, n as u64 + 1, 0.1)).unwrap())
+            .collect();
+        let mut st: Vec<TensorState<CudaSlice<f32>>> = lens
+            .iter()
+            .map(|&n| TensorState::try_new(cfg.state_layout(true), |_| gpu.zeros(n)).unwrap())
+            .collect();
+        let mut ts: Vec<ParamTensor<'_, Cuda, P, f32>> = ps
+            .iter_mut()
+            .zip(&gs)
+            .zip(&mut st)
+            .map(|((p, g), s)| {
+                let mut t = ParamTensor::new(p, g, s.view());
+                t.set_coeffs(k);
+                t
+            })
+            .collect();
+        let mut backend = gpu.clone();
+        backend.step_tensors(&mut ts).unwrap();
+        let counted: Vec<Option<u64>> = ts.iter().map(|t| t.non_finite()).collect();
+        drop(ts);
+        for (t, p) in ps.iter().enumerate() {
+            let stored = gpu.download(p).unwrap();
+            let want = stored.iter().filter(|x| !x.to_f32().is_finite()).count() as u64;
+            assert_eq!(
+                counted[t],
+                Some(want),
+                "{} tensor {t} of {lens:?}",
+                P::DTYPE
+            );
+            // Exactly the planted non-finite values (1e5 is one in f16 only): the update is
+            // elementwise, and the others stay finite.
+            let planted_bad = at
+                .iter()
+                .enumerate()
+                .filter(|&(j, &i)| {
+                    i < lens[t] && !P::from_f32(planted[j % planted.len()]).to_f32().is_finite()
+                })
+                .count() as u64;
+            assert_eq!(want, planted_bad, "{} tensor {t}", P::DTYPE);
+        }
+    }
+}
+
+#[test]
+fn step_kernels_count_non_finite_parameters() {
+    let Some(gpu) = device() else { return };
+    counts_non_finite::<f32>(&gpu);
+    counts_non_finite::<f16>(&gpu);
+    counts_non_finite::<bf16>(&gpu);
 }

@@ -606,14 +606,18 @@ impl OpenCl {
     /// sizes, the kernel's build. A failure after the first launch (a driver error setting an
     /// argument or enqueuing a later launch) is [`Error::Partial`]: the tensors of the
     /// launches already enqueued were stepped, the others not.
+    ///
+    /// With `count`, each item's count of non-finite stored parameters (the kernel's counters,
+    /// read once every launch was enqueued: the read waits for them) is returned in item order.
     fn step_items<P: Element, S: Element>(
         &mut self,
         items: &[Item<'_>],
         tensors: usize,
         name: &'static str,
-    ) -> Result<(), Error> {
+        count: bool,
+    ) -> Result<Vec<u64>, Error> {
         if items.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         self.check_items(items, P::DTYPE.size(), S::DTYPE.size())?;
         let (k, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), name)?;
@@ -645,8 +649,16 @@ impl OpenCl {
             launches.push(groups);
         }
         let table = self.table(slot_bytes(&slots))?;
+        // Two zeroed words per item (low and high halves of its count), written by the kernel.
+        let counters = if count {
+            self.mem(2 * items.len(), 4, Some(&vec![0u8; 8 * items.len()]))?
+        } else {
+            None
+        };
         for (ci, (chunk, &groups)) in items.chunks(per).zip(&launches).enumerate() {
-            let launched = self.launch_chunk(&k, &table, (ci * per) as u32, chunk, groups, wg);
+            let base = (ci * per) as u32;
+            let launched =
+                self.launch_chunk(&k, &table, counters.as_ref(), base, chunk, groups, wg);
             if let Err(cause) = launched {
                 return Err(if ci == 0 {
                     // Nothing was enqueued: nothing changed.
@@ -660,14 +672,25 @@ impl OpenCl {
                 });
             }
         }
-        Ok(())
+        let Some(counters) = counters else {
+            return Ok(Vec::new());
+        };
+        let mut words = vec![0u32; 2 * items.len()];
+        self.read_raw(&counters, &mut words, "reading the non-finite counts")?;
+        Ok(words
+            .chunks_exact(2)
+            .map(|w| u64::from(w[0]) | u64::from(w[1]) << 32)
+            .collect())
     }
 
-    /// Sets the arguments of one multi-tensor launch and enqueues it.
+    /// Sets the arguments of one multi-tensor launch and enqueues it. `bad`: the step's
+    /// non-finite counters, or `None` (a null argument: not counted).
+    #[allow(clippy::too_many_arguments)]
     fn launch_chunk(
         &self,
         k: &Kernel,
         table: &Mem,
+        bad: Option<&Mem>,
         base: u32,
         chunk: &[Item<'_>],
         groups: usize,
@@ -688,8 +711,9 @@ impl OpenCl {
         set(0, ArgVal::mem(table))?;
         set(1, ArgVal::scalar(&base))?;
         set(2, ArgVal::scalar(&count))?;
+        set(3, opt_mem(bad))?;
         for s in 0..self.shared.slots {
-            let a = 3 + 5 * s as u32;
+            let a = 4 + 5 * s as u32;
             match chunk.get(s) {
                 Some(it) => {
                     set(a, ArgVal::mem(it.p))?;
@@ -838,7 +862,8 @@ impl OpenCl {
                 items.push(it);
             }
         }
-        self.step_items::<P, S>(&items, views.len(), "sage_cl_floor")
+        self.step_items::<P, S>(&items, views.len(), "sage_cl_floor", false)
+            .map(|_| ())
     }
 
     /// Whether gradient-norm partials accumulate in `double` here ([`Builder::f64_norms`]).
@@ -941,10 +966,10 @@ impl OpenCl {
             self.enqueue(&k, groups, wg)?;
         }
         if fp64 {
-            self.read_raw(&partials, out)?;
+            self.read_raw(&partials, out, "reading norm partials")?;
         } else {
             let mut host = vec![0f32; 2 * total];
-            self.read_raw(&partials, &mut host)?;
+            self.read_raw(&partials, &mut host, "reading norm partials")?;
             for (o, p) in out.iter_mut().zip(host.chunks_exact(2)) {
                 *o = source::widen_partial(p[0], p[1]);
             }
@@ -952,7 +977,12 @@ impl OpenCl {
         Ok(())
     }
 
-    fn read_raw<T: core::OclPrm>(&self, mem: &Mem, out: &mut [T]) -> Result<(), Error> {
+    fn read_raw<T: core::OclPrm>(
+        &self,
+        mem: &Mem,
+        out: &mut [T],
+        op: &'static str,
+    ) -> Result<(), Error> {
         // SAFETY: blocking read into `out`, which outlives it.
         unsafe {
             core::enqueue_read_buffer(
@@ -965,7 +995,7 @@ impl OpenCl {
                 None::<()>,
             )
         }
-        .map_err(|e| Error::cl("reading norm partials", e))
+        .map_err(|e| Error::cl(op, e))
     }
 
     /// A one-slot launch table for the primitives.
@@ -1116,7 +1146,9 @@ impl Backend for OpenCl {
             t.ibar.as_deref(),
         )?;
         let items: Vec<Item<'_>> = it.into_iter().collect();
-        self.step_items::<P, S>(&items, 1, "sage_cl_step")
+        // No count wanted here: the launch stays asynchronous.
+        self.step_items::<P, S>(&items, 1, "sage_cl_step", false)
+            .map(|_| ())
     }
 
     /// Every gradient's chunk partials (one launch per
@@ -1169,7 +1201,19 @@ impl Backend for OpenCl {
                 items.push(it);
             }
         }
-        self.step_items::<P, S>(&items, views.len(), "sage_cl_step")
+        // Every tensor's non-finite stored parameters, counted by the step kernel (an empty
+        // tensor, which is no item, has none).
+        let counts = self.step_items::<P, S>(&items, views.len(), "sage_cl_step", true)?;
+        let at: Vec<usize> = items.iter().map(|it| it.tensor).collect();
+        drop(items);
+        drop(views);
+        for t in tensors.iter_mut() {
+            t.set_non_finite(0);
+        }
+        for (i, n) in at.into_iter().zip(counts) {
+            tensors[i].set_non_finite(n);
+        }
+        Ok(())
     }
 }
 

@@ -103,8 +103,9 @@ pub fn step_program(p: DType, s: DType, slots: usize) -> String {
     src.push_str(
         r#"
 /* One element's whole step, in the order of sage_core::formula::step: each present state
- * value advanced and rounded to storage (the update reads the stored value), then θ. */
-static inline void sage_cl_elem(__global const sage_cl_slot* slot, __global P_T* p,
+ * value advanced and rounded to storage (the update reads the stored value), then θ. Returns 1
+ * when the stored θ is NaN or ±Inf (read back as stored: an f32 that overflows f16 counts). */
+static inline uint sage_cl_elem(__global const sage_cl_slot* slot, __global P_T* p,
                                 __global const P_T* g, __global S_T* m, __global S_T* v,
                                 __global S_T* b, size_t i) {
     const sage_coeffs k = slot->k;
@@ -125,11 +126,13 @@ static inline void sage_cl_elem(__global const sage_cl_slot* slot, __global P_T*
         bv = S_LD(b, i);
     }
     P_ST(p, i, sage_apply(k, th, gr, mv, vv, bv));
+    /* The work-item's own store: read back from its cache, not another pass over memory. */
+    return sage_non_finite(P_LD(p, i));
 }
 
 /* The bandwidth floor of a step: the same loads and stores, in place, one add per value.
  * k.reserved2 is 0 at run time; the compiler cannot know it, so every value is stored. */
-static inline void sage_cl_touch(__global const sage_cl_slot* slot, __global P_T* p,
+static inline uint sage_cl_touch(__global const sage_cl_slot* slot, __global P_T* p,
                                  __global const P_T* g, __global S_T* m, __global S_T* v,
                                  __global S_T* b, size_t i) {
     const uint present = slot->present;
@@ -138,6 +141,7 @@ static inline void sage_cl_touch(__global const sage_cl_slot* slot, __global P_T
     if (present & 2u) S_ST(v, i, S_LD(v, i) + d);
     if (present & 4u) S_ST(b, i, S_LD(b, i) + d);
     P_ST(p, i, P_LD(p, i) + d);
+    return 0u;
 }
 
 /* One EMA pass over one state buffer (Backend::accumulate). */
@@ -171,11 +175,15 @@ __kernel void sage_cl_apply(__global const sage_cl_slot* slots, uint base, __glo
 
 /// A multi-tensor entry kernel `name` applying `elem` to up to `slots` tensors per launch.
 /// Each work-group covers `local_size` elements of one tensor, so the tensor (and its
-/// pointers) are uniform across the group.
+/// pointers) are uniform across the group. `bad` (when not null) holds two `uint`s per tensor
+/// of the step (`base + s`): the low and high words of its count of elements for which `elem`
+/// returned 1. Such elements are rare, so each adds its own atomic increment (32-bit atomics
+/// are core OpenCL; 64-bit ones are an extension), and the increment that wraps the low word
+/// carries into the high one.
 fn multi_entry(src: &mut String, name: &str, elem: &str, slots: usize) {
     let _ = write!(
         src,
-        "\n__kernel void {name}(__global const sage_cl_slot* slots, uint base, uint count"
+        "\n__kernel void {name}(__global const sage_cl_slot* slots, uint base, uint count,\n    __global uint* bad"
     );
     src.push_str(&slot_args(
         slots,
@@ -199,7 +207,12 @@ fn multi_entry(src: &mut String, name: &str, elem: &str, slots: usize) {
     "#,
     );
     src.push_str(&slot_switch(slots, &["p", "g", "m", "v", "b"]));
-    let _ = writeln!(src, "    {elem}(slots + s, p, g, m, v, b, i);\n}}");
+    let _ = writeln!(
+        src,
+        "    if ({elem}(slots + s, p, g, m, v, b, i) && bad) {{\n        \
+         __global uint* c = bad + 2 * ((size_t)base + s);\n        \
+         if (atomic_inc(c) == 0xffffffffu) atomic_inc(c + 1);\n    }}\n}}"
+    );
 }
 
 /// Elements per chunk of sage-core's norm grid (`sage_core::norm::NORM_CHUNK`).

@@ -45,7 +45,12 @@ fn main() -> ExitCode {
     } else {
         explicit.clone()
     };
-    let mut opts = Options::default();
+    // Every backend this runner knows (sage-cpu's, sage-opencl, sage-cuda) counts non-finite
+    // parameters in its update pass: one that stops counting fails.
+    let mut opts = Options {
+        counts_non_finite: true,
+        ..Options::default()
+    };
     if !dirs.is_empty() {
         opts.vector_dirs = dirs;
     }

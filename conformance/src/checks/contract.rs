@@ -567,18 +567,49 @@ pub fn huge_gradients<B: Harness>(b: &mut B) -> Result<(), Failure> {
 /// A NaN or ±Inf already in a parameter (not the gradient): the guard cannot see it before the
 /// update, so the step applies; a backend that counts non-finite parameters in its update
 /// pass must name the tensor (and only when it counts may it say it checked). Clean steps
-/// report nothing.
+/// report nothing. A backend that does not count passes; [`non_finite_params_counted`] is the
+/// same check for one that must.
 pub fn non_finite_params_reported<B: Harness>(b: &mut B) -> Result<(), Failure> {
-    let check = "non-finite parameters reported";
+    non_finite_params(b, "non-finite parameters reported", false)
+}
+
+/// [`non_finite_params_reported`] for a backend that counts non-finite parameters in its update
+/// pass ([`Options::counts_non_finite`](crate::suite::Options)): every step must say it
+/// counted (`params_checked`), so a backend that stops counting fails.
+pub fn non_finite_params_counted<B: Harness>(b: &mut B) -> Result<(), Failure> {
+    non_finite_params(b, "non-finite parameters counted", true)
+}
+
+/// Tensors of the non-finite parameter checks: more than a GPU launch batch (OpenCL takes 16
+/// per launch), one past a CUDA chunk (65,536 elements), tails of every kind.
+fn non_finite_lens() -> Vec<usize> {
+    let mut lens = vec![9usize, 4097, 17];
+    lens.extend((0..14).map(|i| 1 + i * 5));
+    lens.push(65_536 + 9);
+    lens
+}
+
+fn non_finite_params<B: Harness>(
+    b: &mut B,
+    check: &'static str,
+    require: bool,
+) -> Result<(), Failure> {
     let fail = |d: String| Failure::new(check, d);
-    let lens = [9usize, 4097, 17];
+    let lens = non_finite_lens();
+    let last = lens.len() - 1;
     let cfg = Config::reference(Algorithm::adamw(), 2e-3).global_clip(1.0);
     let groups = vec![ParamGroup::sage().weight_decay(0.01)];
     let gof = vec![0; lens.len()];
     let mut r = rng(9300);
-    for bad in [f32::NAN, f32::INFINITY] {
+    // (value, tensor, element): in the first chunk of a middle tensor, and only past the first
+    // launch batch and the first CUDA chunk (in its tail) of the last tensor.
+    for (bad, tensor, at) in [
+        (f32::NAN, 1, 2049),
+        (f32::INFINITY, 1, 2049),
+        (f32::NEG_INFINITY, last, 65_536 + 3),
+    ] {
         let mut init = random_params(&mut r, &lens);
-        init[1][2049] = bad;
+        init[tensor][at] = bad;
         let mut model = Model::<B, f32, f32>::new(b, &cfg, &groups, &init, &gof)?;
         let mut opt =
             Optimizer::new(b.clone(), cfg, groups.clone()).map_err(|e| fail(e.to_string()))?;
@@ -591,10 +622,19 @@ pub fn non_finite_params_reported<B: Harness>(b: &mut B) -> Result<(), Failure> 
                 "{bad} in θ (finite gradients) skipped the step: {rep:?}"
             )));
         }
-        let want = if rep.params_checked { Some(1) } else { None };
+        if require && !rep.params_checked {
+            return Err(fail(format!(
+                "the backend counts non-finite parameters, but the step says it did not: {rep:?}"
+            )));
+        }
+        let want = if rep.params_checked {
+            Some(tensor)
+        } else {
+            None
+        };
         if rep.non_finite_params != want {
             return Err(fail(format!(
-                "{bad} in θ of tensor 1: report says {:?} (counted: {})",
+                "{bad} in θ of tensor {tensor} (element {at}): report says {:?} (counted: {})",
                 rep.non_finite_params, rep.params_checked
             )));
         }
@@ -604,10 +644,10 @@ pub fn non_finite_params_reported<B: Harness>(b: &mut B) -> Result<(), Failure> 
         let rep = clean
             .step(&mut opt, &grads)
             .map_err(|e| fail(format!("clean step: {e}")))?;
-        if rep.non_finite_params.is_some() {
+        if rep.non_finite_params.is_some() || (require && !rep.params_checked) {
             return Err(fail(format!(
-                "a clean step reported {:?}",
-                rep.non_finite_params
+                "a clean step reported {:?} (counted: {})",
+                rep.non_finite_params, rep.params_checked
             )));
         }
     }

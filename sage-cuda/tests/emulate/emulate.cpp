@@ -1,6 +1,8 @@
 // Runs the multi-tensor and single-tensor step kernels (the real source, through shim.h) on the
 // CPU and checks them element for element against a plain loop over the shared body's
-// per-element functions: every tail, unaligned buffers, absent state, all storage pairs.
+// per-element functions: every tail, unaligned buffers, absent state, all storage pairs; and
+// each tensor's count of non-finite stored parameters against the reference's (planted NaN and
+// +-Inf parameters, and a value that is +Inf once stored as f16).
 #include <cstdio>
 #include <vector>
 #include <random>
@@ -18,9 +20,11 @@ struct Case {
     std::vector<typename P::T> p, g; std::vector<typename S::T> m, v, ib;
 };
 
-// Reference: formula::step, element by element.
+// Reference: formula::step, element by element; returns how many stored parameters are NaN
+// or +-Inf.
 template <class P, class S>
-static void reference(const sage_coeffs& k, Case<P, S>& c, size_t off, size_t n, bool hm, bool hv, bool hi) {
+static sage_u64 reference(const sage_coeffs& k, Case<P, S>& c, size_t off, size_t n, bool hm, bool hv, bool hi) {
+    sage_u64 bad = 0;
     for (size_t i = off; i < off + n; ++i) {
         float th = P::ld(c.p[i]), gr = P::ld(c.g[i]);
         float mf = 0, vf = 0, bf = 0;
@@ -28,7 +32,9 @@ static void reference(const sage_coeffs& k, Case<P, S>& c, size_t off, size_t n,
         if (hv) { c.v[i] = S::st(sage_accumulate(k, sage_second_kind(k), S::ld(c.v[i]), th, gr)); vf = S::ld(c.v[i]); }
         if (hi) { c.ib[i] = S::st(sage_accumulate(k, SAGE_ACC_SENSITIVITY, S::ld(c.ib[i]), th, gr)); bf = S::ld(c.ib[i]); }
         c.p[i] = P::st(sage_apply(k, th, gr, mf, vf, bf));
+        if (!std::isfinite(P::ld(c.p[i]))) ++bad;
     }
+    return bad;
 }
 
 template <class T> static bool same(const std::vector<T>& a, const std::vector<T>& b) {
@@ -36,10 +42,11 @@ template <class T> static bool same(const std::vector<T>& a, const std::vector<T
 }
 
 static const sage_coeffs* g_coeffs; static const sage_tensor* g_tensors; static const sage_chunk_desc* g_chunks;
+static sage_u64* g_counts;
 
-template <class P, class S> static void mt_body() { sage_mt_step<P, S>(g_coeffs, g_tensors, g_chunks); }
+template <class P, class S> static void mt_body() { sage_mt_step<P, S>(g_coeffs, g_tensors, g_chunks, g_counts); }
 static sage_coeffs g_k; static sage_u64 g_a[5], g_n;
-template <class P, class S> static void step1_body() { sage_step1<P, S>(g_k, g_a[0], g_a[1], g_a[2], g_a[3], g_a[4], g_n); }
+template <class P, class S> static void step1_body() { sage_step1<P, S>(g_k, g_a[0], g_a[1], g_a[2], g_a[3], g_a[4], g_n, g_counts); }
 
 template <class P, class S>
 static void run(const char* name, unsigned kind, unsigned flags, bool hm, bool hv, bool hi) {
@@ -62,10 +69,19 @@ static void run(const char* name, unsigned kind, unsigned flags, bool hm, bool h
                     c.m.push_back(enc<S>(u(rng) * 0.01f)); c.v.push_back(enc<S>(std::fabs(u(rng)) * 1e-4f));
                     c.ib.push_back(enc<S>(std::fabs(u(rng)) * 0.01f));
                 }
+                // Non-finite parameters planted at a few places (vector lanes, tails, later
+                // chunks), and 1e5: +Inf stored as f16, finite in bf16 and f32.
+                const float planted[] = {NAN, INFINITY, -INFINITY, 1e5f};
+                const size_t at[] = {0, 2, 5, 4096, 65536, 131075, 200000};
+                for (size_t j = 0; j < sizeof at / sizeof at[0]; ++j)
+                    if (at[j] < n) c.p[off + at[j]] = enc<P>(planted[j % 4]);
                 cs.push_back(c);
             }
             ref = cs;
-            for (size_t t = 0; t < cs.size(); ++t) reference<P, S>(k, ref[t], off, lens[t], hm, hv, hi);
+            std::vector<sage_u64> want(cs.size()), counts(cs.size(), 0);
+            for (size_t t = 0; t < cs.size(); ++t) want[t] = reference<P, S>(k, ref[t], off, lens[t], hm, hv, hi);
+            // The runs at offset 1 pass no counter: the kernels must step the same without one.
+            g_counts = off == 1 ? nullptr : counts.data();
             auto addr = [&](void* p, bool on) -> sage_u64 { return on ? (sage_u64)(uintptr_t)p : 0; };
             if (mode == 0) {
                 std::vector<sage_tensor> ts; std::vector<sage_chunk_desc> ch; unsigned first = 0;
@@ -87,8 +103,22 @@ static void run(const char* name, unsigned kind, unsigned flags, bool hm, bool h
                     g_k = k; g_n = n;
                     g_a[0] = addr(c.p.data() + off, true); g_a[1] = addr(c.g.data() + off, true);
                     g_a[2] = addr(c.m.data() + off, hm); g_a[3] = addr(c.v.data() + off, hv); g_a[4] = addr(c.ib.data() + off, hi);
+                    g_counts = off == 1 ? nullptr : counts.data() + t;
                     launch((unsigned)((n + SAGE_CHUNK - 1) / SAGE_CHUNK), SAGE_THREADS, step1_body<P, S>);
                 }
+            }
+            for (size_t t = 0; t < cs.size(); ++t) {
+                const sage_u64 got = counts[t], exp = off == 1 ? 0 : want[t];
+                if (got != exp) {
+                    std::printf("COUNT %s %s offset %zu length %zu: %llu non-finite, expected %llu\n", name,
+                                mode ? "step1" : "mt_step", off, lens[t], got, exp);
+                    ++failures;
+                }
+            }
+            // The planted values reach the stored parameters (the check above is not vacuous).
+            if (off == 0 && want.back() < 4) {
+                std::printf("VACUOUS %s: %llu non-finite in the longest tensor\n", name, want.back());
+                ++failures;
             }
             for (size_t t = 0; t < cs.size(); ++t) {
                 if (!same(cs[t].p, ref[t].p) || !same(cs[t].m, ref[t].m) || !same(cs[t].v, ref[t].v) || !same(cs[t].ib, ref[t].ib)) {

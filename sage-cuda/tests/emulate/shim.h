@@ -28,6 +28,13 @@ static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f
 static inline float sage_emu_h2f(unsigned short h) { _Float16 t; std::memcpy(&t, &h, 2); return (float)t; }
 static inline unsigned short sage_emu_f2h(float f) { _Float16 t = (_Float16)f; unsigned short h; std::memcpy(&h, &t, 2); return h; }
 
+// The step kernels' counter: a serial launch runs one thread at a time, so a plain add is atomic.
+static inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long x) {
+    const unsigned long long old = *a;
+    *a = old + x;
+    return old;
+}
+
 // Barriers of the threaded launch (none in a serial one, where no kernel may use them).
 static std::barrier<>* sage_emu_block_barrier = nullptr;
 static std::vector<std::unique_ptr<std::barrier<>>> sage_emu_warp_barriers;

@@ -35,7 +35,11 @@ mod tests {
     /// The whole suite passes on every CPU variant this machine has.
     #[test]
     fn every_cpu_level_passes() {
-        let rows = run(&Options::default());
+        let opts = Options {
+            counts_non_finite: true,
+            ..Options::default()
+        };
+        let rows = run(&opts);
         let mut names: Vec<&str> = rows.iter().map(|r| r.backend.as_str()).collect();
         names.dedup();
         assert!(names.contains(&"cpu/portable"));
