@@ -1,5 +1,6 @@
-//! The PNG: training loss and dev accuracy per epoch (mean over seeds, each seed faint), and
-//! the distribution of parameter sensitivity at the end (the paper's Figure 2).
+//! The PNGs: training loss and dev accuracy per epoch (mean over seeds, each seed faint), the
+//! distribution of parameter sensitivity at the end (the paper's Figure 2) and the one-shot
+//! pruning curve (its Figure 3).
 
 use std::path::Path;
 
@@ -34,7 +35,12 @@ fn register_font() -> Result<(), String> {
     Err("no TrueType font found (set SAGE_FONT=/path/to/font.ttf)".into())
 }
 
-const COLORS: [RGBColor; 2] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40)];
+const COLORS: [RGBColor; 4] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+];
 
 type Series<'a> = (&'a str, Vec<&'a RunResult>);
 
@@ -73,7 +79,7 @@ fn per_epoch(
         .light_line_style(WHITE)
         .draw()?;
     for (k, (label, runs)) in groups.iter().enumerate() {
-        let c = COLORS[k % 2];
+        let c = COLORS[k % COLORS.len()];
         for r in runs {
             let pts = pick(r)
                 .iter()
@@ -108,45 +114,37 @@ fn per_epoch(
     Ok(())
 }
 
-fn sensitivity(
-    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
-    groups: &[Series<'_>],
-) -> Result<(), Box<dyn std::error::Error>> {
-    // log10 |θ·g| of every encoder linear weight, all seeds pooled; exact zeros left out.
-    let logs: Vec<Vec<f64>> = groups
+type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+fn sensitivity(area: &Area<'_>, groups: &[Series<'_>]) -> Result<(), Box<dyn std::error::Error>> {
+    use crate::analysis::{HIST_BINS, HIST_HI, HIST_LO};
+    // log10 |θ·g| of every encoder linear weight (g over the whole training set), seeds
+    // pooled; exact zeros left out.
+    let hists: Vec<Vec<f64>> = groups
         .iter()
         .map(|(_, runs)| {
-            runs.iter()
-                .flat_map(|r| r.sensitivity.iter())
-                .filter(|&&s| s > 0.0)
-                .map(|&s| (s as f64).log10())
-                .collect()
-        })
-        .collect();
-    // The range the data spans, to whole decades.
-    let (lo, hi) = logs
-        .iter()
-        .flatten()
-        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
-    let (lo, hi) = if lo <= hi {
-        (lo.floor(), hi.ceil())
-    } else {
-        (-12.0, 0.0)
-    };
-    let bins = 48;
-    let w = (hi - lo) / bins as f64;
-    let hists: Vec<Vec<f64>> = logs
-        .iter()
-        .map(|l| {
-            let mut h = vec![0.0; bins];
-            for &x in l {
-                let b = (((x - lo) / w).floor().max(0.0) as usize).min(bins - 1);
-                h[b] += 1.0;
+            let mut h = vec![0.0; HIST_BINS];
+            for c in runs.iter().filter_map(|r| r.claims.as_ref()) {
+                for (a, &b) in h.iter_mut().zip(&c.sensitivity.log10_hist) {
+                    *a += b as f64;
+                }
             }
-            let n = l.len().max(1) as f64;
+            let n = h.iter().sum::<f64>().max(1.0);
             h.iter().map(|c| c / n).collect()
         })
         .collect();
+    // The range the data spans, to whole decades.
+    let w = (HIST_HI - HIST_LO) / HIST_BINS as f64;
+    let used: Vec<usize> = (0..HIST_BINS)
+        .filter(|&i| hists.iter().any(|h| h[i] > 0.0))
+        .collect();
+    let (lo, hi) = match (used.first(), used.last()) {
+        (Some(&a), Some(&b)) => (
+            (HIST_LO + a as f64 * w).floor(),
+            (HIST_LO + (b + 1) as f64 * w).ceil(),
+        ),
+        _ => (HIST_LO, HIST_HI),
+    };
     let ymax = hists.iter().flatten().fold(0.0f64, |a, &b| a.max(b)) * 1.1;
     let mut chart = ChartBuilder::on(area)
         .caption("Sensitivity |θ·g| at the end", ("sans-serif", 22))
@@ -156,16 +154,16 @@ fn sensitivity(
         .build_cartesian_2d(lo..hi, 0.0..ymax.max(1e-3))?;
     chart
         .configure_mesh()
-        .x_desc("log10 |θ·g|, encoder linear weights, seeds pooled")
+        .x_desc("log10 |θ·g|, g over the training set, seeds pooled")
         .y_desc("fraction of parameters")
         .light_line_style(WHITE)
         .draw()?;
     for (k, ((label, _), h)) in groups.iter().zip(&hists).enumerate() {
-        let c = COLORS[k % 2];
+        let c = COLORS[k % COLORS.len()];
         chart
             .draw_series(h.iter().enumerate().map(|(i, &v)| {
-                let x0 = lo + i as f64 * w;
-                Rectangle::new([(x0, 0.0), (x0 + w, v)], c.mix(0.35).filled())
+                let x0 = HIST_LO + i as f64 * w;
+                Rectangle::new([(x0, 0.0), (x0 + w, v)], c.mix(0.25).filled())
             }))?
             .label(*label)
             .legend(move |(x, y)| {
@@ -174,7 +172,7 @@ fn sensitivity(
         let outline = h
             .iter()
             .enumerate()
-            .map(|(i, &v)| (lo + (i as f64 + 0.5) * w, v));
+            .map(|(i, &v)| (HIST_LO + (i as f64 + 0.5) * w, v));
         chart.draw_series(LineSeries::new(outline, c.stroke_width(2)))?;
     }
     chart
@@ -186,30 +184,132 @@ fn sensitivity(
     Ok(())
 }
 
-/// Draws the three panels into `path` (a PNG).
-pub fn draw(path: &Path, results: &[RunResult]) -> Result<(), Box<dyn std::error::Error>> {
-    register_font()?;
-    let mut groups: Vec<Series<'_>> = Vec::new();
+/// One-shot pruning (the paper's Figure 3): accuracy against the share of encoder linear
+/// weights pruned by lowest sensitivity, mean over seeds; `relative` plots the change from the
+/// unpruned model instead.
+fn pruning(
+    area: &Area<'_>,
+    groups: &[Series<'_>],
+    relative: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let curves: Vec<Vec<(f64, f64)>> = groups
+        .iter()
+        .map(|(_, runs)| {
+            let cl: Vec<_> = runs.iter().filter_map(|r| r.claims.as_ref()).collect();
+            let n = cl.first().map_or(0, |c| c.pruning.len());
+            (0..n)
+                .map(|i| {
+                    let v: Vec<f64> = cl
+                        .iter()
+                        .filter_map(|c| c.pruning.get(i))
+                        .map(|p| p.1)
+                        .collect();
+                    let base: Vec<f64> = cl
+                        .iter()
+                        .filter_map(|c| c.pruning.first())
+                        .map(|p| p.1)
+                        .collect();
+                    let m = v.iter().sum::<f64>() / v.len().max(1) as f64;
+                    let b = base.iter().sum::<f64>() / base.len().max(1) as f64;
+                    let ratio = cl[0].pruning[i].0;
+                    (100.0 * ratio, 100.0 * if relative { m - b } else { m })
+                })
+                .collect()
+        })
+        .collect();
+    let ys: Vec<f64> = curves.iter().flatten().map(|p| p.1).collect();
+    let (lo, hi) = ys
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let (lo, hi) = if lo <= hi { (lo, hi) } else { (0.0, 1.0) };
+    let pad = ((hi - lo) * 0.1).max(0.5);
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            if relative {
+                "Change from the unpruned model"
+            } else {
+                "Accuracy after one-shot pruning"
+            },
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-2.0f64..42.0, (lo - pad)..(hi + pad))?;
+    chart
+        .configure_mesh()
+        .x_desc("% of encoder linear weights pruned (lowest |θ·g|)")
+        .y_desc(if relative { "points" } else { "accuracy (%)" })
+        .light_line_style(WHITE)
+        .draw()?;
+    for (k, ((label, runs), pts)) in groups.iter().zip(&curves).enumerate() {
+        let c = COLORS[k % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(3)))?
+            .label(format!("{label} (mean of {})", runs.len()))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerLeft)
+        .draw()?;
+    Ok(())
+}
+
+fn group<'a>(results: impl IntoIterator<Item = &'a RunResult>) -> Vec<Series<'a>> {
+    let mut groups: Vec<Series<'a>> = Vec::new();
     for r in results {
         match groups.iter_mut().find(|(l, _)| *l == r.label) {
             Some((_, v)) => v.push(r),
             None => groups.push((r.label.as_str(), vec![r])),
         }
     }
+    groups
+}
+
+/// Draws claims 2 and 3 into `path` (a PNG): the sensitivity distribution, the pruning curve
+/// and its change from the unpruned model, one series per optimizer, seeds pooled.
+pub fn draw_claims(path: &Path, results: &[&RunResult]) -> Result<(), Box<dyn std::error::Error>> {
+    register_font()?;
+    let groups = group(results.iter().copied());
     let root = BitMapBackend::new(path, (1650, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((1, 3));
+    sensitivity(&panels[0], &groups)?;
+    pruning(&panels[1], &groups, false)?;
+    pruning(&panels[2], &groups, true)?;
+    root.present()?;
+    Ok(())
+}
+
+/// Draws loss and dev accuracy per epoch, and (when the runs measured them) claims 2 and 3,
+/// into `path` (a PNG).
+pub fn draw(path: &Path, results: &[RunResult]) -> Result<(), Box<dyn std::error::Error>> {
+    register_font()?;
+    let groups = group(results);
+    let claims = results.iter().any(|r| r.claims.is_some());
+    let root =
+        BitMapBackend::new(path, (1650, if claims { 1000 } else { 500 })).into_drawing_area();
+    root.fill(&WHITE)?;
+    let rows = root.split_evenly((if claims { 2 } else { 1 }, 3));
     per_epoch(
-        &panels[0],
+        &rows[0],
         &groups,
         "Training loss",
         "mean cross-entropy",
         |r| &r.epoch_loss,
     )?;
-    per_epoch(&panels[1], &groups, "Dev accuracy", "accuracy", |r| {
+    per_epoch(&rows[1], &groups, "Dev accuracy", "accuracy", |r| {
         &r.epoch_dev_acc
     })?;
-    sensitivity(&panels[2], &groups)?;
+    if claims {
+        sensitivity(&rows[3], &groups)?;
+        pruning(&rows[4], &groups, false)?;
+        pruning(&rows[5], &groups, true)?;
+    }
     root.present()?;
     Ok(())
 }
