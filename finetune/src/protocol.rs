@@ -339,19 +339,41 @@ pub fn report_markdown(g: &Grid, done: &[Record], machine: &str) -> String {
             // The selection grid: dev accuracy of every grid point.
             s.push_str("Selection (seed ");
             s.push_str(&g.seeds[0].to_string());
-            s.push_str(", dev split, last epoch):\n\n| optimizer | lr | β0 | dev accuracy |\n|---|---|---|---|\n");
+            s.push_str(
+                ", dev split, last epoch; test accuracy and claims of the same model, for \
+                 reading only — selection never looks at them):\n\n\
+                 | optimizer | lr | β0 | dev accuracy | test accuracy | sensitivity variance | \
+                 test accuracy pruned 10/20/30/40% | minutes |\n|---|---|---|---|---|---|---|---|\n",
+            );
             for p in selection(g, size, family) {
                 let key = p.key(g);
-                let acc = done
-                    .iter()
-                    .find(|r| r.key == key)
-                    .and_then(|r| r.result.epoch_dev_acc.last().copied());
-                s.push_str(&format!(
-                    "| {} | {:e} | {} | {} |\n",
+                let head = format!(
+                    "| {} | {:e} | {} |",
                     p.label(),
                     p.lr,
-                    p.beta0.map_or("–".into(), |b| b.to_string()),
-                    acc.map_or("(not run yet)".into(), pct)
+                    p.beta0.map_or("–".into(), |b| b.to_string())
+                );
+                let Some(r) = done.iter().find(|r| r.key == key) else {
+                    s.push_str(&format!("{head} (not run yet) | | | | |\n"));
+                    continue;
+                };
+                let cl = r.result.claims.as_ref();
+                s.push_str(&format!(
+                    "{head} {} | {} | {} | {} | {:.1} |\n",
+                    r.result
+                        .epoch_dev_acc
+                        .last()
+                        .map_or("–".into(), |&a| pct(a)),
+                    r.result.test_acc.map_or("–".into(), pct),
+                    cl.map_or("–".into(), |c| format!("{:.3e}", c.sensitivity.variance)),
+                    cl.map_or("–".into(), |c| c
+                        .pruning
+                        .iter()
+                        .skip(1)
+                        .map(|p| format!("{:.1}", 100.0 * p.1))
+                        .collect::<Vec<_>>()
+                        .join(" / ")),
+                    r.seconds / 60.0
                 ));
             }
             s.push_str("\nReport (test split, selected setting, every seed):\n\n");

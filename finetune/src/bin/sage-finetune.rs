@@ -45,6 +45,7 @@ DIR/runs.jsonl; a rerun skips those and resumes an interrupted run from its last
   --beta0s A,B,...    SAGE's β0 grid                              [0.6,0.8]
   --seeds A,B,...     the first trains the grid; all report       [1,2,3,4,5]
   --journal DIR       runs.jsonl, report.md, claims-n<size>.png   [finetune/results/paper]
+  --report-only       write report.md and the figures from the journal, train nothing
   dev accuracy (selection) on the dev sentences with id % 20 = 0, test accuracy (report,
   pruning) on those with id % 20 = 10; --epochs, --batch, --max-len as above.";
 
@@ -74,6 +75,7 @@ struct Args {
     rates: Vec<f64>,
     beta0s: Vec<f64>,
     journal: PathBuf,
+    report_only: bool,
 }
 
 fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
@@ -118,6 +120,7 @@ fn parse() -> Result<Args, String> {
         rates: vec![1e-4, 3e-4, 8e-4],
         beta0s: vec![0.6, 0.8],
         journal: "finetune/results/paper".into(),
+        report_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -129,6 +132,10 @@ fn parse() -> Result<Args, String> {
             }
             "--no-claims" => {
                 a.claims = false;
+                continue;
+            }
+            "--report-only" => {
+                a.report_only = true;
                 continue;
             }
             _ => {}
@@ -654,6 +661,11 @@ fn paper(s: &Shared<'_>, train_all: &[Example], dev_all: &[Example]) -> Result<(
         Ok(())
     };
     write_report(&done)?;
+    if a.report_only {
+        overall.finish_and_clear();
+        print!("{}", protocol::report_markdown(&grid, &done, &machine));
+        return Ok(());
+    }
 
     for &size in &grid.sizes {
         let train_ex = take(train_all, size);
