@@ -37,6 +37,25 @@ pub enum CudaError {
     },
     /// The input exceeds what one launch can index (more than 2^31 − 1 chunks).
     TooLarge(String),
+    /// A [`step_tensors`](sage_core::Backend::step_tensors) call failed after its step kernel
+    /// had been launched (reading back the non-finite counts, or the wait for the stream
+    /// before it): the first `applied` tensors of the call, in step order, were stepped (or
+    /// may have been: a kernel fault also ends here, and its tensors cannot be told apart),
+    /// the others were not changed. The same semantics as sage-opencl's `Error::Partial`.
+    /// [`applied_tensors`](BackendError::applied_tensors) returns `applied`, which the
+    /// optimizer turns into `sage_core::Error::PartialStep`, advancing exactly those tensors'
+    /// step counts: retrying the whole step would step the first `applied` twice. A failure
+    /// before the launch (lengths, compiling, uploading the launch tables, the launch itself)
+    /// is the plain error: nothing changed. Each step is one launch, so after it `applied` is
+    /// every tensor of the call.
+    Partial {
+        /// Tensors at the start of the call that were (or may have been) stepped.
+        applied: usize,
+        /// Tensors in the call.
+        tensors: usize,
+        /// The failure that stopped it.
+        cause: Box<CudaError>,
+    },
 }
 
 impl CudaError {
@@ -47,10 +66,26 @@ impl CudaError {
         }
     }
 
-    /// The driver's numeric status (`CUresult`), for driver errors.
+    /// The error of a step of `tensors` tensors that failed with `cause` once the launches
+    /// stepping its first `applied` tensors had been made: [`CudaError::Partial`], or `cause`
+    /// itself when `applied` is 0 (nothing was launched, nothing changed).
+    pub(crate) fn partial(applied: usize, tensors: usize, cause: CudaError) -> Self {
+        if applied == 0 {
+            return cause;
+        }
+        CudaError::Partial {
+            applied: applied.min(tensors),
+            tensors,
+            cause: Box::new(cause),
+        }
+    }
+
+    /// The driver's numeric status (`CUresult`), for driver errors (and partial steps that
+    /// one stopped).
     pub fn cu_result(&self) -> Option<u32> {
         match self {
             CudaError::Driver { error, .. } => Some(error.0 as u32),
+            CudaError::Partial { cause, .. } => cause.cu_result(),
             _ => None,
         }
     }
@@ -82,6 +117,14 @@ impl BackendError for CudaError {
             CudaError::Compile { .. } => ErrorKind::KernelBuild,
             CudaError::LengthMismatch { .. } => ErrorKind::LengthMismatch,
             CudaError::TooLarge(_) => ErrorKind::TooLarge,
+            CudaError::Partial { cause, .. } => cause.kind(),
+        }
+    }
+
+    fn applied_tensors(&self) -> Option<usize> {
+        match self {
+            CudaError::Partial { applied, .. } => Some(*applied),
+            _ => None,
         }
     }
 }
@@ -114,6 +157,14 @@ impl fmt::Display for CudaError {
                 got,
             } => write!(f, "`{what}` has {got} elements, expected {expected}"),
             CudaError::TooLarge(why) => write!(f, "too large for one launch: {why}"),
+            CudaError::Partial {
+                applied,
+                tensors,
+                cause,
+            } => write!(
+                f,
+                "partial step: the first {applied} of {tensors} tensors were (or may have been) stepped, the rest were not, when the step failed: {cause} (retrying the whole step would step those {applied} twice)"
+            ),
         }
     }
 }
@@ -152,5 +203,49 @@ mod tests {
             CudaError::NotAvailable("no driver".into()).kind(),
             ErrorKind::NotAvailable
         );
+    }
+
+    /// A failure once a step's kernel was launched must say what was applied (issue 12):
+    /// never a plain error, which the optimizer would take as nothing applied.
+    #[test]
+    fn failures_after_a_launch_are_partial_steps() {
+        let cause = || {
+            CudaError::driver(
+                "read back the non-finite counts",
+                DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_ILLEGAL_ADDRESS),
+            )
+        };
+        let e = CudaError::partial(3, 3, cause());
+        assert!(
+            matches!(
+                e,
+                CudaError::Partial {
+                    applied: 3,
+                    tensors: 3,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(e.applied_tensors(), Some(3));
+        assert_eq!(e.kind(), ErrorKind::DeviceLost);
+        assert_eq!(e.cu_result(), Some(700));
+        // (A driver error's text asks the driver for its name: a cause that needs none.)
+        let text = CudaError::partial(3, 3, CudaError::TooLarge("the cause".into())).to_string();
+        assert!(text.contains("partial step"), "{text}");
+        assert!(text.contains("the cause"), "{text}");
+        // Nothing launched: the plain error, nothing applied.
+        let e = CudaError::partial(0, 3, cause());
+        assert!(matches!(e, CudaError::Driver { .. }), "{e:?}");
+        assert_eq!(e.applied_tensors(), None);
+        // Never more than the call's tensors.
+        assert_eq!(CudaError::partial(5, 2, cause()).applied_tensors(), Some(2));
+        for e in [
+            CudaError::NotAvailable(String::new()),
+            CudaError::TooLarge(String::new()),
+            cause(),
+        ] {
+            assert_eq!(e.applied_tensors(), None, "{e:?}");
+        }
     }
 }

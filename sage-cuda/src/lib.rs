@@ -109,6 +109,9 @@ struct Scratch {
     out: Option<CudaSlice<f64>>,
     /// Each tensor's count of non-finite stored parameters, written by the step kernels.
     counts: Option<CudaSlice<u64>>,
+    /// Tests: the next read-back of the counts fails (after its step's launch).
+    #[cfg(test)]
+    fail_read_back: bool,
 }
 
 /// The CUDA backend: a device context, the stream every launch goes to, and the kernels.
@@ -378,15 +381,17 @@ impl Cuda {
         }
     }
 
-    /// The single-tensor step kernel over one tensor (no table upload). With `count`, also
-    /// counts its non-finite stored parameters and returns the count, which waits for the
-    /// kernel; without, the launch stays asynchronous and `None` is returned.
+    /// The single-tensor step kernel over one tensor (no table upload), launched
+    /// asynchronously. With `count`, it also counts its non-finite stored parameters into the
+    /// first counter of the scratch ([`read_counts`](Self::read_counts) reads it). An error is
+    /// a failure before or of the launch: nothing changed. Returns whether the kernel was
+    /// launched (the tensor is not empty).
     fn step1<P: Element, S: Element>(
         &mut self,
         t: TensorMut<'_, Self, P, S>,
         k: &Coeffs,
         count: bool,
-    ) -> Result<Option<u64>, CudaError> {
+    ) -> Result<bool, CudaError> {
         let TensorMut {
             param,
             grad,
@@ -401,7 +406,7 @@ impl Cuda {
             [&m, &v, &ibar].map(|s| s.as_ref().map(|s| s.len())),
         )?;
         if n == 0 {
-            return Ok(Some(0));
+            return Ok(false);
         }
         let blocks = plan::chunks_of(n as u64);
         if blocks > plan::MAX_CHUNKS as u64 {
@@ -429,13 +434,11 @@ impl Cuda {
             .arg(&n64)
             .arg(&counter);
         // SAFETY: live buffers of n elements; one block per chunk of the tensor; the counter
-        // (when not null) is one zeroed u64 of the scratch.
+        // (when not null) is one zeroed u64 of the scratch. (Every argument is a plain value:
+        // `launch` does nothing after cuLaunchKernel, so its error means not launched.)
         unsafe { b.launch(grid(blocks as u32, THREADS)) }
             .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
-        if !count {
-            return Ok(None);
-        }
-        Ok(Some(self.read_counts(1)?[0]))
+        Ok(true)
     }
 
     /// `n` zeroed counters in the scratch (zeroed on the stream, before the launch that adds
@@ -452,6 +455,15 @@ impl Cuda {
     /// The first `n` counters after the step kernel that wrote them: one read-back, then the
     /// wait for the stream (the step's only synchronisation).
     fn read_counts(&mut self, n: usize) -> Result<Vec<u64>, CudaError> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.scratch.fail_read_back) {
+            return Err(CudaError::driver(
+                "read back the non-finite counts (injected by a test)",
+                cudarc::driver::DriverError(
+                    cudarc::driver::sys::CUresult::CUDA_ERROR_ILLEGAL_ADDRESS,
+                ),
+            ));
+        }
         let stream = self.stream.clone();
         let buf = grow(&stream, &mut self.scratch.counts, n)?;
         let mut host = vec![0u64; n];
@@ -651,6 +663,16 @@ impl Cuda {
             DType::Bf16 => self.write_as::<E, half::bf16>(buf, data),
         }
     }
+}
+
+/// What is done after the launch that stepped all `tensors` tensors of a
+/// [`step_tensors`](Backend::step_tensors) call: its failure is [`CudaError::Partial`] (every
+/// tensor applied), never the plain error, which would say nothing was.
+fn after_launch<T>(
+    tensors: usize,
+    then: impl FnOnce() -> Result<T, CudaError>,
+) -> Result<T, CudaError> {
+    then().map_err(|e| CudaError::partial(tensors, tensors, e))
 }
 
 fn type_confusion() -> CudaError {
@@ -941,7 +963,8 @@ impl Backend for Cuda {
         t: TensorMut<'_, Self, P, S>,
         k: &Coeffs,
     ) -> Result<(), CudaError> {
-        // No count wanted here: the launch stays asynchronous.
+        // No count wanted here: the launch stays asynchronous, and it is the only thing done
+        // after the checks, so an error means nothing changed (no partial step to report).
         self.step1(t, k, false).map(|_| ())
     }
 
@@ -976,6 +999,12 @@ impl Backend for Cuda {
         self.partials_to_host(P::DTYPE, &entries, out)
     }
 
+    /// One launch for every tensor (one non-empty tensor: the single-tensor kernel), then one
+    /// read-back of the tensors' counts of non-finite stored parameters, which waits for the
+    /// step. A failure before the launch or of the launch is the plain error: nothing changed.
+    /// A failure after it (the read-back, the wait) is [`CudaError::Partial`] with every tensor
+    /// of the call applied (the kernel was queued; if it faulted, they may have been), so the
+    /// optimizer counts the step as made and does not invite a retry that would step twice.
     fn step_tensors<P: Element, S: Element>(
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
@@ -990,7 +1019,14 @@ impl Backend for Cuda {
                 .position(|t| !t.param().is_empty())
                 .unwrap_or(0);
             let k = *tensors[at].coeffs();
-            let bad = self.step1(tensors[at].view(), &k, true)?.unwrap_or(0);
+            let bad = if self.step1(tensors[at].view(), &k, true)? {
+                // Launched: the tensor is stepped whatever happens next (the others are
+                // empty: nothing to step).
+                let all = tensors.len();
+                after_launch(all, || self.read_counts(1))?[0]
+            } else {
+                0
+            };
             for (i, t) in tensors.iter_mut().enumerate() {
                 t.set_non_finite(if i == at { bad } else { 0 });
             }
@@ -1054,7 +1090,8 @@ impl Backend for Cuda {
         unsafe { b.launch(grid(packed.n_chunks as u32, THREADS)) }
             .map_err(|e| CudaError::driver(format!("launch {name}"), e))?;
         drop(guards);
-        let bad = self.read_counts(n)?;
+        // Launched (one launch for every tensor): every tensor is stepped whatever happens next.
+        let bad = after_launch(n, || self.read_counts(n))?;
         for (t, bad) in tensors.iter_mut().zip(bad) {
             t.set_non_finite(bad);
         }
@@ -1142,6 +1179,80 @@ mod tests {
         ] {
             let def = format!("#define {name} {}\n", acc_code(which));
             assert!(body.contains(&def), "{def}");
+        }
+    }
+
+    /// Whatever fails after a step's launch, the step says every tensor was applied; what
+    /// succeeds passes through.
+    #[test]
+    fn failures_after_the_launch_apply_every_tensor() {
+        let failed = after_launch::<Vec<u64>>(4, || Err(CudaError::TooLarge("x".into())));
+        let e = failed.unwrap_err();
+        assert_eq!(e.applied_tensors(), Some(4), "{e}");
+        assert!(
+            matches!(&e, CudaError::Partial { applied: 4, tensors: 4, cause }
+                if matches!(**cause, CudaError::TooLarge(_))),
+            "{e:?}"
+        );
+        assert_eq!(e.kind(), ErrorKind::TooLarge);
+        assert_eq!(after_launch(4, || Ok(vec![1u64, 2])).unwrap(), vec![1, 2]);
+    }
+
+    /// On a GPU (skipped without one): a read-back failing after the step's launch (injected)
+    /// reaches the optimizer as `PartialStep` with every tensor applied and counted, on the
+    /// multi-tensor path and the single-tensor one, and the tensors were in fact stepped.
+    #[test]
+    fn a_failed_read_back_is_a_partial_step_on_a_gpu() {
+        use sage_core::{Algorithm, Config, Optimizer, ParamGroup, TensorState};
+        let gpu = match Cuda::new(0) {
+            Ok(g) => g,
+            Err(e) if e.kind() == ErrorKind::NotAvailable => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+            Err(e) => panic!("opening CUDA device 0 failed: {e}"),
+        };
+        let cfg = Config::reference(Algorithm::adamw(), 1e-2);
+        for lens in [vec![3usize, 0, 5000, 7], vec![0, 9, 0]] {
+            let mut ps: Vec<CudaSlice<f32>> = lens
+                .iter()
+                .map(|&n| gpu.upload(&vec![1.0f32; n]).unwrap())
+                .collect();
+            let gs: Vec<CudaSlice<f32>> = lens
+                .iter()
+                .map(|&n| gpu.upload(&vec![0.5f32; n]).unwrap())
+                .collect();
+            let mut st: Vec<TensorState<CudaSlice<f32>>> = lens
+                .iter()
+                .map(|&n| TensorState::try_new(cfg.state_layout(true), |_| gpu.zeros(n)).unwrap())
+                .collect();
+            let mut backend = gpu.clone();
+            backend.scratch.fail_read_back = true;
+            let mut opt = Optimizer::new(backend, cfg, [ParamGroup::sage()]).unwrap();
+            let mut ts: Vec<ParamTensor<'_, Cuda, f32, f32>> = ps
+                .iter_mut()
+                .zip(&gs)
+                .zip(&mut st)
+                .map(|((p, g), s)| ParamTensor::new(p, g, s.view()))
+                .collect();
+            let e = opt.step(&mut ts).unwrap_err();
+            drop(ts);
+            let sage_core::Error::PartialStep {
+                applied, tensors, ..
+            } = e
+            else {
+                panic!("{lens:?}: expected a partial step, got {e}")
+            };
+            assert_eq!((applied, tensors), (lens.len(), lens.len()), "{lens:?}");
+            gpu.synchronize().unwrap();
+            for (i, s) in st.iter().enumerate() {
+                assert_eq!(s.step, 1, "{lens:?}: tensor {i}");
+                let m = gpu.download(s.m.as_ref().unwrap()).unwrap();
+                assert!(
+                    m.iter().all(|&x| x != 0.0),
+                    "{lens:?}: tensor {i} not stepped"
+                );
+            }
         }
     }
 
