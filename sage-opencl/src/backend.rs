@@ -194,6 +194,9 @@ pub struct OpenCl {
     /// Unit tests: the multi-tensor launch (0-based) that fails as a driver error would.
     #[cfg(test)]
     fail_launch: Option<usize>,
+    /// Unit tests: reading the non-finite counts back fails as a driver error would.
+    #[cfg(test)]
+    fail_read_back: bool,
 }
 
 impl Clone for OpenCl {
@@ -204,6 +207,8 @@ impl Clone for OpenCl {
             partials: None,
             #[cfg(test)]
             fail_launch: None,
+            #[cfg(test)]
+            fail_read_back: false,
         }
     }
 }
@@ -367,6 +372,8 @@ impl OpenCl {
             partials: None,
             #[cfg(test)]
             fail_launch: None,
+            #[cfg(test)]
+            fail_read_back: false,
         })
     }
 
@@ -608,7 +615,9 @@ impl OpenCl {
     /// launches already enqueued were stepped, the others not.
     ///
     /// With `count`, each item's count of non-finite stored parameters (the kernel's counters,
-    /// read once every launch was enqueued: the read waits for them) is returned in item order.
+    /// read once every launch was enqueued: the read waits for them) is returned in item order;
+    /// a failure of that read is [`Error::Partial`] with every tensor applied (the launches
+    /// were enqueued and may have run).
     fn step_items<P: Element, S: Element>(
         &mut self,
         items: &[Item<'_>],
@@ -676,11 +685,33 @@ impl OpenCl {
             return Ok(Vec::new());
         };
         let mut words = vec![0u32; 2 * items.len()];
-        self.read_raw(&counters, &mut words, "reading the non-finite counts")?;
+        // Every launch is enqueued: a failure from here on is after the update (or while it
+        // ran), so it is a partial step of all the tensors, never an error inviting a retry.
+        let read = self.read_counts(&counters, &mut words);
+        if let Err(cause) = read {
+            return Err(Error::Partial {
+                applied: tensors,
+                tensors,
+                cause: Box::new(cause),
+            });
+        }
         Ok(words
             .chunks_exact(2)
             .map(|w| u64::from(w[0]) | u64::from(w[1]) << 32)
             .collect())
+    }
+
+    /// Reads the step's non-finite counters (waits for the launches).
+    fn read_counts(&self, counters: &Mem, words: &mut [u32]) -> Result<(), Error> {
+        #[cfg(test)]
+        if self.fail_read_back {
+            return Err(Error::Cl {
+                op: "reading the non-finite counts",
+                status: Some(ocl::core::Status::CL_OUT_OF_RESOURCES as i32),
+                message: "injected by a test".into(),
+            });
+        }
+        self.read_raw(counters, words, "reading the non-finite counts")
     }
 
     /// Sets the arguments of one multi-tensor launch and enqueues it. `bad`: the step's
@@ -1274,16 +1305,26 @@ mod tests {
     /// A driver failure at a later launch of a multi-tensor step is a partial step that says
     /// how many tensors were stepped (those of the launches already enqueued; an empty tensor
     /// among them counts, it has nothing to do), never a plain error that invites a retry;
-    /// at the first launch it is a plain error and nothing changed.
+    /// at the first launch it is a plain error and nothing changed. A failed read-back of the
+    /// non-finite counts (after every launch) is a partial step of all the tensors.
     #[test]
     fn a_failure_after_the_first_launch_is_a_partial_step() {
         let Some(cl) = two_per_launch() else { return };
         let cfg = Config::reference(Algorithm::adamw(), 1e-2);
         let lens = [3usize, 0, 5, 7, 2, 4];
         // Items (non-empty tensors): 0, 2 | 3, 4 | 5.
-        for (fail, applied) in [(None, 6), (Some(0), 0), (Some(1), 3), (Some(2), 5)] {
+        // (failing launch, failing read-back of the counts, tensors applied)
+        let cases = [
+            (None, false, 6),
+            (Some(0), false, 0),
+            (Some(1), false, 3),
+            (Some(2), false, 5),
+            (None, true, 6),
+        ];
+        for (fail, read_back, applied) in cases {
             let mut cl = cl.clone();
             cl.fail_launch = fail;
+            cl.fail_read_back = read_back;
             let mut ps: Vec<ClBuffer<f32>> = lens
                 .iter()
                 .map(|&n| cl.upload(&vec![1.0f32; n]).unwrap())
@@ -1313,11 +1354,11 @@ mod tests {
             let r = cl.step_tensors(&mut ts);
             drop(ts);
             match (fail, r) {
-                (None, Ok(())) => {}
+                (None, Ok(())) if !read_back => {}
                 (Some(0), Err(e)) => {
                     assert!(matches!(e, Error::Cl { .. }), "{e}");
                 }
-                (Some(_), Err(e)) => {
+                (_, Err(e)) => {
                     let Error::Partial {
                         applied: a,
                         tensors,
