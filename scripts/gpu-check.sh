@@ -11,6 +11,7 @@
 # (scripts/gpu-check.sh --build does it there):
 #   target/release/sage-conformance    the conformance runner (package sage-conformance-runner)
 #   target/release/sage-cuda-gpu-test  sage-cuda's tests/gpu.rs, built as a test binary
+#   target/release/sage-cuda-lib-test  sage-cuda's unit tests (those that need a GPU run there)
 #   target/release/sage-cuda-bench     the benchmark
 #   target/sage-cuda-ptx/              optional: prebuilt PTX, used only when no libnvrtc is found
 #   target/gpu-libs/libOpenCL.so.1    optional: used only when the machine has no OpenCL loader
@@ -30,6 +31,9 @@ if [ "${1:-}" = "--build" ]; then
   gpu_test=$(cargo test --release -p sage-cuda --test gpu --no-run 2>&1 \
     | grep -o 'target/release/deps/gpu-[0-9a-f]*' | head -1)
   cp "$gpu_test" target/release/sage-cuda-gpu-test
+  lib_test=$(cargo test --release -p sage-cuda --lib --no-run 2>&1 \
+    | grep -o 'target/release/deps/sage_cuda-[0-9a-f]*' | head -1)
+  cp "$lib_test" target/release/sage-cuda-lib-test
   nvrtc_lib=.cache/nvrtc/nvidia/cu13/lib
   if [ -d "$nvrtc_lib" ]; then
     LD_LIBRARY_PATH="$PWD/$nvrtc_lib:${LD_LIBRARY_PATH:-}" \
@@ -43,10 +47,11 @@ if [ "${1:-}" = "--build" ]; then
   ocl=$(ldconfig -p | awk '/libOpenCL\.so\.1 .*x86-64/ {print $NF; exit}')
   if [ -n "$ocl" ]; then cp -L "$ocl" target/gpu-libs/libOpenCL.so.1; fi
   strip target/release/sage-conformance target/release/sage-cuda-bench \
-    target/release/sage-cuda-gpu-test 2>/dev/null || true
+    target/release/sage-cuda-gpu-test target/release/sage-cuda-lib-test 2>/dev/null || true
   du -ch target/release/sage-conformance target/release/sage-cuda-bench \
-    target/release/sage-cuda-gpu-test target/sage-cuda-ptx target/gpu-libs 2>/dev/null | tail -1
-  echo "carry: target/release/sage-conformance target/release/sage-cuda-bench target/release/sage-cuda-gpu-test target/sage-cuda-ptx target/gpu-libs"
+    target/release/sage-cuda-gpu-test target/release/sage-cuda-lib-test target/sage-cuda-ptx \
+    target/gpu-libs 2>/dev/null | tail -1
+  echo "carry: target/release/sage-conformance target/release/sage-cuda-bench target/release/sage-cuda-gpu-test target/release/sage-cuda-lib-test target/sage-cuda-ptx target/gpu-libs"
   exit 0
 fi
 
@@ -134,14 +139,16 @@ echo "conformance exit $conf_rc ($npass rows passed) after $(elapsed); full log:
 [ "$conf_rc" -eq 124 ] && echo "conformance TIMED OUT after ${T_CONF} s"
 
 gputest_rc=skipped
-if [ -x target/release/sage-cuda-gpu-test ]; then
-  echo "== sage-cuda GPU tests (limit ${T_GPUTEST} s)"
-  SAGE_REQUIRE_CUDA=1 timeout "$T_GPUTEST" target/release/sage-cuda-gpu-test \
-    >"$LOG/gpu-test.txt" 2>&1
-  gputest_rc=$?
-  grep -E '^test |test result' "$LOG/gpu-test.txt" | head -20
-  echo "gpu tests exit $gputest_rc after $(elapsed)"
-fi
+for t in gpu-test lib-test; do
+  bin=target/release/sage-cuda-$t
+  [ -x "$bin" ] || continue
+  echo "== sage-cuda $t (limit ${T_GPUTEST} s)"
+  SAGE_REQUIRE_CUDA=1 timeout "$T_GPUTEST" "$bin" >"$LOG/$t.txt" 2>&1
+  rc=$?
+  grep -E '^test |test result' "$LOG/$t.txt" | head -40
+  echo "$t exit $rc after $(elapsed)"
+  if [ "$gputest_rc" = skipped ] || [ "$rc" -ne 0 ]; then gputest_rc=$rc; fi
+done
 if [ "$gputest_rc" != skipped ] && [ "$gputest_rc" -ne 0 ]; then conf_rc=$gputest_rc; fi
 
 echo "== benchmark (sage-cuda-bench; limit ${T_BENCH} s)"
