@@ -45,6 +45,12 @@ pub struct SensitivitySummary {
 }
 
 impl SensitivitySummary {
+    /// Standard deviation over mean: the spread without the overall scale (a model whose
+    /// gradients are all smaller has a smaller variance without being more concentrated).
+    pub fn cv(&self) -> f64 {
+        self.variance.sqrt() / self.mean
+    }
+
     /// Summarizes `scores` (reordered in the process: the median is found in place).
     pub fn of(scores: &mut [f32]) -> Self {
         let n = scores.len();

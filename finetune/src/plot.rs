@@ -135,8 +135,9 @@ fn sensitivity(area: &Area<'_>, groups: &[Series<'_>]) -> Result<(), Box<dyn std
         .collect();
     // The range the data spans, to whole decades.
     let w = (HIST_HI - HIST_LO) / HIST_BINS as f64;
+    // Bins holding at least 1e-4 of some optimizer's parameters set the range.
     let used: Vec<usize> = (0..HIST_BINS)
-        .filter(|&i| hists.iter().any(|h| h[i] > 0.0))
+        .filter(|&i| hists.iter().any(|h| h[i] >= 1e-4))
         .collect();
     let (lo, hi) = match (used.first(), used.last()) {
         (Some(&a), Some(&b)) => (
@@ -294,21 +295,30 @@ pub fn draw(path: &Path, results: &[RunResult]) -> Result<(), Box<dyn std::error
     let root =
         BitMapBackend::new(path, (1650, if claims { 1000 } else { 500 })).into_drawing_area();
     root.fill(&WHITE)?;
-    let rows = root.split_evenly((if claims { 2 } else { 1 }, 3));
+    // Top: loss, dev accuracy, sensitivity; below (with claims): the pruning curve and its
+    // change from the unpruned model.
+    let (top, bottom) = if claims {
+        let (t, b) = root.split_vertically(500);
+        (t, Some(b))
+    } else {
+        (root.clone(), None)
+    };
+    let row = top.split_evenly((1, if claims { 3 } else { 2 }));
     per_epoch(
-        &rows[0],
+        &row[0],
         &groups,
         "Training loss",
         "mean cross-entropy",
         |r| &r.epoch_loss,
     )?;
-    per_epoch(&rows[1], &groups, "Dev accuracy", "accuracy", |r| {
+    per_epoch(&row[1], &groups, "Dev accuracy", "accuracy", |r| {
         &r.epoch_dev_acc
     })?;
-    if claims {
-        sensitivity(&rows[3], &groups)?;
-        pruning(&rows[4], &groups, false)?;
-        pruning(&rows[5], &groups, true)?;
+    if let Some(bottom) = bottom {
+        sensitivity(&row[2], &groups)?;
+        let row = bottom.split_evenly((1, 2));
+        pruning(&row[0], &groups, false)?;
+        pruning(&row[1], &groups, true)?;
     }
     root.present()?;
     Ok(())

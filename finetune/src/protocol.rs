@@ -343,7 +343,8 @@ pub fn report_markdown(g: &Grid, done: &[Record], machine: &str) -> String {
                 ", dev split, last epoch; test accuracy and claims of the same model, for \
                  reading only — selection never looks at them):\n\n\
                  | optimizer | lr | β0 | dev accuracy | test accuracy | sensitivity variance | \
-                 test accuracy pruned 10/20/30/40% | minutes |\n|---|---|---|---|---|---|---|---|\n",
+                 std/mean | test accuracy pruned 10/20/30/40% | minutes |\n\
+                 |---|---|---|---|---|---|---|---|---|\n",
             );
             for p in selection(g, size, family) {
                 let key = p.key(g);
@@ -354,7 +355,7 @@ pub fn report_markdown(g: &Grid, done: &[Record], machine: &str) -> String {
                     p.beta0.map_or("–".into(), |b| b.to_string())
                 );
                 let Some(r) = done.iter().find(|r| r.key == key) else {
-                    s.push_str(&format!("{head} (not run yet) | | | | |\n"));
+                    s.push_str(&format!("{head} (not run yet) | | | | | |\n"));
                     continue;
                 };
                 let cl = r.result.claims.as_ref();

@@ -36,6 +36,7 @@ sage-finetune [options]
   --only NAME         run only AdamW or AdamW-SAGE
   --no-claims         skip claims 2 and 3 (full-set sensitivity, pruning curve)
   --family NAME       adamw or adamax (default mode)               [adamw]
+  --plot-only         redraw OUT/finetune.png from OUT/results.json, train nothing
 
 --protocol paper: the paper's protocol, resumable (every finished run is appended to
 DIR/runs.jsonl; a rerun skips those and resumes an interrupted run from its last epoch):
@@ -76,6 +77,7 @@ struct Args {
     beta0s: Vec<f64>,
     journal: PathBuf,
     report_only: bool,
+    plot_only: bool,
 }
 
 fn list<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>, String> {
@@ -121,6 +123,7 @@ fn parse() -> Result<Args, String> {
         beta0s: vec![0.6, 0.8],
         journal: "finetune/results/paper".into(),
         report_only: false,
+        plot_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -132,6 +135,10 @@ fn parse() -> Result<Args, String> {
             }
             "--no-claims" => {
                 a.claims = false;
+                continue;
+            }
+            "--plot-only" => {
+                a.plot_only = true;
                 continue;
             }
             "--report-only" => {
@@ -334,6 +341,16 @@ impl Shared<'_> {
 }
 
 fn real_main(a: Args) -> Result<(), String> {
+    if a.plot_only {
+        let rpath = a.out.join("results.json");
+        let bytes = std::fs::read(&rpath).map_err(|e| format!("{}: {e}", rpath.display()))?;
+        let results: Vec<RunResult> =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", rpath.display()))?;
+        let png = a.out.join("finetune.png");
+        sage_finetune::plot::draw(&png, &results).map_err(|e| e.to_string())?;
+        println!("wrote {}", png.display());
+        return Ok(());
+    }
     let model_dir = a.data.join("model");
     let device = device_of(&a.device)?;
     let all = read_ground_truth(&a.data.join("movieReviewSnippets_GroundTruth.txt"))?;
@@ -490,8 +507,8 @@ fn default_mode(s: &Shared<'_>, train_all: &[Example], dev_all: &[Example]) -> R
 /// curve on the dev set, SAGE against its baseline paired by seed.
 fn print_claims(labels: &[String], results: &[RunResult]) {
     println!("\nClaims 2 and 3 (sensitivity |θ·g| of the encoder's linear weights, g over the whole training set):");
-    println!("| optimizer | sensitivity variance (mean over seeds) | mean |θ·g| | dev accuracy pruned 0/10/20/30/40% | change at 10/20/30/40% |");
-    println!("|---|---|---|---|---|");
+    println!("| optimizer | sensitivity variance (mean over seeds) | mean |θ·g| | std/mean | dev accuracy pruned 0/10/20/30/40% | change at 10/20/30/40% |");
+    println!("|---|---|---|---|---|---|");
     let mut per_label: Vec<Vec<(u64, f64)>> = Vec::new();
     for label in labels {
         let rs: Vec<&RunResult> = results
@@ -514,11 +531,12 @@ fn print_claims(labels: &[String], results: &[RunResult]) {
         )
         .0;
         let mean = mean_std(&cl.iter().map(|c| c.sensitivity.mean).collect::<Vec<_>>()).0;
+        let cv = mean_std(&cl.iter().map(|c| c.sensitivity.cv()).collect::<Vec<_>>()).0;
         let curve: Vec<f64> = (0..PRUNE_RATIOS.len())
             .map(|i| mean_std(&cl.iter().map(|c| c.pruning[i].1).collect::<Vec<_>>()).0)
             .collect();
         println!(
-            "| {label} | {var:.3e} | {mean:.3e} | {} | {} |",
+            "| {label} | {var:.3e} | {mean:.3e} | {cv:.2} | {} | {} |",
             curve
                 .iter()
                 .map(|x| format!("{:.1}", 100.0 * x))
