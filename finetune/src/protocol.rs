@@ -222,6 +222,10 @@ pub struct Comparison {
     pub variance: [Vec<(u64, f64)>; 2],
     /// Paired t-test of log10 variance, SAGE − baseline.
     pub variance_t: Option<PairedT>,
+    /// Sensitivity std/mean per seed, baseline and SAGE.
+    pub cv: [Vec<(u64, f64)>; 2],
+    /// Paired t-test of std/mean, SAGE − baseline.
+    pub cv_t: Option<PairedT>,
     /// Mean pruning curve (ratio, accuracy) over the seeds, baseline and SAGE.
     pub pruning: [Vec<(f64, f64)>; 2],
     /// Runs done out of planned for this family and size.
@@ -252,6 +256,8 @@ pub fn compare(g: &Grid, size: usize, family: Family, done: &[Record]) -> Compar
         accuracy_t: None,
         variance: [Vec::new(), Vec::new()],
         variance_t: None,
+        cv: [Vec::new(), Vec::new()],
+        cv_t: None,
         pruning: [Vec::new(), Vec::new()],
         runs_done: 0,
         runs_planned: grid.len() + 2 * (g.seeds.len() - 1),
@@ -281,6 +287,7 @@ pub fn compare(g: &Grid, size: usize, family: Family, done: &[Record]) -> Compar
             }
             if let Some(cl) = &r.result.claims {
                 c.variance[k].push((p.seed, cl.sensitivity.variance));
+                c.cv[k].push((p.seed, cl.sensitivity.cv()));
                 curves.push(&cl.pruning);
             }
         }
@@ -308,6 +315,7 @@ pub fn compare(g: &Grid, size: usize, family: Family, done: &[Record]) -> Compar
             .collect()
     };
     c.variance_t = paired(&log(&c.variance[0]), &log(&c.variance[1]));
+    c.cv_t = paired(&c.cv[0], &c.cv[1]);
     c
 }
 
@@ -360,13 +368,14 @@ pub fn report_markdown(g: &Grid, done: &[Record], machine: &str) -> String {
                 };
                 let cl = r.result.claims.as_ref();
                 s.push_str(&format!(
-                    "{head} {} | {} | {} | {} | {:.1} |\n",
+                    "{head} {} | {} | {} | {} | {} | {:.1} |\n",
                     r.result
                         .epoch_dev_acc
                         .last()
                         .map_or("–".into(), |&a| pct(a)),
                     r.result.test_acc.map_or("–".into(), pct),
                     cl.map_or("–".into(), |c| format!("{:.3e}", c.sensitivity.variance)),
+                    cl.map_or("–".into(), |c| format!("{:.2}", c.sensitivity.cv())),
                     cl.map_or("–".into(), |c| c
                         .pruning
                         .iter()
@@ -378,17 +387,17 @@ pub fn report_markdown(g: &Grid, done: &[Record], machine: &str) -> String {
                 ));
             }
             s.push_str("\nReport (test split, selected setting, every seed):\n\n");
-            s.push_str("| optimizer | selected lr | β0 | test accuracy (mean ± std) | per seed | sensitivity variance (mean) | pruned 0/10/20/30/40% (mean test accuracy) |\n|---|---|---|---|---|---|---|\n");
+            s.push_str("| optimizer | selected lr | β0 | test accuracy (mean ± std) | per seed | sensitivity variance (mean) | std/mean (mean) | pruned 0/10/20/30/40% (mean test accuracy) |\n|---|---|---|---|---|---|---|---|\n");
             for (k, name) in names.iter().enumerate() {
                 let Some((lr, b0, _)) = c.chosen[k] else {
-                    s.push_str(&format!("| {name} | (grid not done) | | | | | |\n"));
+                    s.push_str(&format!("| {name} | (grid not done) | | | | | | |\n"));
                     continue;
                 };
                 let acc: Vec<f64> = c.test[k].iter().map(|x| 100.0 * x.1).collect();
                 let (m, sd) = mean_std(&acc);
                 let var: Vec<f64> = c.variance[k].iter().map(|x| x.1).collect();
                 s.push_str(&format!(
-                    "| {name} | {lr:e} | {} | {m:.2} ± {sd:.2} (n = {}) | {} | {:.3e} | {} |\n",
+                    "| {name} | {lr:e} | {} | {m:.2} ± {sd:.2} (n = {}) | {} | {:.3e} | {:.2} | {} |\n",
                     b0.map_or("–".into(), |b| b.to_string()),
                     acc.len(),
                     c.test[k]
@@ -397,6 +406,7 @@ pub fn report_markdown(g: &Grid, done: &[Record], machine: &str) -> String {
                         .collect::<Vec<_>>()
                         .join(", "),
                     mean_std(&var).0,
+                    mean_std(&c.cv[k].iter().map(|x| x.1).collect::<Vec<_>>()).0,
                     c.pruning[k]
                         .iter()
                         .map(|p| format!("{:.1}", 100.0 * p.1))
@@ -415,17 +425,31 @@ pub fn report_markdown(g: &Grid, done: &[Record], machine: &str) -> String {
                 None => "not enough paired seeds yet".into(),
             };
             s.push_str(&format!(
-                "\n- Claim 1 (accuracy), {} − {}: {}.\n- Claim 2 (log10 sensitivity variance), {} − {}: {}.\n\n",
-                names[1],
+                "\n- Claim 1 (test accuracy), {1} − {0}: {2}.\n\
+                 - Claim 2 (log10 sensitivity variance), {1} − {0}: {3}.\n\
+                 - Claim 2, scale removed (sensitivity std/mean), {1} − {0}: {4}.\n\
+                 - Claim 3 (test accuracy pruned 40% minus unpruned), {1}: {5}; {0}: {6}.\n\n",
                 names[0],
+                names[1],
                 t(&c.accuracy_t, " points", 100.0),
-                names[1],
-                names[0],
-                t(&c.variance_t, "", 1.0)
+                t(&c.variance_t, "", 1.0),
+                t(&c.cv_t, "", 1.0),
+                drop40(&c.pruning[1]),
+                drop40(&c.pruning[0]),
             ));
         }
     }
     s
+}
+
+/// "−x.xx points" from a mean pruning curve's first to last point (at 40%).
+fn drop40(curve: &[(f64, f64)]) -> String {
+    match (curve.first(), curve.last()) {
+        (Some(a), Some(b)) if curve.len() > 1 => {
+            format!("{:+.2} points at {:.0}%", 100.0 * (b.1 - a.1), 100.0 * b.0)
+        }
+        _ => "not measured yet".into(),
+    }
 }
 
 /// Where the checkpoint of an unfinished run lives.
