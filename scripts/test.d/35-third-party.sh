@@ -14,7 +14,7 @@ fi
 echo "third-party dependency tree: $(wc -l <<<"$tree") crates, no backend, no ocl, no cudarc"
 (cd "$dir" && cargo fmt -- --check && cargo clippy --all-targets -- -D warnings)
 cargo test --manifest-path "$dir/Cargo.toml" --no-run 2>&1 | tee /tmp/third-party-build.log
-bin=$(grep -o "target/debug/deps/conformance-[0-9a-f]*" /tmp/third-party-build.log | head -1)
+bin=$(grep -m1 -o "target/debug/deps/conformance-[0-9a-f]*" /tmp/third-party-build.log)
 [ -n "$bin" ] || { echo "error: no conformance test binary found" >&2; exit 1; }
 if ldd "$bin" | grep -i opencl; then
   echo "error: $bin links libOpenCL" >&2

@@ -15,7 +15,9 @@ need_apt mpich libmpich-dev libclang-dev
 cargo clippy -p sage-dist --all-targets --features mpi,nccl -- -D warnings
 cargo build --release -p sage-dist --features mpi,nccl --examples
 bin=target/release/examples
-mpiexec --version | head -1
+# sed reads all of it: `head` would close the pipe early and, under pipefail, fail the step
+# whenever mpiexec is still writing (SIGPIPE; seen on a loaded machine).
+mpiexec --version | sed -n 1p
 
 for n in 1 2 3 4; do
   echo "--- mpiexec -n $n dist-check"
