@@ -185,6 +185,11 @@ pub fn pruning_curve(
         .iter()
         .map(|(_, v)| v.as_tensor().copy())
         .collect::<candle_core::Result<_>>()?;
+    // Host copies read once: every ratio masks the same original weights.
+    let host: Vec<Vec<f32>> = originals
+        .iter()
+        .map(|t| t.flatten_all()?.to_vec1())
+        .collect::<candle_core::Result<_>>()?;
     let mut curve = Vec::new();
     for &ratio in ratios {
         let k = ((ratio * scores.len() as f64).round() as usize).min(scores.len());
@@ -195,9 +200,9 @@ pub fn pruning_curve(
         if k > 0 {
             let prune = lowest(scores, k);
             let mut off = 0;
-            for ((_, v), orig) in weights.iter().zip(&originals) {
-                let len = orig.elem_count();
-                let mut w: Vec<f32> = orig.flatten_all()?.to_vec1()?;
+            for (((_, v), orig), w) in weights.iter().zip(&originals).zip(&host) {
+                let len = w.len();
+                let mut w = w.clone();
                 for (w, &p) in w.iter_mut().zip(&prune[off..off + len]) {
                     if p {
                         *w = 0.0;
