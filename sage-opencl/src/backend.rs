@@ -21,6 +21,12 @@ use crate::{source, Error};
 const LOCAL: usize = 256;
 /// Most tensors one launch takes (the device's parameter size may lower it).
 const MAX_SLOTS: usize = 16;
+/// Work-items (one per 4096-element chunk) per work-group of the norm pass on CPU devices.
+const NORM_CPU_LOCAL: usize = 8;
+/// Consecutive elements per work-item of a step on CPU devices (the default of
+/// [`Builder::elements_per_item`]): a few vector registers' worth, so that the vector loop's
+/// set-up is paid once per several iterations; a work-group then covers 16 Ki elements.
+pub const CPU_ELEMENTS_PER_ITEM: usize = 64;
 
 /// One tensor of a launch, laid out as `sage_cl_slot` in the kernel source.
 #[repr(C)]
@@ -66,6 +72,8 @@ struct Shared {
     queue: CommandQueue,
     options: CString,
     slots: usize,
+    /// Consecutive elements each work-item of a step takes (see [`Builder::elements_per_item`]).
+    per_item: usize,
     /// Whether norm partials accumulate in double (the device has `cl_khr_fp64` and the
     /// builder did not turn it off).
     norm_fp64: bool,
@@ -80,6 +88,7 @@ pub struct Builder {
     queue: Option<ocl::Queue>,
     extra_options: String,
     max_slots: Option<usize>,
+    per_item: Option<usize>,
     no_fp64_norms: bool,
 }
 
@@ -108,6 +117,17 @@ impl Builder {
     /// device's kernel parameter size allows).
     pub fn max_tensors_per_launch(mut self, n: usize) -> Self {
         self.max_slots = Some(n.max(1));
+        self
+    }
+
+    /// How many consecutive elements each work-item of a step takes (at least 1). The default
+    /// is [`CPU_ELEMENTS_PER_ITEM`] on CPU devices, where a loop over them is what the device
+    /// compiler vectorizes (PoCL runs a work-group as a loop over its work-items, which it does
+    /// not vectorize through the step's branches), and 1 elsewhere, where neighbouring
+    /// work-items must take neighbouring elements for coalesced access. Results are the same
+    /// for every value.
+    pub fn elements_per_item(mut self, n: usize) -> Self {
+        self.per_item = Some(n.max(1));
         self
     }
 
@@ -342,6 +362,11 @@ impl OpenCl {
         b: &Builder,
     ) -> Result<Self, Error> {
         let (extra, max_slots) = (&b.extra_options, b.max_slots);
+        let per_item = b.per_item.unwrap_or(if desc.kind == "CPU" {
+            CPU_ELEMENTS_PER_ITEM
+        } else {
+            1
+        });
         let mut options = String::new();
         if desc.correctly_rounded_div_sqrt {
             // Matches the CPU's IEEE division and square root (OpenCL allows 2.5 and 3 ulp).
@@ -363,6 +388,7 @@ impl OpenCl {
                 queue,
                 options,
                 slots,
+                per_item,
                 norm_fp64: desc.fp64 && !b.no_fp64_norms,
                 desc,
                 max_alloc,
@@ -395,6 +421,11 @@ impl OpenCl {
     /// Tensors one multi-tensor launch takes on this device.
     pub fn tensors_per_launch(&self) -> usize {
         self.shared.slots
+    }
+
+    /// Consecutive elements each work-item of a step takes ([`Builder::elements_per_item`]).
+    pub fn elements_per_item(&self) -> usize {
+        self.shared.per_item
     }
 
     /// Waits until every queued operation has finished.
@@ -519,8 +550,8 @@ impl OpenCl {
             return Ok(p.clone());
         }
         let src = match key {
-            ProgramKey::Step(p, s) => source::step_program(p, s, sh.slots),
-            ProgramKey::Norm(e) => source::norm_program(e, sh.slots, sh.norm_fp64),
+            ProgramKey::Step(p, s) => source::step_program(p, s, sh.slots, sh.per_item),
+            ProgramKey::Norm(e) => source::norm_program(e, sh.slots, sh.norm_fp64, sh.per_item > 1),
         };
         let src = CString::new(src).expect("generated source has no NUL");
         let program = core::create_program_with_source(&sh.context, &[src])
@@ -561,9 +592,14 @@ impl OpenCl {
             _ => 1,
         };
         let mut wg = max.min(LOCAL);
-        if name == "sage_cl_norm_partials" {
-            // The tree reduction halves: a power of two (so it also divides the chunk).
-            wg = 1 << (usize::BITS - 1 - wg.leading_zeros());
+        if name == "sage_cl_norm_partials" || name == "sage_cl_read_floor" {
+            wg = if self.shared.per_item > 1 {
+                // One work-item per chunk: a work-group of a few chunks is enough.
+                wg.min(NORM_CPU_LOCAL)
+            } else {
+                // The tree reduction halves: a power of two (so it also divides the chunk).
+                1 << (usize::BITS - 1 - wg.leading_zeros())
+            };
         }
         self.kernels.insert((key, name), (k.clone(), wg));
         Ok((k, wg))
@@ -631,6 +667,10 @@ impl OpenCl {
         self.check_items(items, P::DTYPE.size(), S::DTYPE.size())?;
         let (k, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), name)?;
         let per = self.shared.slots;
+        // Elements per work-group: the work-group size times each work-item's run.
+        let span = wg
+            .checked_mul(self.shared.per_item)
+            .ok_or_else(|| Error::TooLarge(format!("{} elements per work-item", wg)))?;
         if items.len() > u32::MAX as usize {
             return Err(Error::TooLarge(format!(
                 "{} tensors in one step",
@@ -642,7 +682,7 @@ impl OpenCl {
         for chunk in items.chunks(per) {
             let mut end = 0u64;
             for it in chunk {
-                end += it.len.div_ceil(wg) as u64;
+                end += it.len.div_ceil(span) as u64;
                 slots.push(Slot {
                     k: it.k,
                     len: it.len as u64,
@@ -922,7 +962,8 @@ impl OpenCl {
     }
 
     /// The chunk partials of `items`, back to back, into `out` (exactly their number): one
-    /// work-group per chunk, one launch per `slots` buffers, one blocking read.
+    /// work-group (CPU devices: one work-item) per chunk, one launch per `slots` buffers, one
+    /// blocking read.
     fn norm_partials<E: Element>(
         &mut self,
         items: &[NormItem<'_>],
@@ -930,14 +971,46 @@ impl OpenCl {
     ) -> Result<(), Error> {
         let total: usize = items.iter().map(|i| i.chunks).sum();
         check_len("norm partials", total, out.len())?;
+        let Some(partials) = self.chunk_launches::<E>(items, "sage_cl_norm_partials")? else {
+            return Ok(());
+        };
+        if self.shared.norm_fp64 {
+            self.read_raw(&partials, out, "reading norm partials")?;
+        } else {
+            let mut host = vec![0f32; 2 * total];
+            self.read_raw(&partials, &mut host, "reading norm partials")?;
+            for (o, p) in out.iter_mut().zip(host.chunks_exact(2)) {
+                *o = source::widen_partial(p[0], p[1]);
+            }
+        }
+        Ok(())
+    }
+
+    /// The read floor of the norm pass over `bufs` (benchmarks): the same launches reading
+    /// every element once, summed in `float` and stored nowhere; queued, not waited for.
+    pub fn floor_read<E: Element>(&mut self, bufs: &[&ClBuffer<E>]) -> Result<(), Error> {
+        let items: Vec<NormItem<'_>> = bufs.iter().map(|b| NormItem::whole(b)).collect();
+        self.chunk_launches::<E>(&items, "sage_cl_read_floor")
+            .map(|_| ())
+    }
+
+    /// Enqueues kernel `name` of the norm program over the chunks of `items` (one launch per
+    /// `slots` buffers); returns the partials buffer it writes, or `None` when there is no
+    /// chunk.
+    fn chunk_launches<E: Element>(
+        &mut self,
+        items: &[NormItem<'_>],
+        name: &'static str,
+    ) -> Result<Option<Mem>, Error> {
+        let total: usize = items.iter().map(|i| i.chunks).sum();
         let live: Vec<&NormItem<'_>> = items.iter().filter(|i| i.chunks > 0).collect();
         if live.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        let (k, wg) = self.kernel(ProgramKey::Norm(E::DTYPE), "sage_cl_norm_partials")?;
+        let (k, wg) = self.kernel(ProgramKey::Norm(E::DTYPE), name)?;
         let per = self.shared.slots;
         let fp64 = self.shared.norm_fp64;
-        // tab[3s] = buffer length, tab[3s+1] = first chunk, tab[3s+2] = work-groups of the
+        // tab[3s] = buffer length, tab[3s+1] = first chunk, tab[3s+2] = chunks of the
         // launch so far.
         let mut tab = Vec::with_capacity(3 * live.len());
         let mut launches = Vec::new();
@@ -972,7 +1045,7 @@ impl OpenCl {
         let set = |i: u32, a: ArgVal| {
             core::set_kernel_arg(&k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
         };
-        for (ci, (chunk, &(pbase, groups))) in live.chunks(per).zip(&launches).enumerate() {
+        for (ci, (chunk, &(pbase, chunks))) in live.chunks(per).zip(&launches).enumerate() {
             let (base, count) = ((ci * per) as u32, chunk.len() as u32);
             set(0, ArgVal::mem(&table))?;
             set(1, ArgVal::scalar(&base))?;
@@ -994,18 +1067,15 @@ impl OpenCl {
                 };
                 set(6 + s as u32, a)?;
             }
+            // One work-group per chunk, or one work-item per chunk on CPU devices.
+            let groups = if self.shared.per_item > 1 {
+                chunks.div_ceil(wg)
+            } else {
+                chunks
+            };
             self.enqueue(&k, groups, wg)?;
         }
-        if fp64 {
-            self.read_raw(&partials, out, "reading norm partials")?;
-        } else {
-            let mut host = vec![0f32; 2 * total];
-            self.read_raw(&partials, &mut host, "reading norm partials")?;
-            for (o, p) in out.iter_mut().zip(host.chunks_exact(2)) {
-                *o = source::widen_partial(p[0], p[1]);
-            }
-        }
-        Ok(())
+        Ok(Some(partials))
     }
 
     fn read_raw<T: core::OclPrm>(

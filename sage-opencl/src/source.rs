@@ -10,7 +10,14 @@ use sage_core::DType;
 const PRELUDE: &str = r#"
 /* The CPU formula rounds after every f32 mul and add: no contraction into FMAs. */
 #pragma OPENCL FP_CONTRACT OFF
+/* The step's helpers are inlined into each case of the entry kernel, whose loops a CPU
+ * device's compiler then vectorizes; left to its budget, PoCL's clang calls them once per
+ * element for 16-bit storage. */
+#if defined(__clang__)
+#define SAGE_FN static inline __attribute__((always_inline))
+#else
 #define SAGE_FN static inline
+#endif
 #define SAGE_U32 uint
 #define SAGE_U16 ushort
 #define sage_bits_to_f32(u) as_float(u)
@@ -94,10 +101,12 @@ fn slot_switch(slots: usize, names: &[&str]) -> String {
 }
 
 /// The program of parameter storage `p` and state storage `s`: the multi-tensor fused step
-/// (`sage_cl_step`, up to `slots` tensors per launch), its bandwidth floor (`sage_cl_floor`)
-/// and the primitives `sage_cl_accumulate` and `sage_cl_apply`.
-pub fn step_program(p: DType, s: DType, slots: usize) -> String {
+/// (`sage_cl_step`, up to `slots` tensors per launch, `per_item` consecutive elements per
+/// work-item), its bandwidth floor (`sage_cl_floor`) and the primitives `sage_cl_accumulate`
+/// and `sage_cl_apply`.
+pub fn step_program(p: DType, s: DType, slots: usize, per_item: usize) -> String {
     let mut src = header();
+    let _ = writeln!(src, "#define SAGE_WPI {}", per_item.max(1));
     src.push_str(&storage_macros("P", p));
     src.push_str(&storage_macros("S", s));
     src.push_str(
@@ -105,11 +114,9 @@ pub fn step_program(p: DType, s: DType, slots: usize) -> String {
 /* One element's whole step, in the order of sage_core::formula::step: each present state
  * value advanced and rounded to storage (the update reads the stored value), then θ. Returns 1
  * when the stored θ is NaN or ±Inf (read back as stored: an f32 that overflows f16 counts). */
-static inline uint sage_cl_elem(__global const sage_cl_slot* slot, __global P_T* p,
+SAGE_FN uint sage_cl_elem(const sage_coeffs k, const uint present, __global P_T* p,
                                 __global const P_T* g, __global S_T* m, __global S_T* v,
                                 __global S_T* b, size_t i) {
-    const sage_coeffs k = slot->k;
-    const uint present = slot->present;
     float th = P_LD(p, i);
     float gr = P_LD(g, i);
     float mv = 0.0f, vv = 0.0f, bv = 0.0f;
@@ -132,17 +139,41 @@ static inline uint sage_cl_elem(__global const sage_cl_slot* slot, __global P_T*
 
 /* The bandwidth floor of a step: the same loads and stores, in place, one add per value.
  * k.reserved2 is 0 at run time; the compiler cannot know it, so every value is stored. */
-static inline uint sage_cl_touch(__global const sage_cl_slot* slot, __global P_T* p,
+SAGE_FN uint sage_cl_touch(const sage_coeffs k, const uint present, __global P_T* p,
                                  __global const P_T* g, __global S_T* m, __global S_T* v,
                                  __global S_T* b, size_t i) {
-    const uint present = slot->present;
-    const float d = P_LD(g, i) * slot->k.reserved2;
+    const float d = P_LD(g, i) * k.reserved2;
     if (present & 1u) S_ST(m, i, S_LD(m, i) + d);
     if (present & 2u) S_ST(v, i, S_LD(v, i) + d);
     if (present & 4u) S_ST(b, i, S_LD(b, i) + d);
     P_ST(p, i, P_LD(p, i) + d);
     return 0u;
 }
+
+/* A work-item's run of elements [lo, hi) (SAGE_WPI of them, fewer at a tensor's end). A loop
+ * of contiguous elements without branches is what a CPU device's compiler turns into vector
+ * code; on a GPU SAGE_WPI is 1 and neighbouring work-items take neighbouring elements. */
+#define SAGE_CL_RUN(ELEM, K, PRESENT)                                         \
+    for (size_t i = lo; i < hi; i++) bad += ELEM((K), (PRESENT), p, g, m, v, b, i);
+
+/* The step over [lo, hi): the presets' cases with their switches fixed, so that the compiler
+ * folds every branch of the shared body away (the same code as the general case, with
+ * constants), then the general case for everything else (ablations, SGD variants). */
+#define SAGE_CL_CASE(KIND, FLAGS, MOD, PRESENT)                               \
+    if (k0.kind == (KIND) && k0.flags == (FLAGS) && present == (PRESENT) &&   \
+        (!((FLAGS) & SAGE_FLAG_SAGE) || k0.modulation == (MOD))) {            \
+        sage_coeffs k = k0;                                                   \
+        k.kind = (KIND); k.flags = (FLAGS); k.modulation = (MOD);             \
+        SAGE_CL_RUN(sage_cl_elem, k, (PRESENT))                               \
+    }
+#define SAGE_CL_STEP_CASES                                                    \
+    SAGE_CL_CASE(SAGE_KIND_ADAM, SAGE_FLAG_SAGE, SAGE_MOD_SAGE, 7u)           \
+    else SAGE_CL_CASE(SAGE_KIND_ADAMAX, SAGE_FLAG_SAGE, SAGE_MOD_SAGE, 7u)    \
+    else SAGE_CL_CASE(SAGE_KIND_ADAM, 0u, SAGE_MOD_SAGE, 3u)                  \
+    else SAGE_CL_CASE(SAGE_KIND_ADAMAX, 0u, SAGE_MOD_SAGE, 3u)                \
+    else SAGE_CL_CASE(SAGE_KIND_SGD, SAGE_FLAG_SAGE, SAGE_MOD_SAGE, 4u)       \
+    else { SAGE_CL_RUN(sage_cl_elem, k0, present) }
+#define SAGE_CL_FLOOR_CASES SAGE_CL_RUN(sage_cl_touch, k0, present)
 
 /* One EMA pass over one state buffer (Backend::accumulate). */
 __kernel void sage_cl_accumulate(__global const sage_cl_slot* slots, uint base, int which,
@@ -168,22 +199,23 @@ __kernel void sage_cl_apply(__global const sage_cl_slot* slots, uint base, __glo
 }
 "#,
     );
-    multi_entry(&mut src, "sage_cl_step", "sage_cl_elem", slots);
-    multi_entry(&mut src, "sage_cl_floor", "sage_cl_touch", slots);
+    multi_entry(&mut src, "sage_cl_step", "SAGE_CL_STEP_CASES", slots);
+    multi_entry(&mut src, "sage_cl_floor", "SAGE_CL_FLOOR_CASES", slots);
     src
 }
 
-/// A multi-tensor entry kernel `name` applying `elem` to up to `slots` tensors per launch.
-/// Each work-group covers `local_size` elements of one tensor, so the tensor (and its
-/// pointers) are uniform across the group. `bad` (when not null) holds two `uint`s per tensor
-/// of the step (`base + s`): the low and high words of its count of elements for which `elem`
-/// returned 1. Such elements are rare, so each adds its own atomic increment (32-bit atomics
-/// are core OpenCL; 64-bit ones are an extension), and the increment that wraps the low word
-/// carries into the high one.
-fn multi_entry(src: &mut String, name: &str, elem: &str, slots: usize) {
+/// A multi-tensor entry kernel `name` running `cases` (a macro of the source above over the
+/// elements `[lo, hi)`) for up to `slots` tensors per launch. Each work-group covers
+/// `local_size · SAGE_WPI` elements of one tensor, so the tensor (and its pointers) are uniform
+/// across the group; each work-item takes `SAGE_WPI` consecutive ones. `bad` (when not null)
+/// holds two `uint`s per tensor of the step (`base + s`): the low and high words of its count
+/// of non-finite stored parameters. Such elements are rare, so a work-item that found any adds
+/// its count atomically (32-bit atomics are core OpenCL; 64-bit ones an extension), carrying
+/// into the high word when the low one wraps.
+fn multi_entry(src: &mut String, name: &str, cases: &str, slots: usize) {
     let _ = write!(
         src,
-        "\n__kernel void {name}(__global const sage_cl_slot* slots, uint base, uint count,\n    __global uint* bad"
+        "\n__kernel void {name}(__global const sage_cl_slot* slots, uint base, uint count,\n    __global uint* bad_counts"
     );
     src.push_str(&slot_args(
         slots,
@@ -201,17 +233,21 @@ fn multi_entry(src: &mut String, name: &str, elem: &str, slots: usize) {
     size_t grp = get_group_id(0);
     uint s = sage_cl_find(slots, count, grp);
     size_t first = s ? slots[s - 1].end_group : 0;
-    size_t i = (grp - first) * get_local_size(0) + get_local_id(0);
-    if (i >= slots[s].len) return;
+    const size_t len = slots[s].len;
+    const size_t lo = ((grp - first) * get_local_size(0) + get_local_id(0)) * SAGE_WPI;
+    if (lo >= len) return;
+    const size_t hi = min(lo + (size_t)SAGE_WPI, len);
+    const sage_coeffs k0 = slots[s].k;
+    const uint present = slots[s].present;
     __global P_T* p; __global const P_T* g; __global S_T* m; __global S_T* v; __global S_T* b;
     "#,
     );
     src.push_str(&slot_switch(slots, &["p", "g", "m", "v", "b"]));
     let _ = writeln!(
         src,
-        "    if ({elem}(slots + s, p, g, m, v, b, i) && bad) {{\n        \
-         __global uint* c = bad + 2 * ((size_t)base + s);\n        \
-         if (atomic_inc(c) == 0xffffffffu) atomic_inc(c + 1);\n    }}\n}}"
+        "    uint bad = 0;\n    {cases}\n    if (bad && bad_counts) {{\n        \
+         __global uint* c = bad_counts + 2 * ((size_t)base + s);\n        \
+         if (atomic_add(c, bad) > 0xffffffffu - bad) atomic_inc(c + 1);\n    }}\n}}"
     );
 }
 
@@ -230,7 +266,13 @@ pub const NORM_CHUNK: usize = sage_core::norm::NORM_CHUNK;
 /// `lid, lid + local_size, ...` of the chunk in order and the work-group sums them in a fixed
 /// tree, so a partial depends on its chunk's contents only (for a given work-group size, fixed
 /// per device). NaN and ±Inf make the partial non-finite.
-pub fn norm_program(e: DType, slots: usize, fp64: bool) -> String {
+///
+/// With `item_per_chunk` (CPU devices) one work-item sums a whole chunk instead, in eight
+/// interleaved accumulators (element `j` of the chunk into accumulator `j % 8`) added in a
+/// fixed tree at the end: a loop a CPU device's compiler turns into vector code, with no
+/// barriers (each is a pass over the work-group on a CPU device). The partial then depends on
+/// its chunk alone.
+pub fn norm_program(e: DType, slots: usize, fp64: bool, item_per_chunk: bool) -> String {
     let mut src = String::from(PRELUDE);
     src.push_str(sage_core::gpu::KERNEL_BODY);
     let _ = writeln!(src, "#define SAGE_NORM_CHUNK {NORM_CHUNK}");
@@ -244,41 +286,20 @@ pub fn norm_program(e: DType, slots: usize, fp64: bool) -> String {
     src.push_str(&storage_macros("E", e));
     src.push_str(
         r#"
-/* A work-group's values in `scratch` summed (or, with SAGE_TREE_MAX, maxed) in a fixed tree
- * (local_size is a power of two); the result is in scratch[0] for every work-item. */
+/* A work-group's values in `scratch` summed (or maxed) in a fixed tree (local_size is a power
+ * of two); the result is in scratch[0] for every work-item. */
 #define SAGE_TREE(OP)                                                   \
     for (size_t off = lsz / 2; off > 0; off >>= 1) {                    \
         if (lid < off) scratch[lid] = OP(scratch[lid], scratch[lid + off]); \
         barrier(CLK_LOCAL_MEM_FENCE);                                   \
     }
 #define SAGE_ADD(a, b) ((a) + (b))
-
-/* tab[3s] = elements of buffer s, tab[3s+1] = the grid chunk its first work-group sums (a
- * window of a buffer may start past chunk 0), tab[3s+2] = work-groups of this launch up to and
- * including buffer s. Work-group `grp` writes partial `pbase + grp`. */
-__kernel void sage_cl_norm_partials(__global const ulong* tab, uint base, uint count,
-                                    __global sage_part* partials, uint pbase,
-                                    __local sage_acc* scratch"#,
+/* Eight interleaved accumulators added in a fixed tree. */
+#define SAGE_SUM8(a) (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
+"#,
     );
-    src.push_str(&slot_args(slots, &[("__global const E_T*", "x")]));
-    src.push_str(
-        r#") {
-    tab += 3 * (size_t)base;
-    size_t grp = get_group_id(0);
-    size_t lid = get_local_id(0);
-    size_t lsz = get_local_size(0);
-    uint s = 0;
-    while (s + 1u < count && grp >= tab[3 * s + 2]) s++;
-    size_t first = s ? tab[3 * s - 1] : 0;
-    size_t len = tab[3 * s];
-    size_t start = (tab[3 * s + 1] + (grp - first)) * SAGE_NORM_CHUNK;
-    size_t end = min(start + SAGE_NORM_CHUNK, len);
-    __global const E_T* x;
-    "#,
-    );
-    src.push_str(&slot_switch(slots, &["x"]).replace("default: return;", "default: x = x0;"));
-    if fp64 {
-        src.push_str(
+    let body = match (item_per_chunk, fp64) {
+        (false, true) => {
             r#"    double acc = 0.0;
     for (size_t i = start + lid; i < end; i += lsz) {
         double v = (double)E_LD(x, i);
@@ -287,12 +308,10 @@ __kernel void sage_cl_norm_partials(__global const ulong* tab, uint base, uint c
     scratch[lid] = acc;
     barrier(CLK_LOCAL_MEM_FENCE);
     SAGE_TREE(SAGE_ADD)
-    if (lid == 0) partials[pbase + grp] = scratch[0];
-}
-"#,
-        );
-    } else {
-        src.push_str(
+    if (lid == 0) partials[pbase + c] = scratch[0];
+"#
+        }
+        (false, false) => {
             r#"    /* The largest magnitude; +Inf when any element is NaN or ±Inf (fmax drops NaN). */
     float m = 0.0f;
     for (size_t i = start + lid; i < end; i += lsz) {
@@ -316,14 +335,115 @@ __kernel void sage_cl_norm_partials(__global const ulong* tab, uint base, uint c
     barrier(CLK_LOCAL_MEM_FENCE);
     SAGE_TREE(SAGE_ADD)
     if (lid == 0) {
-        partials[2 * (size_t)(pbase + grp)] = scratch[0];
-        partials[2 * (size_t)(pbase + grp) + 1] = (float)k;
+        partials[2 * (size_t)(pbase + c)] = scratch[0];
+        partials[2 * (size_t)(pbase + c) + 1] = (float)k;
     }
+"#
+        }
+        (true, true) => {
+            r#"    double a[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+    size_t i = start;
+    for (; i + 8 <= end; i += 8) {
+        for (int j = 0; j < 8; j++) {
+            double v = (double)E_LD(x, i + j);
+            a[j] += v * v;
+        }
+    }
+    for (int j = 0; i < end; i++, j++) {
+        double v = (double)E_LD(x, i);
+        a[j] += v * v;
+    }
+    partials[pbase + c] = SAGE_SUM8(a);
+"#
+        }
+        (true, false) => {
+            r#"    /* As the work-group form: the largest magnitude (+Inf when any element is not
+     * finite), then the squares scaled by 2^-k so that none overflows. */
+    float m = 0.0f;
+    for (size_t i = start; i < end; i++) {
+        float v = E_LD(x, i);
+        m = isfinite(v) ? fmax(m, fabs(v)) : INFINITY;
+    }
+    int k = (m > 0.0f && isfinite(m)) ? ilogb(m) : 0;
+    float a[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (size_t i = start; i < end; i++) {
+        float v = ldexp(E_LD(x, i), -k);
+        a[(i - start) & 7u] += v * v;
+    }
+    partials[2 * (size_t)(pbase + c)] = SAGE_SUM8(a);
+    partials[2 * (size_t)(pbase + c) + 1] = (float)k;
+"#
+        }
+    };
+    chunk_kernel(
+        &mut src,
+        "sage_cl_norm_partials",
+        slots,
+        item_per_chunk,
+        body,
+    );
+    // The read floor: each element read once in the same launches, summed in float (no
+    // conversion to double, no squares, no tree); the sum is stored only when it equals a
+    // value it practically never has, so the loads stay and no store is made.
+    let floor = if item_per_chunk {
+        r#"    float a[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    size_t i = start;
+    for (; i + 8 <= end; i += 8) {
+        for (int j = 0; j < 8; j++) a[j] += E_LD(x, i + j);
+    }
+    for (int j = 0; i < end; i++, j++) a[j] += E_LD(x, i);
+    float acc = SAGE_SUM8(a);
+    if (acc == -1.5f) ((__global float*)partials)[pbase + c] = acc;
+"#
+    } else {
+        r#"    float acc = 0.0f;
+    for (size_t i = start + lid; i < end; i += lsz) acc += E_LD(x, i);
+    if (acc == -1.5f) ((__global float*)partials)[pbase + c] = acc;
+"#
+    };
+    chunk_kernel(&mut src, "sage_cl_read_floor", slots, item_per_chunk, floor);
+    src
 }
-"#,
+
+/// A kernel over the chunks of sage-core's norm grid with the norm pass's arguments and
+/// geometry, running `body` with `x` (the buffer), `[start, end)` (the chunk's elements) and
+/// `c` (the chunk's index in the launch). With `item_per_chunk` work-item `c` of the launch
+/// takes chunk `c` (the table's counts are chunks, a work-group's size is free, `scratch` is
+/// unused); otherwise work-group `c` does, its work-items `lid` of `lsz`.
+fn chunk_kernel(src: &mut String, name: &str, slots: usize, item_per_chunk: bool, body: &str) {
+    let _ = write!(
+        src,
+        r#"
+/* tab[3s] = elements of buffer s, tab[3s+1] = the grid chunk its first chunk of the launch is
+ * (a window of a buffer may start past chunk 0), tab[3s+2] = chunks of this launch up to and
+ * including buffer s. */
+__kernel void {name}(__global const ulong* tab, uint base, uint count,
+                     __global sage_part* partials, uint pbase, __local sage_acc* scratch"#
+    );
+    src.push_str(&slot_args(slots, &[("__global const E_T*", "x")]));
+    src.push_str(") {\n    tab += 3 * (size_t)base;\n");
+    if item_per_chunk {
+        src.push_str(
+            "    size_t c = get_global_id(0);\n    if (c >= tab[3 * (size_t)(count - 1) + 2]) return;\n",
+        );
+    } else {
+        src.push_str(
+            "    size_t c = get_group_id(0);\n    size_t lid = get_local_id(0);\n    size_t lsz = get_local_size(0);\n",
         );
     }
-    src
+    src.push_str(
+        r#"    uint s = 0;
+    while (s + 1u < count && c >= tab[3 * s + 2]) s++;
+    size_t first = s ? tab[3 * s - 1] : 0;
+    size_t len = tab[3 * s];
+    size_t start = (tab[3 * s + 1] + (c - first)) * SAGE_NORM_CHUNK;
+    size_t end = min(start + SAGE_NORM_CHUNK, len);
+    __global const E_T* x;
+    "#,
+    );
+    src.push_str(&slot_switch(slots, &["x"]).replace("default: return;", "default: x = x0;"));
+    src.push_str(body);
+    src.push_str("}\n");
 }
 
 /// The `f64` value of a partial of the float path of [`norm_program`]: `sum · 2^(2k)`, exact
@@ -340,17 +460,23 @@ mod tests {
 
     #[test]
     fn programs_name_every_slot() {
-        let src = step_program(DType::F16, DType::Bf16, 3);
+        let src = step_program(DType::F16, DType::Bf16, 3, 64);
         assert!(src.contains("__global P_T* p2"));
         assert!(!src.contains("p3"));
         assert!(src.contains("vload_half"));
         assert!(src.contains("sage_f32_to_bf16"));
-        let n = norm_program(DType::F32, 2, true);
+        assert!(src.contains("#define SAGE_WPI 64\n"));
+        let n = norm_program(DType::F32, 2, true, false);
         assert!(n.contains("__global const E_T* x1"));
         assert!(n.contains("cl_khr_fp64"));
         assert!(n.contains("#define SAGE_NORM_CHUNK 4096\n"));
-        let n = norm_program(DType::Bf16, 2, false);
+        let n = norm_program(DType::Bf16, 2, false, false);
         assert!(!n.contains("cl_khr_fp64") && n.contains("ilogb"));
+        for fp64 in [false, true] {
+            let n = norm_program(DType::F16, 3, fp64, true);
+            assert!(n.contains("get_global_id") && !n.contains("barrier"));
+            assert!(n.contains("__global const E_T* x2"));
+        }
     }
 
     #[test]

@@ -14,29 +14,37 @@ use sage_core::{
 };
 use sage_opencl::{ClBuffer, OpenCl, Select};
 
-/// The device's backend with `per` tensors per launch and the double or the float path.
-fn variant(cl: &OpenCl, per: Option<usize>, fp64: bool) -> OpenCl {
+/// The device's backend with `per` tensors per launch, the double or the float path, and
+/// `per_item` elements per work-item (1: a work-group sums each chunk, as on GPUs; more: one
+/// work-item does, as on CPU devices).
+fn variant(cl: &OpenCl, per: Option<usize>, fp64: bool, per_item: usize) -> OpenCl {
     let mut b = OpenCl::builder()
         .device(Select::Index {
             platform: cl.device().platform,
             device: cl.device().device,
         })
-        .f64_norms(fp64);
+        .f64_norms(fp64)
+        .elements_per_item(per_item);
     if let Some(n) = per {
         b = b.max_tensors_per_launch(n);
     }
     b.build().unwrap()
 }
 
-/// Both accumulation paths the device has (the double one only with `cl_khr_fp64`).
+/// Both accumulation paths the device has (the double one only with `cl_khr_fp64`), each in
+/// both forms of the kernel (a work-group per chunk, a work-item per chunk).
 fn paths(cl: &OpenCl) -> Vec<OpenCl> {
-    let mut v = vec![variant(cl, None, false)];
-    if cl.device().fp64 {
-        let d = variant(cl, None, true);
-        assert!(d.f64_norms());
-        v.push(d);
+    let mut v = Vec::new();
+    for per_item in [1, sage_opencl::CPU_ELEMENTS_PER_ITEM] {
+        let f = variant(cl, None, false, per_item);
+        assert!(!f.f64_norms());
+        v.push(f);
+        if cl.device().fp64 {
+            let d = variant(cl, None, true, per_item);
+            assert!(d.f64_norms());
+            v.push(d);
+        }
     }
-    assert!(!v[0].f64_norms());
     v
 }
 
@@ -87,9 +95,10 @@ fn bits(x: &[f64]) -> Vec<u64> {
 /// Every path to the norms of many tensors, on backend `cl`: returns all partials.
 fn every_path<E: Element>(cl: &mut OpenCl, host: &[Vec<E>]) -> Vec<f64> {
     let what = format!(
-        "{} ({} per launch, {})",
+        "{} ({} per launch, {} per work-item, {})",
         E::DTYPE,
         cl.tensors_per_launch(),
+        cl.elements_per_item(),
         if cl.f64_norms() { "double" } else { "float" }
     );
     let grads: Vec<ClBuffer<E>> = host.iter().map(|h| cl.upload(h).unwrap()).collect();
@@ -170,7 +179,7 @@ fn many_tensors<E: Element>(base: &OpenCl, scale: f32) {
         let all = every_path::<E>(&mut cl, &host);
         // Other launch partitions (one tensor per launch, three) give the same partials.
         for per in [1, 3] {
-            let mut other = variant(base, Some(per), fp64);
+            let mut other = variant(base, Some(per), fp64, cl.elements_per_item());
             assert_eq!(bits(&every_path::<E>(&mut other, &host)), bits(&all));
         }
     }
@@ -369,7 +378,7 @@ fn host_buffers_round_trip() {
 #[test]
 fn huge_finite_gradients_are_finite_without_doubles() {
     let Some(base) = device() else { return };
-    let cl = variant(&base, None, false);
+    let cl = variant(&base, None, false, base.elements_per_item());
     assert!(!cl.f64_norms());
     let cfg = Config::paper(Algorithm::sgd(0.0), 0.1)
         .skip_non_finite(true)

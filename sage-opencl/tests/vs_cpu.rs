@@ -253,6 +253,28 @@ fn many_tensors_span_several_launches() {
     same_as_cpu::<f32, f32>(&cl, cfg, "3 per launch");
 }
 
+/// The step's geometry changes no bit: one element per work-item (what GPUs run), an odd run
+/// (a tensor's tail inside a work-item's run), and a run longer than most tensors here.
+#[test]
+fn every_run_per_work_item_gives_the_same_bits() {
+    let Some(cl) = device() else { return };
+    for per_item in [1, 7, 300] {
+        let v = OpenCl::builder()
+            .device(sage_opencl::Select::Index {
+                platform: cl.device().platform,
+                device: cl.device().device,
+            })
+            .elements_per_item(per_item)
+            .build()
+            .unwrap();
+        assert_eq!(v.elements_per_item(), per_item);
+        for (what, cfg) in configs() {
+            same_as_cpu::<f32, f32>(&v, cfg, what);
+            same_as_cpu::<bf16, f32>(&v, cfg, what);
+        }
+    }
+}
+
 /// The primitives and the composed step they make agree with the CPU's.
 #[test]
 fn primitives_match_cpu() {

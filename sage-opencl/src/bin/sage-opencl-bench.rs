@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! sage-opencl-bench [--params N] [--reps N] [--precision f32,bf16,f16] [--device P:D|name]
-//!                   [--quick] [--list]
+//!                   [--per-item N] [--small N] [--quick] [--list]
 //! ```
 //!
 //! For each precision (parameters and gradients stored in it, state in f32) and each shape —
@@ -58,13 +58,15 @@ struct Args {
     reps: usize,
     precisions: Vec<String>,
     device: Select,
+    per_item: Option<usize>,
+    small: usize,
     list: bool,
 }
 
 fn usage() -> ExitCode {
     eprintln!(
         "usage: sage-opencl-bench [--params N] [--reps N] [--precision f32,bf16,f16] \
-         [--device P:D|name] [--quick] [--list]"
+         [--device P:D|name] [--per-item N] [--small N] [--quick] [--list]"
     );
     ExitCode::from(64)
 }
@@ -77,6 +79,8 @@ fn parse() -> Result<Args, String> {
         device: std::env::var("SAGE_OPENCL_DEVICE")
             .map(|s| Select::parse(&s))
             .unwrap_or_default(),
+        per_item: None,
+        small: 10_000,
         list: false,
     };
     let mut it = std::env::args().skip(1);
@@ -110,10 +114,24 @@ fn parse() -> Result<Args, String> {
                 }
             }
             "--device" => a.device = Select::parse(&val()?),
+            "--per-item" => {
+                let v = val()?;
+                a.per_item = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or(format!("bad --per-item {v}"))?,
+                );
+            }
+            "--small" => {
+                let v = val()?;
+                a.small = v.parse().map_err(|_| format!("bad --small {v}"))?;
+            }
             "--quick" => {
                 a.params = 1 << 18;
                 a.reps = 2;
                 a.precisions = vec!["f32".into()];
+                a.small = 200;
             }
             "--list" => a.list = true,
             _ => return Err(format!("unknown argument {arg}")),
@@ -159,10 +177,12 @@ fn dev_tensors<P: Element, S: Element>(
         .collect()
 }
 
-/// One timed line.
+/// One timed line: its best time, the bytes it must move, and the row it is compared to.
 struct Row {
     name: &'static str,
     best: f64,
+    bytes: f64,
+    base: usize,
 }
 
 fn time<E>(mut f: impl FnMut() -> Result<(), E>) -> Result<f64, E> {
@@ -177,12 +197,12 @@ fn config(guarded: bool) -> Config {
         .skip_non_finite(guarded)
 }
 
-/// Times every row for one precision and shape; returns (rows, bytes moved per step).
+/// Times every row for one precision and shape.
 fn run_case<P: Element, S: Element>(
     cl: &mut OpenCl,
     lens: &[usize],
     reps: usize,
-) -> Result<(Vec<Row>, f64), String> {
+) -> Result<Vec<Row>, String> {
     let err = |e: sage_opencl::Error| e.to_string();
     let groups = [ParamGroup::sage().weight_decay(0.01)];
     let mut host: Vec<HostT<P, S>> = lens
@@ -230,7 +250,19 @@ fn run_case<P: Element, S: Element>(
     cl.finish().map_err(err)?;
     cpu_step(&mut cpu, &mut host)?;
 
-    let mut best = [f64::INFINITY; 4];
+    let norm_pass = |cl: &mut OpenCl, dev: &[DevT<P, S>]| {
+        let grads: Vec<&ClBuffer<P>> = dev.iter().map(|d| &d.g).collect();
+        cl.sq_norms(&grads).map(|_| ())
+    };
+    let read_floor = |cl: &mut OpenCl, dev: &[DevT<P, S>]| {
+        let grads: Vec<&ClBuffer<P>> = dev.iter().map(|d| &d.g).collect();
+        cl.floor_read(&grads)?;
+        cl.finish()
+    };
+    norm_pass(cl, &dev).map_err(err)?;
+    read_floor(cl, &dev).map_err(err)?;
+
+    let mut best = [f64::INFINITY; 6];
     for _ in 0..reps {
         // Untimed: a GPU lowers its clocks while the CPU row runs; this brings them back up
         // so that the floor is not timed cold.
@@ -255,23 +287,38 @@ fn run_case<P: Element, S: Element>(
             cl.finish().map_err(err)
         })?;
         best[2] = best[2].min(t);
+        let t = time(|| read_floor(cl, &dev)).map_err(err)?;
+        best[4] = best[4].min(t);
+        let t = time(|| norm_pass(cl, &dev)).map_err(err)?;
+        best[5] = best[5].min(t);
         let t = time(|| cpu_step(&mut cpu, &mut host))?;
         best[3] = best[3].min(t);
     }
-    let names = [
-        "floor (in-place stream)",
-        "opencl step",
-        "opencl step (guarded)",
-        "cpu portable step",
+    let grad_bytes = (P::DTYPE.size() * total) as f64;
+    let rows = [
+        ("floor (in-place stream)", bytes, 0),
+        ("opencl step", bytes, 0),
+        ("opencl step (guarded)", bytes + grad_bytes, 0),
+        ("cpu portable step", bytes, 0),
+        ("floor 1r (gradients)", grad_bytes, 4),
+        ("grad-norm pass", grad_bytes, 4),
     ];
-    Ok((
-        names
-            .iter()
-            .zip(best)
-            .map(|(&name, best)| Row { name, best })
-            .collect(),
-        bytes,
-    ))
+    Ok(rows
+        .iter()
+        .zip(best)
+        .map(|(&(name, bytes, base), best)| Row {
+            name,
+            best,
+            bytes,
+            base,
+        })
+        .collect())
+}
+
+/// Tensors of 256 to 1024 elements (1–4 KiB of f32: biases, LayerNorms, adapters), `n` of
+/// them, spread evenly over that range.
+fn small_tensors(n: usize) -> Vec<usize> {
+    (0..n).map(|i| 256 + (i * 7919) % 769).collect()
 }
 
 fn host_cpu() -> String {
@@ -313,7 +360,11 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let mut cl = match OpenCl::with_device(args.device.clone()) {
+    let mut builder = OpenCl::builder().device(args.device.clone());
+    if let Some(n) = args.per_item {
+        builder = builder.elements_per_item(n);
+    }
+    let mut cl = match builder.build() {
         Ok(cl) => cl,
         Err(e) => {
             eprintln!("{e}");
@@ -327,15 +378,30 @@ fn main() -> ExitCode {
     println!("device: {}", cl.device());
     println!("host:   {}", host_cpu());
     println!(
-        "AdamW-SAGE (reference preset), state in f32, best of {} reps; {} tensors per launch",
+        "AdamW-SAGE (reference preset), state in f32, best of {} reps; {} tensors per launch, \
+         {} elements per work-item",
         args.reps,
-        cl.tensors_per_launch()
+        cl.tensors_per_launch(),
+        cl.elements_per_item()
     );
-    let shapes: [(&str, Vec<usize>); 2] = [
-        ("1 tensor", vec![args.params]),
-        ("BERT-base mix, 199 tensors", bert_scaled(args.params)),
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("1 tensor".into(), vec![args.params]),
+        (
+            "BERT-base mix, 199 tensors".into(),
+            bert_scaled(args.params),
+        ),
     ];
+    if args.small > 0 {
+        let small = small_tensors(args.small);
+        let total = small.iter().sum();
+        shapes.push((
+            format!("{} small tensors (256-1024 elements)", args.small),
+            small,
+        ));
+        shapes.push(("flat: one tensor of the same total".into(), vec![total]));
+    }
     for prec in &args.precisions {
+        let mut done: Vec<Vec<Row>> = Vec::new();
         for (shape, lens) in &shapes {
             let total: usize = lens.iter().sum();
             let r = match prec.as_str() {
@@ -343,7 +409,7 @@ fn main() -> ExitCode {
                 "bf16" => run_case::<bf16, f32>(&mut cl, lens, args.reps),
                 _ => run_case::<f16, f32>(&mut cl, lens, args.reps),
             };
-            let (rows, bytes) = match r {
+            let rows = match r {
                 Ok(x) => x,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -352,22 +418,33 @@ fn main() -> ExitCode {
             };
             println!(
                 "\n{prec} params/grads, {shape}: {total} parameters, {:.0} bytes/parameter",
-                bytes / total as f64
+                rows[0].bytes / total as f64
             );
             println!(
                 "  {:<26} {:>10} {:>9} {:>9} {:>8}",
                 "", "ms/step", "ns/param", "GB/s", "x floor"
             );
-            let floor = rows[0].best;
             for r in &rows {
                 println!(
                     "  {:<26} {:>10.3} {:>9.3} {:>9.2} {:>8.2}",
                     r.name,
                     r.best * 1e3,
                     r.best * 1e9 / total as f64,
-                    bytes / r.best / 1e9,
-                    r.best / floor
+                    r.bytes / r.best / 1e9,
+                    r.best / rows[r.base].best
                 );
+            }
+            done.push(rows);
+        }
+        if args.small > 0 {
+            // The small-tensor shape against the flat one of the same total, row by row.
+            let (small, flat) = (&done[2], &done[3]);
+            println!(
+                "\n{prec}, {} small tensors against one flat tensor (x flat):",
+                args.small
+            );
+            for (a, b) in small.iter().zip(flat) {
+                println!("  {:<26} {:>8.2}", a.name, a.best / b.best);
             }
         }
     }
