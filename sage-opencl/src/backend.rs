@@ -2,18 +2,19 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ocl::core::{
     self, ArgVal, CommandQueue, Context, Kernel, KernelWorkGroupInfo, KernelWorkGroupInfoResult,
-    Mem, MemFlags, MemInfo, MemInfoResult, Program, ProgramBuildInfo, ProgramBuildInfoResult,
+    Mem, MemFlags, Program, ProgramBuildInfo, ProgramBuildInfoResult,
 };
 use sage_core::norm;
 use sage_core::{
     Accumulate, ApplyArgs, Backend, Coeffs, DType, Element, HostBuffers, ParamTensor, TensorMut,
 };
 
-use crate::buffer::{bytes, bytes_mut, ClBuffer};
+use crate::buffer::{bytes, bytes_mut, ClBuffer, Place};
 use crate::device::{describe, devices, DeviceDesc, Select};
 use crate::{source, Error};
 
@@ -21,6 +22,8 @@ use crate::{source, Error};
 const LOCAL: usize = 256;
 /// Most tensors one launch takes (the device's parameter size may lower it).
 const MAX_SLOTS: usize = 16;
+/// Work-items per work-group of a step on CPU devices (times the run of each: 1024 elements).
+const CPU_LOCAL: usize = 16;
 /// Work-items (one per 4096-element chunk) per work-group of the norm pass on CPU devices.
 const NORM_CPU_LOCAL: usize = 8;
 /// Consecutive elements per work-item of a step on CPU devices (the default of
@@ -37,11 +40,18 @@ pub(crate) struct Slot {
     end_group: u64,
     present: u32,
     pad: u32,
+    /// Packed launches: elements from the start of the shared param, grad, m, v, ibar.
+    off: [u64; 5],
 }
-const _: () = assert!(std::mem::size_of::<Slot>() == 120);
+const _: () = assert!(std::mem::size_of::<Slot>() == 160);
 
 fn slot_bytes(s: &[Slot]) -> &[u8] {
     // SAFETY: `Slot` is repr(C) of 4- and 8-byte plain fields with no padding (size asserted).
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+}
+
+fn u32_bytes(s: &[u32]) -> &[u8] {
+    // SAFETY: u32 has no padding and any alignment of u8 is fine.
     unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
 }
 
@@ -78,6 +88,10 @@ struct Shared {
     /// builder did not turn it off).
     norm_fp64: bool,
     max_alloc: u64,
+    /// `CL_DEVICE_MEM_BASE_ADDR_ALIGN` in bytes: where a sub-buffer may start.
+    align: usize,
+    /// Step launches enqueued so far: packed, and with each tensor's own buffers.
+    launches: [AtomicU64; 2],
     programs: Mutex<HashMap<ProgramKey, Program>>,
 }
 
@@ -246,11 +260,62 @@ struct Item<'a> {
     name: Option<&'a str>,
     k: Coeffs,
     len: usize,
-    p: &'a Mem,
-    g: &'a Mem,
-    m: Option<&'a Mem>,
-    v: Option<&'a Mem>,
-    b: Option<&'a Mem>,
+    p: Buf<'a>,
+    g: Buf<'a>,
+    m: Option<Buf<'a>>,
+    v: Option<Buf<'a>>,
+    b: Option<Buf<'a>>,
+}
+
+/// One non-empty buffer of a step: its memory object and where that lives.
+#[derive(Clone, Copy)]
+struct Buf<'a> {
+    mem: &'a Mem,
+    place: &'a Place,
+}
+
+impl<'a> Buf<'a> {
+    fn of<E: Element>(b: &'a ClBuffer<E>) -> Self {
+        Buf {
+            mem: mem_of(b),
+            place: b.place.as_ref().expect("non-empty ClBuffer has a place"),
+        }
+    }
+}
+
+/// Where one tensor's buffers (param, grad, m, v, ibar) live: the memory object at the root (a
+/// sub-buffer's parent, or the buffer itself; `None` when absent) and the offset in elements
+/// within it (`None` when not a whole number of elements).
+#[derive(Default)]
+struct Placement<'a> {
+    roots: [Option<&'a Mem>; 5],
+    offsets: [Option<u64>; 5],
+}
+
+impl Placement<'_> {
+    /// The roots as addresses (0 when absent): tensors with equal keys can share a launch.
+    fn key(&self) -> Option<[usize; 5]> {
+        let mut key = [0; 5];
+        for (k, (r, o)) in key.iter_mut().zip(self.roots.iter().zip(&self.offsets)) {
+            if let Some(r) = r {
+                o.as_ref()?;
+                *k = r.as_ptr() as usize;
+            }
+        }
+        Some(key)
+    }
+}
+
+/// Fewest consecutive tensors sharing their root buffers that take a packed launch.
+const MIN_PACKED: usize = 2;
+
+/// One launch of a step: `count` items from `first`; packed (one set of root buffers, the
+/// tensors at offsets) or with each tensor's own buffers.
+struct Launch {
+    first: usize,
+    count: usize,
+    packed: bool,
+    groups: usize,
 }
 
 /// Chunks `first .. first + chunks` of one buffer on the norm grid.
@@ -318,11 +383,11 @@ fn item<'a, P: Element, S: Element>(
         name,
         k,
         len: n,
-        p: mem_of(param),
-        g: mem_of(grad),
-        m: m.map(mem_of),
-        v: v.map(mem_of),
-        b: b.map(mem_of),
+        p: Buf::of(param),
+        g: Buf::of(grad),
+        m: m.map(Buf::of),
+        v: v.map(Buf::of),
+        b: b.map(Buf::of),
     }))
 }
 
@@ -382,8 +447,14 @@ impl OpenCl {
             Ok(core::DeviceInfoResult::MaxMemAllocSize(n)) => n,
             _ => u64::MAX,
         };
+        let align = match core::get_device_info(desc.id, core::DeviceInfo::MemBaseAddrAlign) {
+            Ok(core::DeviceInfoResult::MemBaseAddrAlign(bits)) => (bits as usize / 8).max(1),
+            _ => 4096,
+        };
         Ok(OpenCl {
             shared: Arc::new(Shared {
+                align,
+                launches: [AtomicU64::new(0), AtomicU64::new(0)],
                 context,
                 queue,
                 options,
@@ -401,6 +472,11 @@ impl OpenCl {
             #[cfg(test)]
             fail_read_back: false,
         })
+    }
+
+    /// This backend's context as an address (what a buffer's place records).
+    fn context_addr(&self) -> usize {
+        self.shared.context.as_ptr() as usize
     }
 
     /// The device this backend runs on.
@@ -421,6 +497,16 @@ impl OpenCl {
     /// Tensors one multi-tensor launch takes on this device.
     pub fn tensors_per_launch(&self) -> usize {
         self.shared.slots
+    }
+
+    /// Step launches (fused steps and their floors) enqueued on this device so far, by every
+    /// clone: `(packed, unpacked)`. Packed launches take any number of tensors cut from the
+    /// same buffers ([`slab`](Self::slab)); unpacked ones take up to
+    /// [`tensors_per_launch`](Self::tensors_per_launch) tensors with buffers of their own. A
+    /// way to check that a model's layout packs.
+    pub fn launch_counts(&self) -> (u64, u64) {
+        let [p, u] = &self.shared.launches;
+        (p.load(Ordering::Relaxed), u.load(Ordering::Relaxed))
     }
 
     /// Consecutive elements each work-item of a step takes ([`Builder::elements_per_item`]).
@@ -468,13 +554,13 @@ impl OpenCl {
     /// A new device buffer holding a copy of `data`.
     pub fn upload<E: Element>(&self, data: &[E]) -> Result<ClBuffer<E>, Error> {
         let mem = self.mem(data.len(), E::DTYPE.size(), Some(bytes(data)))?;
-        Ok(ClBuffer::from_parts(mem, data.len()))
+        Ok(ClBuffer::own(mem, data.len(), self.context_addr()))
     }
 
     /// A new device buffer of `len` zeros (what fresh optimizer state holds).
     pub fn zeros<E: Element>(&self, len: usize) -> Result<ClBuffer<E>, Error> {
         let mem = self.mem(len, E::DTYPE.size(), None)?;
-        let mut buf = ClBuffer::from_parts(mem, len);
+        let mut buf = ClBuffer::own(mem, len, self.context_addr());
         if let Some(m) = &buf.mem {
             let filled = core::enqueue_fill_buffer(
                 &self.shared.queue,
@@ -492,6 +578,103 @@ impl OpenCl {
             }
         }
         Ok(buf)
+    }
+
+    /// Bytes a sub-buffer's start must be a multiple of on this device
+    /// (`CL_DEVICE_MEM_BASE_ADDR_ALIGN`; 128 on PoCL, 512 or more on many GPUs).
+    pub fn sub_buffer_alignment(&self) -> usize {
+        self.shared.align
+    }
+
+    /// Elements `offset .. offset + len` of `parent` as a buffer of their own: an OpenCL
+    /// sub-buffer, the same device memory (no copy). Tensors whose parameter, gradient and
+    /// state buffers are each cut from one parent per stream (as frameworks with flat
+    /// parameter and gradient buffers have them) step in one packed launch however many they
+    /// are: see [`slab`](Self::slab). An error, before anything is made, when the region runs
+    /// past the parent or starts off [`sub_buffer_alignment`](Self::sub_buffer_alignment).
+    pub fn sub_buffer<E: Element>(
+        &self,
+        parent: &ClBuffer<E>,
+        offset: usize,
+        len: usize,
+    ) -> Result<ClBuffer<E>, Error> {
+        let size = E::DTYPE.size();
+        let end = offset.checked_add(len).filter(|&e| e <= parent.len);
+        if end.is_none() {
+            return Err(Error::Region(format!(
+                "elements {offset}..{offset}+{len} of a buffer of {}",
+                parent.len
+            )));
+        }
+        if len == 0 {
+            return Ok(ClBuffer::own(None, 0, self.context_addr()));
+        }
+        if !(offset * size).is_multiple_of(self.shared.align) {
+            return Err(Error::Region(format!(
+                "element {offset} of {} starts at byte {}, not a multiple of the device's \
+                 {}-byte base-address alignment",
+                E::DTYPE,
+                offset * size,
+                self.shared.align
+            )));
+        }
+        let root = parent
+            .place
+            .as_ref()
+            .expect("non-empty ClBuffer has a place");
+        if root.offset != 0 || root.root.as_ptr() != mem_of(parent).as_ptr() {
+            // OpenCL makes no sub-buffer of a sub-buffer.
+            return Err(Error::Region(
+                "the parent is itself a sub-buffer: cut from its own parent instead".into(),
+            ));
+        }
+        let region = core::BufferRegion::<u8>::new(offset * size, len * size);
+        let mem = core::create_sub_buffer(mem_of(parent), MemFlags::new().read_write(), &region)
+            .map_err(|e| Error::cl("creating a sub-buffer", e))?;
+        let place = crate::buffer::Place {
+            root: mem_of(parent).clone(),
+            offset: offset * size,
+            context: root.context,
+        };
+        Ok(ClBuffer::sub(mem, len, place))
+    }
+
+    /// One zeroed allocation holding buffers of `lens` elements, each a sub-buffer starting on
+    /// the device's alignment: returns the parent and the pieces. Cut every stream of a model
+    /// this way (parameters, gradients, each state buffer) and a step packs all its tensors
+    /// into one launch per kind of kernel, where buffers of their own take one launch per
+    /// [`tensors_per_launch`](Self::tensors_per_launch).
+    ///
+    /// ```no_run
+    /// # use sage_opencl::OpenCl;
+    /// let cl = OpenCl::new()?;
+    /// let (_params, pieces) = cl.slab::<f32>(&[768, 3072, 768])?;
+    /// assert_eq!(pieces[1].len(), 3072);
+    /// # Ok::<(), sage_opencl::Error>(())
+    /// ```
+    #[allow(clippy::type_complexity)]
+    pub fn slab<E: Element>(
+        &self,
+        lens: &[usize],
+    ) -> Result<(ClBuffer<E>, Vec<ClBuffer<E>>), Error> {
+        let size = E::DTYPE.size();
+        // Elements per alignment unit (the alignment is a power of two, element sizes too).
+        let unit = (self.shared.align / size).max(1);
+        let mut starts = Vec::with_capacity(lens.len());
+        let mut at = 0usize;
+        for &n in lens {
+            starts.push(at);
+            at = at
+                .checked_add(n.div_ceil(unit) * unit)
+                .ok_or_else(|| Error::TooLarge(format!("a slab past {at} elements")))?;
+        }
+        let parent = self.zeros::<E>(at)?;
+        let pieces = starts
+            .iter()
+            .zip(lens)
+            .map(|(&s, &n)| self.sub_buffer(&parent, s, n))
+            .collect::<Result<_, _>>()?;
+        Ok((parent, pieces))
     }
 
     /// Copies `data` into `buf` (same length), after every operation queued before.
@@ -591,7 +774,14 @@ impl OpenCl {
             Ok(KernelWorkGroupInfoResult::WorkGroupSize(n)) if n > 0 => n,
             _ => 1,
         };
-        let mut wg = max.min(LOCAL);
+        // CPU devices run a work-group as a loop over its work-items, each taking a run of
+        // elements: a few of them per group, so that a small tensor fills its group.
+        let local = if self.shared.per_item > 1 {
+            CPU_LOCAL
+        } else {
+            LOCAL
+        };
+        let mut wg = max.min(local);
         if name == "sage_cl_norm_partials" || name == "sage_cl_read_floor" {
             wg = if self.shared.per_item > 1 {
                 // One work-item per chunk: a work-group of a few chunks is enough.
@@ -664,24 +854,75 @@ impl OpenCl {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        self.check_items(items, P::DTYPE.size(), S::DTYPE.size())?;
-        let (k, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), name)?;
+        let placements = self.check_items(items, P::DTYPE.size(), S::DTYPE.size())?;
         let per = self.shared.slots;
-        // Elements per work-group: the work-group size times each work-item's run.
-        let span = wg
-            .checked_mul(self.shared.per_item)
-            .ok_or_else(|| Error::TooLarge(format!("{} elements per work-item", wg)))?;
         if items.len() > u32::MAX as usize {
             return Err(Error::TooLarge(format!(
                 "{} tensors in one step",
                 items.len()
             )));
         }
-        let mut slots = Vec::with_capacity(items.len());
+        // Launches in item order (so that a failure part-way leaves a prefix stepped): runs of
+        // consecutive tensors cut from the same root buffers go packed, the rest `per` at a
+        // time.
         let mut launches = Vec::new();
-        for chunk in items.chunks(per) {
+        let mut i = 0;
+        while i < items.len() {
+            let key = placements[i].key();
+            let run = match key {
+                Some(key) => placements[i..]
+                    .iter()
+                    .take_while(|p| p.key() == Some(key))
+                    .count(),
+                None => 1,
+            };
+            if run >= MIN_PACKED {
+                launches.push(Launch {
+                    first: i,
+                    count: run,
+                    packed: true,
+                    groups: 0,
+                });
+                i += run;
+                continue;
+            }
+            // Unpacked: this tensor and the following ones up to the next packed run.
+            match launches.last_mut() {
+                Some(l) if !l.packed && l.count < per && l.first + l.count == i => l.count += 1,
+                _ => launches.push(Launch {
+                    first: i,
+                    count: 1,
+                    packed: false,
+                    groups: 0,
+                }),
+            }
+            i += 1;
+        }
+        let key = ProgramKey::Step(P::DTYPE, S::DTYPE);
+        let (k, mut wg) = self.kernel(key, name)?;
+        let packed_kernel = if launches.iter().any(|l| l.packed) {
+            let packed_name = match name {
+                "sage_cl_step" => "sage_cl_step_packed",
+                _ => "sage_cl_floor_packed",
+            };
+            let (pk, pwg) = self.kernel(key, packed_name)?;
+            // One work-group size for both, so that the table's group counts fit either.
+            wg = wg.min(pwg);
+            Some(pk)
+        } else {
+            None
+        };
+        // Elements per work-group: the work-group size times each work-item's run.
+        let span = wg
+            .checked_mul(self.shared.per_item)
+            .ok_or_else(|| Error::TooLarge(format!("{} elements per work-item", wg)))?;
+        let mut slots = Vec::with_capacity(items.len());
+        for l in &mut launches {
             let mut end = 0u64;
-            for it in chunk {
+            for (it, pl) in items[l.first..l.first + l.count]
+                .iter()
+                .zip(&placements[l.first..])
+            {
                 end += it.len.div_ceil(span) as u64;
                 slots.push(Slot {
                     k: it.k,
@@ -689,13 +930,13 @@ impl OpenCl {
                     end_group: end,
                     present: present(it.m.is_some(), it.v.is_some(), it.b.is_some()),
                     pad: 0,
+                    off: pl.offsets.map(|o| o.unwrap_or(0)),
                 });
             }
-            let groups = usize::try_from(end)
+            l.groups = usize::try_from(end)
                 .ok()
                 .filter(|g| g.checked_mul(wg).is_some())
                 .ok_or_else(|| Error::TooLarge(format!("{end} work-groups in one launch")))?;
-            launches.push(groups);
         }
         let table = self.table(slot_bytes(&slots))?;
         // Two zeroed words per item (low and high halves of its count), written by the kernel.
@@ -704,12 +945,33 @@ impl OpenCl {
         } else {
             None
         };
-        for (ci, (chunk, &groups)) in items.chunks(per).zip(&launches).enumerate() {
-            let base = (ci * per) as u32;
+        for (li, l) in launches.iter().enumerate() {
+            let chunk = &items[l.first..l.first + l.count];
+            self.shared.launches[usize::from(!l.packed)].fetch_add(1, Ordering::Relaxed);
             let launched =
-                self.launch_chunk(&k, &table, counters.as_ref(), base, chunk, groups, wg);
+                self.injected_failure(li)
+                    .and_then(|()| match (&packed_kernel, l.packed) {
+                        (Some(pk), true) => self.launch_packed(
+                            pk,
+                            &table,
+                            &slots[l.first..l.first + l.count],
+                            counters.as_ref(),
+                            l,
+                            &placements[l.first],
+                            wg,
+                        ),
+                        _ => self.launch_chunk(
+                            &k,
+                            &table,
+                            counters.as_ref(),
+                            l.first as u32,
+                            chunk,
+                            l.groups,
+                            wg,
+                        ),
+                    });
             if let Err(cause) = launched {
-                return Err(if ci == 0 {
+                return Err(if li == 0 {
                     // Nothing was enqueued: nothing changed.
                     cause
                 } else {
@@ -741,6 +1003,20 @@ impl OpenCl {
             .collect())
     }
 
+    /// Unit tests: launch `li` of a step fails as a driver error would.
+    fn injected_failure(&self, li: usize) -> Result<(), Error> {
+        #[cfg(test)]
+        if self.fail_launch == Some(li) {
+            return Err(Error::Cl {
+                op: "launching a kernel",
+                status: Some(ocl::core::Status::CL_OUT_OF_RESOURCES as i32),
+                message: "injected by a test".into(),
+            });
+        }
+        let _ = li;
+        Ok(())
+    }
+
     /// Reads the step's non-finite counters (waits for the launches).
     fn read_counts(&self, counters: &Mem, words: &mut [u32]) -> Result<(), Error> {
         #[cfg(test)]
@@ -752,6 +1028,39 @@ impl OpenCl {
             });
         }
         self.read_raw(counters, words, "reading the non-finite counts")
+    }
+
+    /// Sets the arguments of one packed launch (the tensors' shared root buffers, once) and
+    /// enqueues it.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_packed(
+        &self,
+        k: &Kernel,
+        table: &Mem,
+        slots: &[Slot],
+        bad: Option<&Mem>,
+        l: &Launch,
+        roots: &Placement<'_>,
+        wg: usize,
+    ) -> Result<(), Error> {
+        let set = |i: u32, a: ArgVal| {
+            core::set_kernel_arg(k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
+        };
+        // Each work-group's slot in the launch, from the table's running group counts.
+        let mut group_slot = Vec::with_capacity(l.groups);
+        for (i, sl) in slots.iter().enumerate() {
+            group_slot.resize(sl.end_group as usize, i as u32);
+        }
+        let group_slot = self.table(u32_bytes(&group_slot))?;
+        set(0, ArgVal::mem(table))?;
+        set(1, ArgVal::scalar(&(l.first as u32)))?;
+        set(2, ArgVal::scalar(&(l.count as u32)))?;
+        set(3, opt_mem(bad))?;
+        set(4, ArgVal::mem(&group_slot))?;
+        for (j, r) in roots.roots.iter().enumerate() {
+            set(5 + j as u32, opt_mem(*r))?;
+        }
+        self.enqueue(k, l.groups, wg)
     }
 
     /// Sets the arguments of one multi-tensor launch and enqueues it. `bad`: the step's
@@ -767,14 +1076,6 @@ impl OpenCl {
         groups: usize,
         wg: usize,
     ) -> Result<(), Error> {
-        #[cfg(test)]
-        if self.fail_launch == Some(base as usize / self.shared.slots) {
-            return Err(Error::Cl {
-                op: "launching a kernel",
-                status: Some(ocl::core::Status::CL_OUT_OF_RESOURCES as i32),
-                message: "injected by a test".into(),
-            });
-        }
         let set = |i: u32, a: ArgVal| {
             core::set_kernel_arg(k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
         };
@@ -787,11 +1088,11 @@ impl OpenCl {
             let a = 4 + 5 * s as u32;
             match chunk.get(s) {
                 Some(it) => {
-                    set(a, ArgVal::mem(it.p))?;
-                    set(a + 1, ArgVal::mem(it.g))?;
-                    set(a + 2, opt_mem(it.m))?;
-                    set(a + 3, opt_mem(it.v))?;
-                    set(a + 4, opt_mem(it.b))?;
+                    set(a, ArgVal::mem(it.p.mem))?;
+                    set(a + 1, ArgVal::mem(it.g.mem))?;
+                    set(a + 2, opt_mem(it.m.map(|b| b.mem)))?;
+                    set(a + 3, opt_mem(it.v.map(|b| b.mem)))?;
+                    set(a + 4, opt_mem(it.b.map(|b| b.mem)))?;
                 }
                 None => {
                     for j in 0..5 {
@@ -809,71 +1110,65 @@ impl OpenCl {
     /// (a [`ClBuffer`] clone), or overlapping sub-buffers of one ([`Error::Aliased`]). Two
     /// tensors may share a gradient (it is only read). `psize`/`ssize`: bytes per parameter
     /// and state element.
-    fn check_items(&self, items: &[Item<'_>], psize: usize, ssize: usize) -> Result<(), Error> {
-        struct Use<'a> {
+    fn check_items<'a>(
+        &self,
+        items: &[Item<'a>],
+        psize: usize,
+        ssize: usize,
+    ) -> Result<Vec<Placement<'a>>, Error> {
+        /// One buffer of one tensor: bytes `start..end` of memory object `root`; `who` is
+        /// the tensor's index in `items` times 5 plus the buffer's position. Small, so that
+        /// sorting tens of thousands of them stays cheap.
+        #[derive(Clone, Copy)]
+        struct Use {
             root: usize,
             start: usize,
             end: usize,
-            tensor: usize,
-            name: Option<&'a str>,
-            /// Position among param, grad, m, v, ibar.
-            slot: usize,
-            buffer: &'static str,
+            who: usize,
             written: bool,
         }
-        let ctx = self.shared.context.as_ptr();
+        const NAMES: [&str; 5] = ["param", "grad", "m", "v", "ibar"];
+        let ctx = self.shared.context.as_ptr() as usize;
         let mut uses = Vec::with_capacity(items.len() * 5);
-        for it in items {
+        let mut placements = Vec::with_capacity(items.len());
+        for (index, it) in items.iter().enumerate() {
+            let mut placed = Placement::default();
             let bufs = [
-                ("param", Some(it.p), true, psize),
-                ("grad", Some(it.g), false, psize),
-                ("m", it.m, true, ssize),
-                ("v", it.v, true, ssize),
-                ("ibar", it.b, true, ssize),
+                (Some(it.p), psize),
+                (Some(it.g), psize),
+                (it.m, ssize),
+                (it.v, ssize),
+                (it.b, ssize),
             ];
-            for (slot, (buffer, mem, written, size)) in bufs.into_iter().enumerate() {
-                let Some(mem) = mem else { continue };
-                let query = |what| {
-                    core::get_mem_object_info(mem, what)
-                        .map_err(|e| Error::cl("querying a buffer before a step", e))
-                };
-                if let MemInfoResult::Context(c) = query(MemInfo::Context)? {
-                    if c.as_ptr() != ctx {
-                        return Err(Error::ForeignBuffer {
-                            tensor: it.tensor,
-                            name: it.name.map(str::to_string),
-                            buffer,
-                        });
-                    }
+            for (slot, (buf, size)) in bufs.into_iter().enumerate() {
+                let Some(buf) = buf else { continue };
+                if buf.place.context != ctx {
+                    return Err(Error::ForeignBuffer {
+                        tensor: it.tensor,
+                        name: it.name.map(str::to_string),
+                        buffer: NAMES[slot],
+                    });
                 }
-                let (root, offset) = match query(MemInfo::AssociatedMemobject)? {
-                    MemInfoResult::AssociatedMemobject(Some(parent)) => {
-                        let offset = match query(MemInfo::Offset)? {
-                            MemInfoResult::Offset(o) => o,
-                            _ => 0,
-                        };
-                        (parent.as_ptr() as usize, offset)
-                    }
-                    _ => (mem.as_ptr() as usize, 0),
-                };
+                let offset = buf.place.offset;
+                placed.roots[slot] = Some(&buf.place.root);
+                placed.offsets[slot] = (offset % size == 0).then_some((offset / size) as u64);
                 uses.push(Use {
-                    root,
+                    root: buf.place.root.as_ptr() as usize,
                     start: offset,
                     end: offset.saturating_add(it.len.saturating_mul(size)),
-                    tensor: it.tensor,
-                    name: it.name,
-                    slot,
-                    buffer,
-                    written,
+                    who: index * 5 + slot,
+                    // Every buffer but the gradient is written.
+                    written: slot != 1,
                 });
             }
+            placements.push(placed);
         }
         // Sorted by memory object and start: every overlapping pair meets when its later
         // member is reached, against the furthest-reaching earlier use (any, or written).
-        uses.sort_by_key(|u| (u.root, u.start));
+        uses.sort_unstable_by_key(|u| (u.root, u.start, u.who));
         let (mut any, mut written): (Option<usize>, Option<usize>) = (None, None);
         for i in 0..uses.len() {
-            let u = &uses[i];
+            let u = uses[i];
             if i > 0 && uses[i - 1].root != u.root {
                 (any, written) = (None, None);
             }
@@ -884,19 +1179,15 @@ impl OpenCl {
                 reaches(written)
             };
             if let Some(j) = clash {
-                let o = &uses[j];
                 // Name the later buffer in step order, the other one beside it.
-                let (a, b) = if (o.tensor, o.slot) > (u.tensor, u.slot) {
-                    (o, u)
-                } else {
-                    (u, o)
-                };
+                let (a, b) = (u.who.max(uses[j].who), u.who.min(uses[j].who));
+                let (ta, tb) = (&items[a / 5], &items[b / 5]);
                 return Err(Error::Aliased {
-                    tensor: a.tensor,
-                    name: a.name.map(str::to_string),
-                    buffer: a.buffer,
-                    other_tensor: b.tensor,
-                    other_buffer: b.buffer,
+                    tensor: ta.tensor,
+                    name: ta.name.map(str::to_string),
+                    buffer: NAMES[a % 5],
+                    other_tensor: tb.tensor,
+                    other_buffer: NAMES[b % 5],
                 });
             }
             if any.is_none_or(|j| uses[j].end < u.end) {
@@ -906,7 +1197,7 @@ impl OpenCl {
                 written = Some(i);
             }
         }
-        Ok(())
+        Ok(placements)
     }
 
     /// The bandwidth floor of [`Backend::step_tensors`] over the same tensors: one pass that
@@ -1107,6 +1398,7 @@ impl OpenCl {
             end_group: 0,
             present,
             pad: 0,
+            off: [0; 5],
         }]))
     }
 }
@@ -1176,9 +1468,9 @@ impl Backend for OpenCl {
             name: None,
             k: *k,
             len: n,
-            p: mem_of(param),
-            g: mem_of(grad),
-            m: Some(mem_of(acc)),
+            p: Buf::of(param),
+            g: Buf::of(grad),
+            m: Some(Buf::of(acc)),
             v: None,
             b: None,
         };
@@ -1219,11 +1511,11 @@ impl Backend for OpenCl {
         let args = [
             ArgVal::mem(&table),
             ArgVal::scalar(&0u32),
-            ArgVal::mem(it.p),
-            ArgVal::mem(it.g),
-            opt_mem(it.m),
-            opt_mem(it.v),
-            opt_mem(it.b),
+            ArgVal::mem(it.p.mem),
+            ArgVal::mem(it.g.mem),
+            opt_mem(it.m.map(|b| b.mem)),
+            opt_mem(it.v.map(|b| b.mem)),
+            opt_mem(it.b.map(|b| b.mem)),
         ];
         for (i, a) in args.into_iter().enumerate() {
             core::set_kernel_arg(&kern, i as u32, a)
@@ -1380,8 +1672,6 @@ mod tests {
     #[test]
     fn a_failure_after_the_first_launch_is_a_partial_step() {
         let Some(cl) = two_per_launch() else { return };
-        let cfg = Config::reference(Algorithm::adamw(), 1e-2);
-        let lens = [3usize, 0, 5, 7, 2, 4];
         // Items (non-empty tensors): 0, 2 | 3, 4 | 5.
         // (failing launch, failing read-back of the counts, tensors applied)
         let cases = [
@@ -1391,21 +1681,59 @@ mod tests {
             (Some(2), false, 5),
             (None, true, 6),
         ];
-        for (fail, read_back, applied) in cases {
+        partial_steps(&cl, &[3, 0, 5, 7, 2, 4], |_| false, &cases);
+    }
+
+    /// The same across packed launches: tensors 1 to 3 are cut from slabs (one packed
+    /// launch), 0 and 4 have buffers of their own (a launch each), in step order.
+    #[test]
+    fn a_failed_packed_launch_is_a_partial_step() {
+        let Some(cl) = two_per_launch() else { return };
+        let cases = [
+            (None, false, 5),
+            (Some(0), false, 0),
+            (Some(1), false, 1),
+            (Some(2), false, 4),
+            (None, true, 5),
+        ];
+        partial_steps(&cl, &[3, 5, 7, 2, 4], |i| (1..4).contains(&i), &cases);
+    }
+
+    /// Steps tensors of `lens` (those with `from_slab(i)` cut from slabs) with each case's
+    /// injected failure and checks the error and which tensors moved.
+    fn partial_steps(
+        cl: &OpenCl,
+        lens: &[usize],
+        from_slab: impl Fn(usize) -> bool,
+        cases: &[(Option<usize>, bool, usize)],
+    ) {
+        let cfg = Config::reference(Algorithm::adamw(), 1e-2);
+        for &(fail, read_back, applied) in cases {
             let mut cl = cl.clone();
             cl.fail_launch = fail;
             cl.fail_read_back = read_back;
-            let mut ps: Vec<ClBuffer<f32>> = lens
-                .iter()
-                .map(|&n| cl.upload(&vec![1.0f32; n]).unwrap())
-                .collect();
-            let gs: Vec<ClBuffer<f32>> = lens
-                .iter()
-                .map(|&n| cl.upload(&vec![0.5f32; n]).unwrap())
-                .collect();
-            let mut st: Vec<TensorState<ClBuffer<f32>>> = lens
-                .iter()
-                .map(|&n| TensorState::try_new(cfg.state_layout(true), |_| cl.zeros(n)).unwrap())
+            let slabs: Vec<Vec<ClBuffer<f32>>> =
+                (0..5).map(|_| cl.slab::<f32>(lens).unwrap().1).collect();
+            let make = |stream: usize, i: usize, x: f32| {
+                let mut b = if from_slab(i) {
+                    slabs[stream][i].clone()
+                } else {
+                    cl.zeros(lens[i]).unwrap()
+                };
+                cl.write(&mut b, &vec![x; lens[i]]).unwrap();
+                b
+            };
+            let mut ps: Vec<ClBuffer<f32>> = (0..lens.len()).map(|i| make(0, i, 1.0)).collect();
+            let gs: Vec<ClBuffer<f32>> = (0..lens.len()).map(|i| make(1, i, 0.5)).collect();
+            let mut st: Vec<TensorState<ClBuffer<f32>>> = (0..lens.len())
+                .map(|i| {
+                    let mut stream = 2;
+                    TensorState::try_new(cfg.state_layout(true), |_| {
+                        stream += 1;
+                        Ok::<_, ()>(make(stream - 1, i, 0.0))
+                    })
+                    .unwrap()
+                })
                 .collect();
             let k = Optimizer::new(cl.clone(), cfg, [ParamGroup::sage()])
                 .unwrap()

@@ -15,14 +15,29 @@ use crate::Error;
 pub struct ClBuffer<E: Element> {
     /// `None` for an empty buffer: OpenCL has no zero-sized memory objects.
     pub(crate) mem: Option<Mem>,
+    /// Where `mem` lives (`None` when empty).
+    pub(crate) place: Option<Place>,
     pub(crate) len: usize,
     _e: PhantomData<E>,
+}
+
+/// Where a buffer's memory lives, found once when the buffer is made: a step checks contexts
+/// and overlaps, and packs tensors cut from the same buffers, without asking the driver.
+#[derive(Clone, Debug)]
+pub(crate) struct Place {
+    /// The memory object at the root: a sub-buffer's parent, or the buffer itself.
+    pub root: Mem,
+    /// Bytes from the start of `root`.
+    pub offset: usize,
+    /// The OpenCL context it belongs to, as an address.
+    pub context: usize,
 }
 
 impl<E: Element> Clone for ClBuffer<E> {
     fn clone(&self) -> Self {
         ClBuffer {
             mem: self.mem.clone(),
+            place: self.place.clone(),
             len: self.len,
             _e: PhantomData,
         }
@@ -30,9 +45,26 @@ impl<E: Element> Clone for ClBuffer<E> {
 }
 
 impl<E: Element> ClBuffer<E> {
-    pub(crate) fn from_parts(mem: Option<Mem>, len: usize) -> Self {
+    /// A buffer of its own (`mem` is its root) in `context`.
+    pub(crate) fn own(mem: Option<Mem>, len: usize, context: usize) -> Self {
+        let place = mem.as_ref().map(|m| Place {
+            root: m.clone(),
+            offset: 0,
+            context,
+        });
         ClBuffer {
             mem,
+            place,
+            len,
+            _e: PhantomData,
+        }
+    }
+
+    /// A sub-buffer `mem` of `len` elements at `place`.
+    pub(crate) fn sub(mem: Mem, len: usize, place: Place) -> Self {
+        ClBuffer {
+            mem: Some(mem),
+            place: Some(place),
             len,
             _e: PhantomData,
         }
@@ -53,7 +85,32 @@ impl<E: Element> ClBuffer<E> {
                 E::DTYPE
             )));
         }
-        Ok(Self::from_parts(Some(mem.clone()), bytes / size))
+        if bytes == 0 {
+            return Ok(Self::own(None, 0, 0));
+        }
+        let query = |what| {
+            core::get_mem_object_info(mem, what).map_err(|e| Error::cl("querying a buffer", e))
+        };
+        let context = match query(MemInfo::Context)? {
+            MemInfoResult::Context(c) => c.as_ptr() as usize,
+            _ => 0,
+        };
+        let place = match query(MemInfo::AssociatedMemobject)? {
+            MemInfoResult::AssociatedMemobject(Some(parent)) => Place {
+                root: parent,
+                offset: match query(MemInfo::Offset)? {
+                    MemInfoResult::Offset(o) => o,
+                    _ => 0,
+                },
+                context,
+            },
+            _ => Place {
+                root: mem.clone(),
+                offset: 0,
+                context,
+            },
+        };
+        Ok(Self::sub(mem.clone(), bytes / size, place))
     }
 
     /// Views a framework's `ocl::Buffer<T>` as elements of `E`, without copying: e.g.

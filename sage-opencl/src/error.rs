@@ -29,6 +29,9 @@ pub enum Error {
     },
     /// A buffer does not fit the device or its index types.
     TooLarge(String),
+    /// A sub-buffer region the device cannot make: past its parent's end, or starting off the
+    /// device's base-address alignment (the message says which, with the numbers).
+    Region(String),
     /// A buffer of a step belongs to another OpenCL context than the backend's (another
     /// device, or the same device opened twice). Found before anything was launched: nothing
     /// changed.
@@ -131,6 +134,7 @@ impl BackendError for Error {
             Error::Build { .. } => ErrorKind::KernelBuild,
             Error::LengthMismatch { .. } => ErrorKind::LengthMismatch,
             Error::TooLarge(_) => ErrorKind::TooLarge,
+            Error::Region(_) => ErrorKind::LengthMismatch,
             Error::ForeignBuffer { .. } | Error::Aliased { .. } => ErrorKind::Other,
             Error::Partial { cause, .. } => cause.kind(),
             Error::Cl { status, .. } => status.map_or(ErrorKind::Other, kind_of_status),
@@ -161,6 +165,7 @@ impl fmt::Display for Error {
                 "buffer `{buffer}` has {got} elements but the parameter has {expected}"
             ),
             Error::TooLarge(what) => write!(f, "too large for the OpenCL device: {what}"),
+            Error::Region(what) => write!(f, "bad sub-buffer region: {what}"),
             Error::ForeignBuffer {
                 tensor,
                 name,

@@ -35,9 +35,10 @@ typedef struct {
     ulong end_group;  /* work-groups of this launch up to and including this tensor */
     uint present;     /* bit 0: m, bit 1: v, bit 2: ibar */
     uint pad;
+    ulong off[5];     /* packed launches: elements from the start of the shared p, g, m, v, b */
 } sage_cl_slot;
 
-/* The slot of work-group `grp`: slots are few, so a linear scan is cheapest. */
+/* The slot of work-group `grp` in an unpacked launch: slots are few, a linear scan is cheapest. */
 static inline uint sage_cl_find(__global const sage_cl_slot* slots, uint count, size_t grp) {
     uint s = 0;
     while (s + 1u < count && grp >= slots[s].end_group) s++;
@@ -102,8 +103,9 @@ fn slot_switch(slots: usize, names: &[&str]) -> String {
 
 /// The program of parameter storage `p` and state storage `s`: the multi-tensor fused step
 /// (`sage_cl_step`, up to `slots` tensors per launch, `per_item` consecutive elements per
-/// work-item), its bandwidth floor (`sage_cl_floor`) and the primitives `sage_cl_accumulate`
-/// and `sage_cl_apply`.
+/// work-item), its bandwidth floor (`sage_cl_floor`), both packed (`…_packed`: any number of
+/// tensors cut from the same five buffers) and the primitives `sage_cl_accumulate` and
+/// `sage_cl_apply`.
 pub fn step_program(p: DType, s: DType, slots: usize, per_item: usize) -> String {
     let mut src = header();
     let _ = writeln!(src, "#define SAGE_WPI {}", per_item.max(1));
@@ -201,38 +203,54 @@ __kernel void sage_cl_apply(__global const sage_cl_slot* slots, uint base, __glo
     );
     multi_entry(&mut src, "sage_cl_step", "SAGE_CL_STEP_CASES", slots);
     multi_entry(&mut src, "sage_cl_floor", "SAGE_CL_FLOOR_CASES", slots);
+    multi_entry(&mut src, "sage_cl_step_packed", "SAGE_CL_STEP_CASES", 0);
+    multi_entry(&mut src, "sage_cl_floor_packed", "SAGE_CL_FLOOR_CASES", 0);
     src
 }
 
 /// A multi-tensor entry kernel `name` running `cases` (a macro of the source above over the
-/// elements `[lo, hi)`) for up to `slots` tensors per launch. Each work-group covers
-/// `local_size · SAGE_WPI` elements of one tensor, so the tensor (and its pointers) are uniform
-/// across the group; each work-item takes `SAGE_WPI` consecutive ones. `bad` (when not null)
-/// holds two `uint`s per tensor of the step (`base + s`): the low and high words of its count
-/// of non-finite stored parameters. Such elements are rare, so a work-item that found any adds
-/// its count atomically (32-bit atomics are core OpenCL; 64-bit ones an extension), carrying
-/// into the high word when the low one wraps.
+/// elements `[lo, hi)`). Each work-group covers `local_size · SAGE_WPI` elements of one
+/// tensor, so the tensor (and its pointers) are uniform across the group; each work-item takes
+/// `SAGE_WPI` consecutive ones.
+///
+/// Unpacked (`slots` > 0): up to `slots` tensors, each with its own buffer arguments. Packed
+/// (`slots` = 0): any number of tensors whose buffers are sub-buffers of the same five
+/// memory objects, passed once, each tensor at its offsets (`sage_cl_slot::off`), with a
+/// table of each work-group's slot (`group_slot`).
+///
+/// `bad_counts` (when not null) holds two `uint`s per tensor of the step (`base + s`): the low
+/// and high words of its count of non-finite stored parameters. Such elements are rare, so a
+/// work-item that found any adds its count atomically (32-bit atomics are core OpenCL; 64-bit
+/// ones an extension), carrying into the high word when the low one wraps.
 fn multi_entry(src: &mut String, name: &str, cases: &str, slots: usize) {
     let _ = write!(
         src,
         "\n__kernel void {name}(__global const sage_cl_slot* slots, uint base, uint count,\n    __global uint* bad_counts"
     );
-    src.push_str(&slot_args(
-        slots,
-        &[
-            ("__global P_T*", "p"),
-            ("__global const P_T*", "g"),
-            ("__global S_T*", "m"),
-            ("__global S_T*", "v"),
-            ("__global S_T*", "b"),
-        ],
-    ));
+    let args = [
+        ("__global P_T*", "p"),
+        ("__global const P_T*", "g"),
+        ("__global S_T*", "m"),
+        ("__global S_T*", "v"),
+        ("__global S_T*", "b"),
+    ];
+    if slots == 0 {
+        // Packed: the slot of each work-group, from the host (one load, where a search over
+        // thousands of slots would cost more than a small tensor's whole step).
+        src.push_str(",\n    __global const uint* group_slot");
+        for (ty, n) in args {
+            let _ = write!(src, ",\n    {ty} {n}0");
+        }
+    } else {
+        src.push_str(&slot_args(slots, &args));
+    }
+    src.push_str(if slots == 0 {
+        ") {\n    slots += base;\n    size_t grp = get_group_id(0);\n    uint s = group_slot[grp];\n"
+    } else {
+        ") {\n    slots += base;\n    size_t grp = get_group_id(0);\n    uint s = sage_cl_find(slots, count, grp);\n"
+    });
     src.push_str(
-        r#") {
-    slots += base;
-    size_t grp = get_group_id(0);
-    uint s = sage_cl_find(slots, count, grp);
-    size_t first = s ? slots[s - 1].end_group : 0;
+        r#"    size_t first = s ? slots[s - 1].end_group : 0;
     const size_t len = slots[s].len;
     const size_t lo = ((grp - first) * get_local_size(0) + get_local_id(0)) * SAGE_WPI;
     if (lo >= len) return;
@@ -242,7 +260,15 @@ fn multi_entry(src: &mut String, name: &str, cases: &str, slots: usize) {
     __global P_T* p; __global const P_T* g; __global S_T* m; __global S_T* v; __global S_T* b;
     "#,
     );
-    src.push_str(&slot_switch(slots, &["p", "g", "m", "v", "b"]));
+    if slots == 0 {
+        // Absent buffers have offset 0 on a null argument: never dereferenced.
+        src.push_str(
+            "{\n        __global const ulong* o = slots[s].off;\n        \
+             p = p0 + o[0]; g = g0 + o[1]; m = m0 + o[2]; v = v0 + o[3]; b = b0 + o[4];\n    }\n",
+        );
+    } else {
+        src.push_str(&slot_switch(slots, &["p", "g", "m", "v", "b"]));
+    }
     let _ = writeln!(
         src,
         "    uint bad = 0;\n    {cases}\n    if (bad && bad_counts) {{\n        \
@@ -284,8 +310,9 @@ pub fn norm_program(e: DType, slots: usize, fp64: bool, item_per_chunk: bool) ->
         src.push_str("typedef float sage_acc;\ntypedef float sage_part;\n");
     }
     src.push_str(&storage_macros("E", e));
-    src.push_str(
-        r#"
+    if !item_per_chunk {
+        src.push_str(
+            r#"
 /* A work-group's values in `scratch` summed (or maxed) in a fixed tree (local_size is a power
  * of two); the result is in scratch[0] for every work-item. */
 #define SAGE_TREE(OP)                                                   \
@@ -294,6 +321,11 @@ pub fn norm_program(e: DType, slots: usize, fp64: bool, item_per_chunk: bool) ->
         barrier(CLK_LOCAL_MEM_FENCE);                                   \
     }
 #define SAGE_ADD(a, b) ((a) + (b))
+"#,
+        );
+    }
+    src.push_str(
+        r#"
 /* Eight interleaved accumulators added in a fixed tree. */
 #define SAGE_SUM8(a) (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])))
 "#,
@@ -466,6 +498,8 @@ mod tests {
         assert!(src.contains("vload_half"));
         assert!(src.contains("sage_f32_to_bf16"));
         assert!(src.contains("#define SAGE_WPI 64\n"));
+        assert!(src.contains("__kernel void sage_cl_step_packed(") && src.contains("group_slot"));
+        assert!(src.contains("__kernel void sage_cl_floor_packed("));
         let n = norm_program(DType::F32, 2, true, false);
         assert!(n.contains("__global const E_T* x1"));
         assert!(n.contains("cl_khr_fp64"));

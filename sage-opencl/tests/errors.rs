@@ -320,3 +320,44 @@ fn clones_share_the_device_and_queue() {
     });
     assert_eq!(h.join().unwrap(), (3.0, vec![1.0f32; 3]));
 }
+
+/// Sub-buffers: a region past the parent's end, one off the device's base-address alignment,
+/// or one cut from a sub-buffer is an error that names the numbers, and nothing is made. A
+/// piece is the parent's memory (a write through it shows there); a slab's pieces are zeroed,
+/// aligned and of the lengths asked for.
+#[test]
+fn sub_buffer_regions_are_checked() {
+    let Some(cl) = device() else { return };
+    let unit = (cl.sub_buffer_alignment() / 4).max(1);
+    let parent = cl.upload(&vec![1f32; 4 * unit]).unwrap();
+    let e = cl.sub_buffer(&parent, 3 * unit, 2 * unit).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::LengthMismatch, "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("of a buffer of {}", 4 * unit)),
+        "{e}"
+    );
+    if unit > 1 {
+        let e = cl.sub_buffer(&parent, 1, 4).unwrap_err();
+        assert!(e.to_string().contains("alignment"), "{e}");
+    }
+    let mut piece = cl.sub_buffer(&parent, unit, unit).unwrap();
+    let e = cl.sub_buffer(&piece, 0, 1).unwrap_err();
+    assert!(e.to_string().contains("itself a sub-buffer"), "{e}");
+    assert!(cl.sub_buffer(&parent, 4 * unit, 0).unwrap().is_empty());
+    cl.write(&mut piece, &vec![2f32; unit]).unwrap();
+    let all = cl.download(&parent).unwrap();
+    assert!(all[..unit].iter().all(|&x| x == 1.0));
+    assert!(all[unit..2 * unit].iter().all(|&x| x == 2.0));
+    assert!(all[2 * unit..].iter().all(|&x| x == 1.0));
+
+    let (whole, pieces) = cl.slab::<bf16>(&[5, 0, 300]).unwrap();
+    let lens: Vec<usize> = pieces.iter().map(|p| p.len()).collect();
+    assert_eq!(lens, [5, 0, 300]);
+    assert!(whole.len() >= 305);
+    assert!(cl
+        .download(&whole)
+        .unwrap()
+        .iter()
+        .all(|x| x.to_f32() == 0.0));
+}

@@ -24,7 +24,33 @@ fn planted_bad<P: Element>(n: usize) -> u64 {
         .count() as u64
 }
 
+/// A buffer holding `data`: piece `i` of `slab` when given, else an allocation of its own.
+fn placed<E: Element>(
+    cl: &OpenCl,
+    slab: Option<&[ClBuffer<E>]>,
+    i: usize,
+    data: &[E],
+) -> ClBuffer<E> {
+    match slab {
+        Some(pieces) => {
+            let mut b = pieces[i].clone();
+            cl.write(&mut b, data).unwrap();
+            b
+        }
+        None => cl.upload(data).unwrap(),
+    }
+}
+
 fn counts_in<P: Element>(cl: &OpenCl, lens: &[usize]) {
+    counts_laid_out::<P>(cl, lens, false);
+}
+
+/// As [`counts_in`], every stream cut from one slab when `slab` (packed launches).
+fn counts_laid_out<P: Element>(cl: &OpenCl, lens: &[usize], slab: bool) {
+    let p_slab = slab.then(|| cl.slab::<P>(lens).unwrap().1);
+    let g_slab = slab.then(|| cl.slab::<P>(lens).unwrap().1);
+    let s_slabs: Option<Vec<Vec<ClBuffer<f32>>>> =
+        slab.then(|| (0..3).map(|_| cl.slab::<f32>(lens).unwrap().1).collect());
     let cfg = Config::reference(Algorithm::adamw(), 1e-2);
     let k = Optimizer::new(cl.clone(), cfg, [ParamGroup::sage()])
         .unwrap()
@@ -33,23 +59,35 @@ fn counts_in<P: Element>(cl: &OpenCl, lens: &[usize]) {
     let mut r = rng(31);
     let mut ps: Vec<ClBuffer<P>> = lens
         .iter()
-        .map(|&n| {
+        .enumerate()
+        .map(|(t, &n)| {
             let mut v = random(&mut r, n, 1.0);
             for (j, &i) in AT.iter().enumerate() {
                 if i < n {
                     v[i] = PLANTED[j % PLANTED.len()];
                 }
             }
-            cl.upload(&to::<P>(&v)).unwrap()
+            placed(cl, p_slab.as_deref(), t, &to::<P>(&v))
         })
         .collect();
     let gs: Vec<ClBuffer<P>> = lens
         .iter()
-        .map(|&n| cl.upload(&to::<P>(&random(&mut r, n, 0.1))).unwrap())
+        .enumerate()
+        .map(|(t, &n)| placed(cl, g_slab.as_deref(), t, &to::<P>(&random(&mut r, n, 0.1))))
         .collect();
     let mut st: Vec<TensorState<ClBuffer<f32>>> = lens
         .iter()
-        .map(|&n| TensorState::try_new(cfg.state_layout(true), |_| cl.zeros(n)).unwrap())
+        .enumerate()
+        .map(|(t, &n)| {
+            let mut which = 0;
+            TensorState::try_new(cfg.state_layout(true), |_| {
+                let zeros = vec![0f32; n];
+                let b = placed(cl, s_slabs.as_ref().map(|s| &s[which][..]), t, &zeros);
+                which += 1;
+                Ok::<_, ()>(b)
+            })
+            .unwrap()
+        })
         .collect();
     let mut ts: Vec<ParamTensor<'_, OpenCl, P, f32>> = ps
         .iter_mut()
@@ -93,6 +131,15 @@ fn step_kernel_counts_non_finite_parameters() {
     counts::<bf16>(&cl);
     let two = OpenCl::builder().max_tensors_per_launch(2).build().unwrap();
     counts::<f32>(&two);
+    // Tensors cut from slabs: one packed launch, the counters still per tensor.
+    let before = cl.launch_counts().0;
+    counts_laid_out::<f32>(&cl, &[3, 0, 70_001, 300, 0, 257, 4097], true);
+    counts_laid_out::<bf16>(&cl, &[3, 0, 70_001, 300, 0, 257, 4097], true);
+    assert_eq!(
+        cl.launch_counts().0 - before,
+        2,
+        "one packed launch per step"
+    );
 }
 
 /// Through the optimizer: the report names the first tensor with a non-finite parameter and

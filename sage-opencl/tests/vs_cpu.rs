@@ -72,16 +72,41 @@ struct Host<P, S> {
 /// within one storage ulp (bit-equal on PoCL).
 fn same_as_cpu<P: Element, S: Element>(cl: &OpenCl, cfg: Config, what: &str) {
     let groups = vec![ParamGroup::sage().weight_decay(0.01), ParamGroup::plain()];
-    same_as_cpu_in::<P, S>(cl, cfg, groups, what)
+    same_as_cpu_in::<P, S>(cl, cfg, groups, what, Layout::Own);
 }
 
-/// [`same_as_cpu`] with the tensors alternating between `groups[0]` and `groups[1]`.
+/// How the test's device buffers are allocated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Layout {
+    /// Every buffer its own allocation (launches of `tensors_per_launch` tensors).
+    Own,
+    /// Every stream (parameters, gradients, each state buffer) one slab, each tensor's buffer
+    /// a sub-buffer of it (packed launches).
+    Slab,
+    /// Two tensors of three from slabs, the third with buffers of its own: packed runs and
+    /// single tensors interleaved.
+    Mixed,
+}
+
+impl Layout {
+    fn cuts_from_slab(self, i: usize) -> bool {
+        match self {
+            Layout::Own => false,
+            Layout::Slab => true,
+            Layout::Mixed => i % 3 != 2,
+        }
+    }
+}
+
+/// [`same_as_cpu`] with the tensors alternating between `groups[0]` and `groups[1]`, their
+/// buffers allocated as `layout` says.
 fn same_as_cpu_in<P: Element, S: Element>(
     cl: &OpenCl,
     cfg: Config,
     groups: Vec<ParamGroup>,
     what: &str,
-) {
+    layout: Layout,
+) -> u64 {
     let mut r = rng(7);
     let group_of: Vec<usize> = (0..LENGTHS.len()).map(|i| i % 2).collect();
     let mut host: Vec<Host<P, S>> = LENGTHS
@@ -92,13 +117,46 @@ fn same_as_cpu_in<P: Element, S: Element>(
             s: TensorState::zeros(cfg.state_layout(groups[g].sage), n),
         })
         .collect();
-    let up = |h: &Host<P, S>| {
-        (
-            cl.upload(&h.p).unwrap(),
-            h.s.clone().try_map(|_, b| cl.upload(&b)).unwrap(),
-        )
+    let lens = LENGTHS.to_vec();
+    let (_, p_slab) = cl.slab::<P>(&lens).unwrap();
+    let (_, g_slab) = cl.slab::<P>(&lens).unwrap();
+    let s_slabs: Vec<Vec<ClBuffer<S>>> = Buffer::ALL
+        .iter()
+        .map(|_| cl.slab::<S>(&lens).unwrap().1)
+        .collect();
+    // A buffer holding `data`: the slab's piece `i` of `slab`, or an allocation of its own.
+    let place = |i: usize, slab: &[ClBuffer<_>], data: &[_]| {
+        if layout.cuts_from_slab(i) {
+            let mut piece = slab[i].clone();
+            cl.write(&mut piece, data).unwrap();
+            piece
+        } else {
+            cl.upload(data).unwrap()
+        }
     };
-    let mut dev: Vec<DevTensor<P, S>> = host.iter().map(up).collect();
+    let state_place = |i: usize, b: Buffer, data: &[S]| {
+        let slab = &s_slabs[Buffer::ALL.iter().position(|&x| x == b).unwrap()];
+        if layout.cuts_from_slab(i) {
+            let mut piece = slab[i].clone();
+            cl.write(&mut piece, data).unwrap();
+            piece
+        } else {
+            cl.upload(data).unwrap()
+        }
+    };
+    let mut dev: Vec<DevTensor<P, S>> = host
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            (
+                place(i, &p_slab, &h.p),
+                h.s.clone()
+                    .try_map(|b, data| Ok::<_, ()>(state_place(i, b, &data)))
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let packed_before = cl.launch_counts().0;
     let mut cpu_opt = Optimizer::new(Cpu, cfg, groups.clone()).unwrap();
     let mut cl_opt = Optimizer::new(cl.clone(), cfg, groups.clone()).unwrap();
     let mut max_ulps = 0;
@@ -108,7 +166,11 @@ fn same_as_cpu_in<P: Element, S: Element>(
             .iter()
             .map(|&n| to(&random(&mut r, n, 0.1)))
             .collect();
-        let dgrads: Vec<ClBuffer<P>> = grads.iter().map(|g| cl.upload(g).unwrap()).collect();
+        let dgrads: Vec<ClBuffer<P>> = grads
+            .iter()
+            .enumerate()
+            .map(|(i, g)| place(i, &g_slab, g))
+            .collect();
         // The OpenCL step computes its own norms; the CPU step is given the same norms (from
         // OpenCL's chunk partials, which its own norm equals bit for bit by contract), so that
         // the comparison is of the update alone: the portable CPU backend sums a chunk's
@@ -170,11 +232,13 @@ fn same_as_cpu_in<P: Element, S: Element>(
             }
         }
     }
+    let packed = cl.launch_counts().0 - packed_before;
     eprintln!(
-        "{what} {}/{}: at most {max_ulps} ulps from the CPU",
+        "{what} {}/{} ({layout:?}, {packed} packed launches): at most {max_ulps} ulps from the CPU",
         P::DTYPE,
         S::DTYPE
     );
+    packed
 }
 
 fn all_configs<P: Element, S: Element>() {
@@ -220,6 +284,7 @@ fn f16_params_f16_state() {
         Config::paper(Algorithm::sgd(0.9), 5e-2),
         plain,
         "paper sgd momentum",
+        Layout::Own,
     );
     let cfg = Config::reference(Algorithm::adamw(), 1e-2);
     let mut opt = Optimizer::new(cl.clone(), cfg, [ParamGroup::sage()]).unwrap();
@@ -272,6 +337,30 @@ fn every_run_per_work_item_gives_the_same_bits() {
             same_as_cpu::<f32, f32>(&v, cfg, what);
             same_as_cpu::<bf16, f32>(&v, cfg, what);
         }
+    }
+}
+
+/// Tensors cut from one slab per stream step in packed launches (every tensor of a run at its
+/// offsets, with its own coefficients) and give the CPU's bits; so do runs interleaved with
+/// tensors of their own buffers, and groups whose state buffers differ (which end a run).
+#[test]
+fn packed_launches_give_the_same_bits() {
+    let Some(cl) = device() else { return };
+    let two_sage = || vec![ParamGroup::sage().weight_decay(0.01), ParamGroup::sage()];
+    let sage_and_plain = || vec![ParamGroup::sage().weight_decay(0.01), ParamGroup::plain()];
+    for (what, cfg) in configs() {
+        for layout in [Layout::Slab, Layout::Mixed] {
+            let packed = same_as_cpu_in::<f32, f32>(&cl, cfg, two_sage(), what, layout)
+                + same_as_cpu_in::<bf16, f32>(&cl, cfg, two_sage(), what, layout);
+            assert!(packed > 0, "{what}, {layout:?}: no packed launch");
+        }
+        // Alternating groups with and without Ī: every run is one tensor, none is packed.
+        let packed = same_as_cpu_in::<f32, bf16>(&cl, cfg, sage_and_plain(), what, Layout::Slab);
+        let plain_has_ibar = cfg.state_layout(false) == cfg.state_layout(true);
+        assert!(
+            plain_has_ibar || packed == 0,
+            "{what}: {packed} packed launches"
+        );
     }
 }
 

@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use sage_core::{
-    bf16, f16, Algorithm, BackendError, Config, Element, ErrorKind, Optimizer, ParamGroup,
+    bf16, f16, Algorithm, BackendError, Buffer, Config, Element, ErrorKind, Optimizer, ParamGroup,
     ParamTensor, TensorState,
 };
 use sage_cpu::Cpu;
@@ -202,6 +202,7 @@ fn run_case<P: Element, S: Element>(
     cl: &mut OpenCl,
     lens: &[usize],
     reps: usize,
+    slab: bool,
 ) -> Result<Vec<Row>, String> {
     let err = |e: sage_opencl::Error| e.to_string();
     let groups = [ParamGroup::sage().weight_decay(0.01)];
@@ -215,14 +216,41 @@ fn run_case<P: Element, S: Element>(
         })
         .collect();
     let mut dev: Vec<DevT<P, S>> = Vec::with_capacity(host.len());
-    for h in &host {
-        let n = h.p.len();
-        dev.push(DevT {
-            p: cl.upload(&h.p).map_err(err)?,
-            g: cl.upload(&h.g).map_err(err)?,
-            s: TensorState::try_new(config(false).state_layout(true), |_| cl.zeros(n))
-                .map_err(err)?,
-        });
+    if slab {
+        // One allocation per stream, every tensor's buffer a sub-buffer of it.
+        let cut_p = || cl.slab::<P>(lens).map(|(_, pieces)| pieces);
+        let cut_s = || cl.slab::<S>(lens).map(|(_, pieces)| pieces);
+        let (ps, gs) = (cut_p().map_err(err)?, cut_p().map_err(err)?);
+        let (ms, vs, bs) = (
+            cut_s().map_err(err)?,
+            cut_s().map_err(err)?,
+            cut_s().map_err(err)?,
+        );
+        for (i, h) in host.iter().enumerate() {
+            let (mut p, mut g) = (ps[i].clone(), gs[i].clone());
+            cl.write(&mut p, &h.p).map_err(err)?;
+            cl.write(&mut g, &h.g).map_err(err)?;
+            let s = TensorState::new(config(false).state_layout(true), || ())
+                .try_map(|b, ()| {
+                    Ok::<_, sage_opencl::Error>(match b {
+                        Buffer::M => ms[i].clone(),
+                        Buffer::V => vs[i].clone(),
+                        _ => bs[i].clone(),
+                    })
+                })
+                .map_err(err)?;
+            dev.push(DevT { p, g, s });
+        }
+    } else {
+        for h in &host {
+            let n = h.p.len();
+            dev.push(DevT {
+                p: cl.upload(&h.p).map_err(err)?,
+                g: cl.upload(&h.g).map_err(err)?,
+                s: TensorState::try_new(config(false).state_layout(true), |_| cl.zeros(n))
+                    .map_err(err)?,
+            });
+        }
     }
     let bytes_per_param = (3 * P::DTYPE.size() + 6 * S::DTYPE.size()) as f64;
     let total: usize = lens.iter().sum();
@@ -384,30 +412,43 @@ fn main() -> ExitCode {
         cl.tensors_per_launch(),
         cl.elements_per_item()
     );
-    let mut shapes: Vec<(String, Vec<usize>)> = vec![
-        ("1 tensor".into(), vec![args.params]),
+    // (name, tensor lengths, cut from one allocation per stream)
+    let mut shapes: Vec<(String, Vec<usize>, bool)> = vec![
+        ("1 tensor".into(), vec![args.params], false),
         (
             "BERT-base mix, 199 tensors".into(),
             bert_scaled(args.params),
+            false,
         ),
     ];
     if args.small > 0 {
         let small = small_tensors(args.small);
         let total = small.iter().sum();
+        let n = args.small;
         shapes.push((
-            format!("{} small tensors (256-1024 elements)", args.small),
-            small,
+            format!("{n} small tensors (256-1024 elements), each buffer its own allocation"),
+            small.clone(),
+            false,
         ));
-        shapes.push(("flat: one tensor of the same total".into(), vec![total]));
+        shapes.push((
+            format!("{n} small tensors, sub-buffers of one allocation per stream (slab)"),
+            small,
+            true,
+        ));
+        shapes.push((
+            "flat: one tensor of the same total".into(),
+            vec![total],
+            false,
+        ));
     }
     for prec in &args.precisions {
         let mut done: Vec<Vec<Row>> = Vec::new();
-        for (shape, lens) in &shapes {
+        for (shape, lens, slab) in &shapes {
             let total: usize = lens.iter().sum();
             let r = match prec.as_str() {
-                "f32" => run_case::<f32, f32>(&mut cl, lens, args.reps),
-                "bf16" => run_case::<bf16, f32>(&mut cl, lens, args.reps),
-                _ => run_case::<f16, f32>(&mut cl, lens, args.reps),
+                "f32" => run_case::<f32, f32>(&mut cl, lens, args.reps, *slab),
+                "bf16" => run_case::<bf16, f32>(&mut cl, lens, args.reps, *slab),
+                _ => run_case::<f16, f32>(&mut cl, lens, args.reps, *slab),
             };
             let rows = match r {
                 Ok(x) => x,
