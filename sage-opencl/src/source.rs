@@ -47,25 +47,33 @@ static inline uint sage_cl_find(__global const sage_cl_slot* slots, uint count, 
 "#;
 
 /// Loads, stores and the pointer type of one storage type, as macros named `{prefix}_T`,
-/// `{prefix}_LD(p, i)`, `{prefix}_ST(p, i, x)`. f16 goes through `vload_half` /
+/// `{prefix}_LD(p, i)`, `{prefix}_LD8(p, i)` (elements `i .. i + 8` as a `float8`),
+/// `{prefix}_ST(p, i, x)`. f16 goes through `vload_half` /
 /// `vstore_half_rte`, which are core OpenCL (no `cl_khr_fp16` needed); bf16 is stored as
 /// `ushort` bits and converted by the shared body's helpers.
 fn storage_macros(prefix: &str, d: DType) -> String {
-    let (t, ld, st) = match d {
-        DType::F32 => ("float", "((p)[i])", "((p)[i] = (x))"),
+    let (t, ld, ld8, st) = match d {
+        DType::F32 => (
+            "float",
+            "((p)[i])",
+            "vload8(0, (p) + (i))",
+            "((p)[i] = (x))",
+        ),
         DType::F16 => (
             "half",
             "vload_half((i), (p))",
+            "vload_half8(0, (p) + (i))",
             "vstore_half_rte((x), (i), (p))",
         ),
         DType::Bf16 => (
             "ushort",
             "sage_bf16_to_f32((p)[i])",
+            "as_float8(convert_uint8(vload8(0, (p) + (i))) << 16)",
             "((p)[i] = sage_f32_to_bf16(x))",
         ),
     };
     format!(
-        "#define {prefix}_T {t}\n#define {prefix}_LD(p, i) {ld}\n#define {prefix}_ST(p, i, x) {st}\n"
+        "#define {prefix}_T {t}\n#define {prefix}_LD(p, i) {ld}\n#define {prefix}_LD8(p, i) {ld8}\n#define {prefix}_ST(p, i, x) {st}\n"
     )
 }
 
@@ -373,14 +381,15 @@ pub fn norm_program(e: DType, slots: usize, fp64: bool, item_per_chunk: bool) ->
 "#
         }
         (true, true) => {
-            r#"    double a[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+            r#"    /* Lane j of the vector sums elements j, j + 8, ... of the chunk. */
+    double8 acc = (double8)(0.0);
     size_t i = start;
     for (; i + 8 <= end; i += 8) {
-        for (int j = 0; j < 8; j++) {
-            double v = (double)E_LD(x, i + j);
-            a[j] += v * v;
-        }
+        double8 v = convert_double8(E_LD8(x, i));
+        acc += v * v;
     }
+    double a[8];
+    vstore8(acc, 0, a);
     for (int j = 0; i < end; i++, j++) {
         double v = (double)E_LD(x, i);
         a[j] += v * v;
@@ -418,11 +427,11 @@ pub fn norm_program(e: DType, slots: usize, fp64: bool, item_per_chunk: bool) ->
     // conversion to double, no squares, no tree); the sum is stored only when it equals a
     // value it practically never has, so the loads stay and no store is made.
     let floor = if item_per_chunk {
-        r#"    float a[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        r#"    float8 lanes = (float8)(0.0f);
     size_t i = start;
-    for (; i + 8 <= end; i += 8) {
-        for (int j = 0; j < 8; j++) a[j] += E_LD(x, i + j);
-    }
+    for (; i + 8 <= end; i += 8) lanes += E_LD8(x, i);
+    float a[8];
+    vstore8(lanes, 0, a);
     for (int j = 0; i < end; i++, j++) a[j] += E_LD(x, i);
     float acc = SAGE_SUM8(a);
     if (acc == -1.5f) ((__global float*)partials)[pbase + c] = acc;
