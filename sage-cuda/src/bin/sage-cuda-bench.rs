@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! sage-cuda-bench [--sizes 16M,110M,350M] [--iters 30] [--warmup 5] [--tensor 4194304] [--device N]
+//!                 [--small 10000]
 //! sage-cuda-bench --emit-ptx DIR [--arch compute_90]   # prebuilt PTX for SAGE_CUDA_PTX_DIR
 //! ```
 //!
@@ -11,6 +12,12 @@
 //! [`sage_core::Optimizer::step`], host work included, timed with CUDA events; the median of
 //! `--iters` steps after `--warmup` is reported. Before timing, the first step of each size is
 //! compared element for element with the CPU formula.
+//!
+//! Also timed, per size: the gradient-norm pass alone (`grad-norm`, 4 bytes read per
+//! parameter; its GB/s over the copy's is how close it is to bandwidth), and once: a model of
+//! `--small` tensors of 256–1024 elements (1–4 KiB of f32: biases, LayerNorms, adapters)
+//! against one flat tensor of the same total (`x flat`), every tensor in the one multi-tensor
+//! launch (packing is the kernel's tensor table).
 //!
 //! Output: a readable table, and one tab-separated `ROW` line per measurement
 //! (`ROW impl storage params median_ms bytes_per_param`) that `scripts/gpu-check.sh` merges
@@ -32,6 +39,7 @@ struct Args {
     device: usize,
     emit_ptx: Option<String>,
     arch: String,
+    small: usize,
 }
 
 fn parse_size(s: &str) -> Option<usize> {
@@ -57,6 +65,7 @@ fn parse_args() -> Result<Args, String> {
         device: 0,
         emit_ptx: None,
         arch: "compute_90".into(),
+        small: 10_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -74,6 +83,7 @@ fn parse_args() -> Result<Args, String> {
             "--device" => a.device = val()?.parse().map_err(|e| format!("--device: {e}"))?,
             "--emit-ptx" => a.emit_ptx = Some(val()?),
             "--arch" => a.arch = val()?,
+            "--small" => a.small = val()?.parse().map_err(|e| format!("--small: {e}"))?,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument `{other}`")),
         }
@@ -89,6 +99,11 @@ fn tensor_sizes(n: usize, max: usize) -> Vec<usize> {
         v.push(n % max);
     }
     v
+}
+
+/// `n` tensors of 256 to 1024 elements, spread evenly over that range.
+fn small_tensors(n: usize) -> Vec<usize> {
+    (0..n).map(|i| 256 + (i * 7919) % 769).collect()
 }
 
 /// Deterministic values in [-1, 1) (xorshift), so runs are comparable.
@@ -232,6 +247,34 @@ fn bench_adam<P: Element>(
     Ok((ms, ok))
 }
 
+/// The gradient-norm pass alone (`Backend::grad_sq_norms`, as the guard and clipping run it)
+/// over f32 gradients of `sizes`.
+fn bench_norm(gpu: &Cuda, sizes: &[usize], a: &Args) -> Result<f32, String> {
+    use sage_core::Backend;
+    let block = sizes.iter().copied().max().unwrap_or(0);
+    let host_g: Vec<f32> = pattern(block, 2).iter().map(|&x| x * 1e-2).collect();
+    let mut params: Vec<CudaSlice<f32>> = Vec::new();
+    let mut grads: Vec<CudaSlice<f32>> = Vec::new();
+    let mut state: Vec<TensorState<CudaSlice<f32>>> = Vec::new();
+    let layout = Config::paper(Algorithm::sgd(0.0), 0.1).state_layout(false);
+    for &n in sizes {
+        params.push(gpu.zeros::<f32>(n).map_err(err)?);
+        grads.push(gpu.upload(&host_g[..n]).map_err(err)?);
+        state.push(TensorState::try_new(layout, |_| gpu.zeros::<f32>(n)).map_err(err)?);
+    }
+    let mut backend = gpu.clone();
+    let stream = gpu.stream().clone();
+    time_ms(&stream, a.warmup, a.iters, || {
+        let mut ts: Vec<ParamTensor<'_, Cuda, f32, f32>> = params
+            .iter_mut()
+            .zip(state.iter_mut())
+            .zip(grads.iter())
+            .map(|((p, st), g)| ParamTensor::new(p, g, st.view()))
+            .collect();
+        backend.grad_sq_norms(&mut ts).map_err(err)
+    })
+}
+
 /// A device-to-device copy moving `bytes` in total (half read, half written).
 fn bench_copy(gpu: &Cuda, bytes: usize, a: &Args) -> Result<f32, String> {
     let half = bytes / 2;
@@ -287,6 +330,13 @@ fn run(a: &Args) -> Result<bool, String> {
                 bytes,
             });
         }
+        rows.push(Row {
+            what: "grad-norm".into(),
+            storage: "f32",
+            params: n,
+            ms: bench_norm(&gpu, &sizes, a)?,
+            bytes: 4,
+        });
         for bytes in [36usize, 30] {
             let ms = bench_copy(&gpu, bytes * n, a)?;
             rows.push(Row {
@@ -302,6 +352,38 @@ fn run(a: &Args) -> Result<bool, String> {
             sizes.len(),
             if all_ok { "match the CPU" } else { "MISMATCH" }
         );
+    }
+    // Many small tensors against one flat tensor of the same total, side by side.
+    let mut flat_ratio = Vec::new();
+    if a.small > 0 {
+        let small = small_tensors(a.small);
+        let total: usize = small.iter().sum();
+        for guard in [false, true] {
+            let (ms_small, ok_small) = bench_adam::<f32>(&gpu, &small, true, guard, a)?;
+            let (ms_flat, ok_flat) = bench_adam::<f32>(&gpu, &[total], true, guard, a)?;
+            all_ok &= ok_small && ok_flat;
+            let what = if guard {
+                "sage-adamw+guard"
+            } else {
+                "sage-adamw"
+            };
+            flat_ratio.push((what, ms_small, ms_flat));
+            rows.push(Row {
+                what: format!("{what} {} small", a.small),
+                storage: "f32",
+                params: total,
+                ms: ms_small,
+                bytes: if guard { 40 } else { 36 },
+            });
+        }
+        let ms = bench_copy(&gpu, 36 * total, a)?;
+        rows.push(Row {
+            what: "copy".into(),
+            storage: "f32",
+            params: total,
+            ms,
+            bytes: 36,
+        });
     }
     println!(
         "\n{:<18} {:<9} {:>11} {:>9} {:>9} {:>8} {:>8}",
@@ -326,6 +408,13 @@ fn run(a: &Args) -> Result<bool, String> {
             r.ms as f64 * 1e6 / r.params as f64,
             gbs,
             copy.map_or("-".into(), |c| format!("{:.2}", gbs / c))
+        );
+    }
+    for (what, small, flat) in &flat_ratio {
+        println!(
+            "{what}: {} tensors of 256-1024 elements {small:.3} ms, one flat tensor {flat:.3} ms: {:.2} x flat",
+            a.small,
+            small / flat
         );
     }
     for r in &rows {
