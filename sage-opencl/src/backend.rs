@@ -90,7 +90,7 @@ struct Shared {
     max_alloc: u64,
     /// `CL_DEVICE_MEM_BASE_ADDR_ALIGN` in bytes: where a sub-buffer may start.
     align: usize,
-    /// Step launches enqueued so far: packed, and with each tensor's own buffers.
+    /// Multi-tensor launches enqueued so far: packed, and with each tensor's own buffers.
     launches: [AtomicU64; 2],
     programs: Mutex<HashMap<ProgramKey, Program>>,
 }
@@ -322,6 +322,8 @@ struct Launch {
 struct NormItem<'a> {
     /// `None` only for an empty buffer.
     mem: Option<&'a Mem>,
+    /// Where it lives, and its offset in elements there when a whole number of them.
+    place: Option<(&'a Place, Option<u64>)>,
     len: usize,
     first: usize,
     chunks: usize,
@@ -329,11 +331,31 @@ struct NormItem<'a> {
 
 impl<'a> NormItem<'a> {
     fn whole<E: Element>(b: &'a ClBuffer<E>) -> Self {
+        Self::window(b, 0, norm::chunk_count(b.len))
+    }
+
+    fn window<E: Element>(b: &'a ClBuffer<E>, first: usize, chunks: usize) -> Self {
+        let size = E::DTYPE.size();
         NormItem {
             mem: b.mem.as_ref(),
+            place: b.place.as_ref().map(|p| {
+                let off = p
+                    .offset
+                    .is_multiple_of(size)
+                    .then_some((p.offset / size) as u64);
+                (p, off)
+            }),
             len: b.len,
-            first: 0,
-            chunks: norm::chunk_count(b.len),
+            first,
+            chunks,
+        }
+    }
+
+    /// The root's address when this buffer can share a packed launch.
+    fn root(&self) -> Option<usize> {
+        match self.place {
+            Some((p, Some(_))) => Some(p.root.as_ptr() as usize),
+            _ => None,
         }
     }
 }
@@ -499,11 +521,11 @@ impl OpenCl {
         self.shared.slots
     }
 
-    /// Step launches (fused steps and their floors) enqueued on this device so far, by every
-    /// clone: `(packed, unpacked)`. Packed launches take any number of tensors cut from the
-    /// same buffers ([`slab`](Self::slab)); unpacked ones take up to
-    /// [`tensors_per_launch`](Self::tensors_per_launch) tensors with buffers of their own. A
-    /// way to check that a model's layout packs.
+    /// Multi-tensor launches (fused steps, their floors, gradient-norm passes) enqueued on
+    /// this device so far, by every clone: `(packed, unpacked)`. Packed launches take any
+    /// number of tensors cut from the same buffers ([`slab`](Self::slab)); unpacked ones take
+    /// up to [`tensors_per_launch`](Self::tensors_per_launch) tensors with buffers of their
+    /// own. A way to check that a model's layout packs.
     pub fn launch_counts(&self) -> (u64, u64) {
         let [p, u] = &self.shared.launches;
         (p.load(Ordering::Relaxed), u.load(Ordering::Relaxed))
@@ -782,7 +804,7 @@ impl OpenCl {
             LOCAL
         };
         let mut wg = max.min(local);
-        if name == "sage_cl_norm_partials" || name == "sage_cl_read_floor" {
+        if name.starts_with("sage_cl_norm_partials") || name.starts_with("sage_cl_read_floor") {
             wg = if self.shared.per_item > 1 {
                 // One work-item per chunk: a work-group of a few chunks is enough.
                 wg.min(NORM_CPU_LOCAL)
@@ -1298,27 +1320,68 @@ impl OpenCl {
         if live.is_empty() {
             return Ok(None);
         }
-        let (k, wg) = self.kernel(ProgramKey::Norm(E::DTYPE), name)?;
+        let key = ProgramKey::Norm(E::DTYPE);
+        let (k, wg) = self.kernel(key, name)?;
         let per = self.shared.slots;
         let fp64 = self.shared.norm_fp64;
-        // tab[3s] = buffer length, tab[3s+1] = first chunk, tab[3s+2] = chunks of the
-        // launch so far.
-        let mut tab = Vec::with_capacity(3 * live.len());
-        let mut launches = Vec::new();
-        let mut pbase = 0usize;
-        for chunk in live.chunks(per) {
-            let mut end = 0usize;
-            for it in chunk {
-                end += it.chunks;
-                tab.extend([it.len as u64, it.first as u64, end as u64]);
+        // Launches in item order (the partials come back to back in it): runs of buffers cut
+        // from one memory object go packed, the rest `per` at a time.
+        let mut launches: Vec<Launch> = Vec::new();
+        let mut i = 0;
+        while i < live.len() {
+            let run = match live[i].root() {
+                Some(r) => live[i..]
+                    .iter()
+                    .take_while(|it| it.root() == Some(r))
+                    .count(),
+                None => 1,
+            };
+            if run >= MIN_PACKED {
+                launches.push(Launch {
+                    first: i,
+                    count: run,
+                    packed: true,
+                    groups: 0,
+                });
+                i += run;
+                continue;
             }
-            launches.push((pbase, end));
-            pbase += end;
+            match launches.last_mut() {
+                Some(l) if !l.packed && l.count < per && l.first + l.count == i => l.count += 1,
+                _ => launches.push(Launch {
+                    first: i,
+                    count: 1,
+                    packed: false,
+                    groups: 0,
+                }),
+            }
+            i += 1;
+        }
+        // tab[4s] = buffer length, tab[4s+1] = first chunk, tab[4s+2] = chunks of the launch
+        // so far, tab[4s+3] = offset in its root (packed). `groups` counts chunks here.
+        let mut tab = Vec::with_capacity(4 * live.len());
+        for l in &mut launches {
+            let mut end = 0usize;
+            for it in &live[l.first..l.first + l.count] {
+                end += it.chunks;
+                let off = it.place.and_then(|(_, o)| o).unwrap_or(0);
+                tab.extend([it.len as u64, it.first as u64, end as u64, off]);
+            }
+            l.groups = end;
         }
         if total > u32::MAX as usize {
             return Err(Error::TooLarge(format!("{total} norm chunks in one call")));
         }
         let table = self.table(u64_bytes(&tab))?;
+        let packed_kernel = if launches.iter().any(|l| l.packed) {
+            let packed_name = match name {
+                "sage_cl_norm_partials" => "sage_cl_norm_partials_packed",
+                _ => "sage_cl_read_floor_packed",
+            };
+            Some(self.kernel(key, packed_name)?)
+        } else {
+            None
+        };
         // A partial is one double, or a (sum, exponent) pair of floats.
         let bytes = total * 8;
         let partials = match &self.partials {
@@ -1333,14 +1396,20 @@ impl OpenCl {
                 m
             }
         };
-        let set = |i: u32, a: ArgVal| {
-            core::set_kernel_arg(&k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
-        };
-        for (ci, (chunk, &(pbase, chunks))) in live.chunks(per).zip(&launches).enumerate() {
-            let (base, count) = ((ci * per) as u32, chunk.len() as u32);
+        let mut pbase = 0usize;
+        for l in &launches {
+            let chunk = &live[l.first..l.first + l.count];
+            let (kern, wg) = match (&packed_kernel, l.packed) {
+                (Some((pk, pwg)), true) => (pk, *pwg),
+                _ => (&k, wg),
+            };
+            let set = |i: u32, a: ArgVal| {
+                core::set_kernel_arg(kern, i, a)
+                    .map_err(|e| Error::cl("setting a kernel argument", e))
+            };
             set(0, ArgVal::mem(&table))?;
-            set(1, ArgVal::scalar(&base))?;
-            set(2, ArgVal::scalar(&count))?;
+            set(1, ArgVal::scalar(&(l.first as u32)))?;
+            set(2, ArgVal::scalar(&(l.count as u32)))?;
             set(3, ArgVal::mem(&partials))?;
             set(4, ArgVal::scalar(&(pbase as u32)))?;
             set(
@@ -1351,20 +1420,35 @@ impl OpenCl {
                     ArgVal::local::<f32>(&wg)
                 },
             )?;
-            for s in 0..per {
-                let a = match chunk.get(s) {
-                    Some(it) => opt_mem(it.mem),
-                    None => ArgVal::mem_null(),
-                };
-                set(6 + s as u32, a)?;
+            // Kept alive until the launch is enqueued (OpenCL retains it for the kernel).
+            let chunk_slot;
+            if l.packed {
+                let mut slot_of = Vec::with_capacity(l.groups);
+                for (s, it) in chunk.iter().enumerate() {
+                    slot_of.extend(std::iter::repeat_n(s as u32, it.chunks));
+                }
+                chunk_slot = self.table(u32_bytes(&slot_of))?;
+                set(6, ArgVal::mem(&chunk_slot))?;
+                let root = chunk[0].place.map(|(p, _)| &p.root);
+                set(7, opt_mem(root))?;
+            } else {
+                for s in 0..per {
+                    let a = match chunk.get(s) {
+                        Some(it) => opt_mem(it.mem),
+                        None => ArgVal::mem_null(),
+                    };
+                    set(6 + s as u32, a)?;
+                }
             }
             // One work-group per chunk, or one work-item per chunk on CPU devices.
             let groups = if self.shared.per_item > 1 {
-                chunks.div_ceil(wg)
+                l.groups.div_ceil(wg)
             } else {
-                chunks
+                l.groups
             };
-            self.enqueue(&k, groups, wg)?;
+            self.shared.launches[usize::from(!l.packed)].fetch_add(1, Ordering::Relaxed);
+            self.enqueue(kern, groups, wg)?;
+            pbase += l.groups;
         }
         Ok(Some(partials))
     }
@@ -1426,12 +1510,7 @@ impl Backend for OpenCl {
                 got: end,
             });
         }
-        let item = NormItem {
-            mem: buf.mem.as_ref(),
-            len: buf.len,
-            first,
-            chunks: out.len(),
-        };
+        let item = NormItem::window(buf, first, out.len());
         self.norm_partials::<E>(&[item], out)
     }
 

@@ -423,6 +423,13 @@ pub fn norm_program(e: DType, slots: usize, fp64: bool, item_per_chunk: bool) ->
         item_per_chunk,
         body,
     );
+    chunk_kernel(
+        &mut src,
+        "sage_cl_norm_partials_packed",
+        0,
+        item_per_chunk,
+        body,
+    );
     // The read floor: each element read once in the same launches, summed in float (no
     // conversion to double, no squares, no tree); the sum is stored only when it equals a
     // value it practically never has, so the loads stay and no store is made.
@@ -443,6 +450,13 @@ pub fn norm_program(e: DType, slots: usize, fp64: bool, item_per_chunk: bool) ->
 "#
     };
     chunk_kernel(&mut src, "sage_cl_read_floor", slots, item_per_chunk, floor);
+    chunk_kernel(
+        &mut src,
+        "sage_cl_read_floor_packed",
+        0,
+        item_per_chunk,
+        floor,
+    );
     src
 }
 
@@ -451,38 +465,53 @@ pub fn norm_program(e: DType, slots: usize, fp64: bool, item_per_chunk: bool) ->
 /// `c` (the chunk's index in the launch). With `item_per_chunk` work-item `c` of the launch
 /// takes chunk `c` (the table's counts are chunks, a work-group's size is free, `scratch` is
 /// unused); otherwise work-group `c` does, its work-items `lid` of `lsz`.
+///
+/// Unpacked (`slots` > 0): up to `slots` buffers, each its own argument. Packed (`slots` = 0):
+/// any number of buffers cut from one memory object `x0`, each at its offset, with the slot of
+/// each chunk from the host (`chunk_slot`).
 fn chunk_kernel(src: &mut String, name: &str, slots: usize, item_per_chunk: bool, body: &str) {
     let _ = write!(
         src,
         r#"
-/* tab[3s] = elements of buffer s, tab[3s+1] = the grid chunk its first chunk of the launch is
- * (a window of a buffer may start past chunk 0), tab[3s+2] = chunks of this launch up to and
- * including buffer s. */
+/* tab[4s] = elements of buffer s, tab[4s+1] = the grid chunk its first chunk of the launch is
+ * (a window of a buffer may start past chunk 0), tab[4s+2] = chunks of this launch up to and
+ * including buffer s, tab[4s+3] = (packed) its offset in elements in x0. */
 __kernel void {name}(__global const ulong* tab, uint base, uint count,
                      __global sage_part* partials, uint pbase, __local sage_acc* scratch"#
     );
-    src.push_str(&slot_args(slots, &[("__global const E_T*", "x")]));
-    src.push_str(") {\n    tab += 3 * (size_t)base;\n");
+    if slots == 0 {
+        src.push_str(",\n    __global const uint* chunk_slot, __global const E_T* x0");
+    } else {
+        src.push_str(&slot_args(slots, &[("__global const E_T*", "x")]));
+    }
+    src.push_str(") {\n    tab += 4 * (size_t)base;\n");
     if item_per_chunk {
         src.push_str(
-            "    size_t c = get_global_id(0);\n    if (c >= tab[3 * (size_t)(count - 1) + 2]) return;\n",
+            "    size_t c = get_global_id(0);\n    if (c >= tab[4 * (size_t)(count - 1) + 2]) return;\n",
         );
     } else {
         src.push_str(
             "    size_t c = get_group_id(0);\n    size_t lid = get_local_id(0);\n    size_t lsz = get_local_size(0);\n",
         );
     }
+    if slots == 0 {
+        src.push_str("    uint s = chunk_slot[c];\n");
+    } else {
+        src.push_str("    uint s = 0;\n    while (s + 1u < count && c >= tab[4 * s + 2]) s++;\n");
+    }
     src.push_str(
-        r#"    uint s = 0;
-    while (s + 1u < count && c >= tab[3 * s + 2]) s++;
-    size_t first = s ? tab[3 * s - 1] : 0;
-    size_t len = tab[3 * s];
-    size_t start = (tab[3 * s + 1] + (c - first)) * SAGE_NORM_CHUNK;
+        r#"    size_t first = s ? tab[4 * s - 2] : 0;
+    size_t len = tab[4 * s];
+    size_t start = (tab[4 * s + 1] + (c - first)) * SAGE_NORM_CHUNK;
     size_t end = min(start + SAGE_NORM_CHUNK, len);
     __global const E_T* x;
     "#,
     );
-    src.push_str(&slot_switch(slots, &["x"]).replace("default: return;", "default: x = x0;"));
+    if slots == 0 {
+        src.push_str("x = x0 + tab[4 * s + 3];\n");
+    } else {
+        src.push_str(&slot_switch(slots, &["x"]).replace("default: return;", "default: x = x0;"));
+    }
     src.push_str(body);
     src.push_str("}\n");
 }
@@ -509,6 +538,13 @@ mod tests {
         assert!(src.contains("#define SAGE_WPI 64\n"));
         assert!(src.contains("__kernel void sage_cl_step_packed(") && src.contains("group_slot"));
         assert!(src.contains("__kernel void sage_cl_floor_packed("));
+        for packed in [
+            "sage_cl_norm_partials_packed(",
+            "sage_cl_read_floor_packed(",
+        ] {
+            assert!(norm_program(DType::F32, 2, true, true).contains(packed));
+            assert!(norm_program(DType::Bf16, 2, false, false).contains(packed));
+        }
         let n = norm_program(DType::F32, 2, true, false);
         assert!(n.contains("__global const E_T* x1"));
         assert!(n.contains("cl_khr_fp64"));

@@ -182,6 +182,24 @@ fn many_tensors<E: Element>(base: &OpenCl, scale: f32) {
             let mut other = variant(base, Some(per), fp64, cl.elements_per_item());
             assert_eq!(bits(&every_path::<E>(&mut other, &host)), bits(&all));
         }
+        // So do the same gradients cut from one slab (packed launches).
+        let (_, pieces) = cl.slab::<E>(&LENS).unwrap();
+        let mut slab = Vec::new();
+        for (mut piece, h) in pieces.into_iter().zip(&host) {
+            cl.write(&mut piece, h).unwrap();
+            slab.push(piece);
+        }
+        let refs: Vec<&ClBuffer<E>> = slab.iter().collect();
+        let before = cl.launch_counts().0;
+        let batch = cl.sq_norms(&refs).unwrap();
+        assert!(cl.launch_counts().0 > before, "the slab's norms are packed");
+        let mut at = 0;
+        for (i, g) in slab.iter().enumerate() {
+            let n = norm::chunk_count(g.len());
+            let folded = norm::fold(all[at..at + n].iter().copied());
+            assert_eq!(batch[i].to_bits(), folded.to_bits(), "slab tensor {i}");
+            at += n;
+        }
     }
 }
 

@@ -478,14 +478,19 @@ fn main() -> ExitCode {
             done.push(rows);
         }
         if args.small > 0 {
-            // The small-tensor shape against the flat one of the same total, row by row.
-            let (small, flat) = (&done[2], &done[3]);
+            // The small-tensor shapes against the flat one of the same total, row by row.
+            let (own, slab, flat) = (&done[2], &done[3], &done[4]);
             println!(
-                "\n{prec}, {} small tensors against one flat tensor (x flat):",
+                "\n{prec}, {} small tensors against one flat tensor (x flat): own buffers, slab",
                 args.small
             );
-            for (a, b) in small.iter().zip(flat) {
-                println!("  {:<26} {:>8.2}", a.name, a.best / b.best);
+            for ((a, b), f) in own.iter().zip(slab).zip(flat) {
+                println!(
+                    "  {:<26} {:>8.2} {:>8.2}",
+                    a.name,
+                    a.best / f.best,
+                    b.best / f.best
+                );
             }
         }
     }
