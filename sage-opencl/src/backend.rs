@@ -90,8 +90,9 @@ struct Shared {
     max_alloc: u64,
     /// `CL_DEVICE_MEM_BASE_ADDR_ALIGN` in bytes: where a sub-buffer may start.
     align: usize,
-    /// Multi-tensor launches enqueued so far: packed, and with each tensor's own buffers.
-    launches: [AtomicU64; 2],
+    /// Multi-tensor launches enqueued so far: packed steps (and floors), unpacked ones,
+    /// packed norm passes, unpacked ones.
+    launches: [AtomicU64; 4],
     programs: Mutex<HashMap<ProgramKey, Program>>,
 }
 
@@ -309,6 +310,19 @@ impl Placement<'_> {
 /// Fewest consecutive tensors sharing their root buffers that take a packed launch.
 const MIN_PACKED: usize = 2;
 
+/// Multi-tensor launches enqueued on a device ([`OpenCl::launch_counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LaunchCounts {
+    /// Packed fused steps and floors: any number of tensors cut from the same buffers.
+    pub packed_steps: u64,
+    /// Fused steps and floors with each tensor's own buffers.
+    pub steps: u64,
+    /// Packed gradient-norm (and read-floor) passes.
+    pub packed_norms: u64,
+    /// Gradient-norm passes with each buffer its own argument.
+    pub norms: u64,
+}
+
 /// One launch of a step: `count` items from `first`; packed (one set of root buffers, the
 /// tensors at offsets) or with each tensor's own buffers.
 struct Launch {
@@ -476,7 +490,7 @@ impl OpenCl {
         Ok(OpenCl {
             shared: Arc::new(Shared {
                 align,
-                launches: [AtomicU64::new(0), AtomicU64::new(0)],
+                launches: Default::default(),
                 context,
                 queue,
                 options,
@@ -521,14 +535,18 @@ impl OpenCl {
         self.shared.slots
     }
 
-    /// Multi-tensor launches (fused steps, their floors, gradient-norm passes) enqueued on
-    /// this device so far, by every clone: `(packed, unpacked)`. Packed launches take any
-    /// number of tensors cut from the same buffers ([`slab`](Self::slab)); unpacked ones take
-    /// up to [`tensors_per_launch`](Self::tensors_per_launch) tensors with buffers of their
-    /// own. A way to check that a model's layout packs.
-    pub fn launch_counts(&self) -> (u64, u64) {
-        let [p, u] = &self.shared.launches;
-        (p.load(Ordering::Relaxed), u.load(Ordering::Relaxed))
+    /// Multi-tensor launches enqueued on this device so far, by every clone. Packed launches
+    /// take any number of tensors cut from the same buffers ([`slab`](Self::slab)); unpacked
+    /// ones take up to [`tensors_per_launch`](Self::tensors_per_launch) tensors with buffers
+    /// of their own. A way to check that a model's layout packs.
+    pub fn launch_counts(&self) -> LaunchCounts {
+        let n = |i: usize| self.shared.launches[i].load(Ordering::Relaxed);
+        LaunchCounts {
+            packed_steps: n(0),
+            steps: n(1),
+            packed_norms: n(2),
+            norms: n(3),
+        }
     }
 
     /// Consecutive elements each work-item of a step takes ([`Builder::elements_per_item`]).
@@ -1151,7 +1169,9 @@ impl OpenCl {
         }
         const NAMES: [&str; 5] = ["param", "grad", "m", "v", "ibar"];
         let ctx = self.shared.context.as_ptr() as usize;
-        let mut uses = Vec::with_capacity(items.len() * 5);
+        // By buffer position: for tensors cut from slabs each list is then one memory object
+        // in increasing offsets, already in the order the check needs.
+        let mut by_slot: [Vec<Use>; 5] = Default::default();
         let mut placements = Vec::with_capacity(items.len());
         for (index, it) in items.iter().enumerate() {
             let mut placed = Placement::default();
@@ -1174,7 +1194,7 @@ impl OpenCl {
                 let offset = buf.place.offset;
                 placed.roots[slot] = Some(&buf.place.root);
                 placed.offsets[slot] = (offset % size == 0).then_some((offset / size) as u64);
-                uses.push(Use {
+                by_slot[slot].push(Use {
                     root: buf.place.root.as_ptr() as usize,
                     start: offset,
                     end: offset.saturating_add(it.len.saturating_mul(size)),
@@ -1185,9 +1205,32 @@ impl OpenCl {
             }
             placements.push(placed);
         }
-        // Sorted by memory object and start: every overlapping pair meets when its later
-        // member is reached, against the furthest-reaching earlier use (any, or written).
-        uses.sort_unstable_by_key(|u| (u.root, u.start, u.who));
+        // Grouped by memory object and sorted by start within each: every overlapping pair
+        // meets when its later member is reached, against the furthest-reaching earlier use
+        // (any, or written). Sorting tens of thousands of uses costs milliseconds; slabs are
+        // already in that order, which a scan confirms.
+        let mut uses = by_slot.concat();
+        // Each memory object in one run of non-decreasing starts (few runs: slab-like).
+        let grouped_by_root = |uses: &[Use]| {
+            let mut roots: Vec<usize> = uses.first().map(|u| u.root).into_iter().collect();
+            for w in uses.windows(2) {
+                if w[0].root != w[1].root {
+                    roots.push(w[1].root);
+                    if roots.len() > 64 {
+                        return false;
+                    }
+                } else if w[1].start < w[0].start {
+                    return false;
+                }
+            }
+            let n = roots.len();
+            roots.sort_unstable();
+            roots.dedup();
+            roots.len() == n
+        };
+        if !grouped_by_root(&uses) {
+            uses.sort_unstable_by_key(|u| (u.root, u.start, u.who));
+        }
         let (mut any, mut written): (Option<usize>, Option<usize>) = (None, None);
         for i in 0..uses.len() {
             let u = uses[i];
@@ -1446,7 +1489,7 @@ impl OpenCl {
             } else {
                 l.groups
             };
-            self.shared.launches[usize::from(!l.packed)].fetch_add(1, Ordering::Relaxed);
+            self.shared.launches[2 + usize::from(!l.packed)].fetch_add(1, Ordering::Relaxed);
             self.enqueue(kern, groups, wg)?;
             pbase += l.groups;
         }

@@ -39,7 +39,7 @@ mod device;
 mod error;
 pub mod source;
 
-pub use backend::{Builder, OpenCl, CPU_ELEMENTS_PER_ITEM};
+pub use backend::{Builder, LaunchCounts, OpenCl, CPU_ELEMENTS_PER_ITEM};
 pub use buffer::ClBuffer;
 pub use device::{devices, DeviceDesc, Select};
 pub use error::Error;

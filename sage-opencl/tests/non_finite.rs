@@ -132,11 +132,11 @@ fn step_kernel_counts_non_finite_parameters() {
     let two = OpenCl::builder().max_tensors_per_launch(2).build().unwrap();
     counts::<f32>(&two);
     // Tensors cut from slabs: one packed launch, the counters still per tensor.
-    let before = cl.launch_counts().0;
+    let before = cl.launch_counts().packed_steps;
     counts_laid_out::<f32>(&cl, &[3, 0, 70_001, 300, 0, 257, 4097], true);
     counts_laid_out::<bf16>(&cl, &[3, 0, 70_001, 300, 0, 257, 4097], true);
     assert_eq!(
-        cl.launch_counts().0 - before,
+        cl.launch_counts().packed_steps - before,
         2,
         "one packed launch per step"
     );

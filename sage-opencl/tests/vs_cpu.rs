@@ -156,7 +156,7 @@ fn same_as_cpu_in<P: Element, S: Element>(
             )
         })
         .collect();
-    let packed_before = cl.launch_counts().0;
+    let packed_before = cl.launch_counts().packed_steps;
     let mut cpu_opt = Optimizer::new(Cpu, cfg, groups.clone()).unwrap();
     let mut cl_opt = Optimizer::new(cl.clone(), cfg, groups.clone()).unwrap();
     let mut max_ulps = 0;
@@ -232,7 +232,7 @@ fn same_as_cpu_in<P: Element, S: Element>(
             }
         }
     }
-    let packed = cl.launch_counts().0 - packed_before;
+    let packed = cl.launch_counts().packed_steps - packed_before;
     eprintln!(
         "{what} {}/{} ({layout:?}, {packed} packed launches): at most {max_ulps} ulps from the CPU",
         P::DTYPE,
