@@ -332,6 +332,45 @@ struct Launch {
     groups: usize,
 }
 
+/// The launches of `keys.len()` items, in item order (so that a failure part-way leaves a
+/// prefix done, and partials come back in item order): runs of at least [`MIN_PACKED`]
+/// consecutive items with the same key (`None`: cannot be packed) go packed, the others up to
+/// `per` at a time.
+fn plan_launches<K: PartialEq>(keys: &[Option<K>], per: usize) -> Vec<Launch> {
+    let mut launches: Vec<Launch> = Vec::new();
+    let mut i = 0;
+    while i < keys.len() {
+        let run = match &keys[i] {
+            Some(k) => keys[i..]
+                .iter()
+                .take_while(|o| o.as_ref() == Some(k))
+                .count(),
+            None => 1,
+        };
+        if run >= MIN_PACKED {
+            launches.push(Launch {
+                first: i,
+                count: run,
+                packed: true,
+                groups: 0,
+            });
+            i += run;
+            continue;
+        }
+        match launches.last_mut() {
+            Some(l) if !l.packed && l.count < per && l.first + l.count == i => l.count += 1,
+            _ => launches.push(Launch {
+                first: i,
+                count: 1,
+                packed: false,
+                groups: 0,
+            }),
+        }
+        i += 1;
+    }
+    launches
+}
+
 /// Chunks `first .. first + chunks` of one buffer on the norm grid.
 struct NormItem<'a> {
     /// `None` only for an empty buffer.
@@ -902,42 +941,8 @@ impl OpenCl {
                 items.len()
             )));
         }
-        // Launches in item order (so that a failure part-way leaves a prefix stepped): runs of
-        // consecutive tensors cut from the same root buffers go packed, the rest `per` at a
-        // time.
-        let mut launches = Vec::new();
-        let mut i = 0;
-        while i < items.len() {
-            let key = placements[i].key();
-            let run = match key {
-                Some(key) => placements[i..]
-                    .iter()
-                    .take_while(|p| p.key() == Some(key))
-                    .count(),
-                None => 1,
-            };
-            if run >= MIN_PACKED {
-                launches.push(Launch {
-                    first: i,
-                    count: run,
-                    packed: true,
-                    groups: 0,
-                });
-                i += run;
-                continue;
-            }
-            // Unpacked: this tensor and the following ones up to the next packed run.
-            match launches.last_mut() {
-                Some(l) if !l.packed && l.count < per && l.first + l.count == i => l.count += 1,
-                _ => launches.push(Launch {
-                    first: i,
-                    count: 1,
-                    packed: false,
-                    groups: 0,
-                }),
-            }
-            i += 1;
-        }
+        let keys: Vec<Option<[usize; 5]>> = placements.iter().map(Placement::key).collect();
+        let mut launches = plan_launches(&keys, per);
         let key = ProgramKey::Step(P::DTYPE, S::DTYPE);
         let (k, mut wg) = self.kernel(key, name)?;
         let packed_kernel = if launches.iter().any(|l| l.packed) {
@@ -1367,39 +1372,8 @@ impl OpenCl {
         let (k, wg) = self.kernel(key, name)?;
         let per = self.shared.slots;
         let fp64 = self.shared.norm_fp64;
-        // Launches in item order (the partials come back to back in it): runs of buffers cut
-        // from one memory object go packed, the rest `per` at a time.
-        let mut launches: Vec<Launch> = Vec::new();
-        let mut i = 0;
-        while i < live.len() {
-            let run = match live[i].root() {
-                Some(r) => live[i..]
-                    .iter()
-                    .take_while(|it| it.root() == Some(r))
-                    .count(),
-                None => 1,
-            };
-            if run >= MIN_PACKED {
-                launches.push(Launch {
-                    first: i,
-                    count: run,
-                    packed: true,
-                    groups: 0,
-                });
-                i += run;
-                continue;
-            }
-            match launches.last_mut() {
-                Some(l) if !l.packed && l.count < per && l.first + l.count == i => l.count += 1,
-                _ => launches.push(Launch {
-                    first: i,
-                    count: 1,
-                    packed: false,
-                    groups: 0,
-                }),
-            }
-            i += 1;
-        }
+        let roots: Vec<Option<usize>> = live.iter().map(|it| it.root()).collect();
+        let mut launches = plan_launches(&roots, per);
         // tab[4s] = buffer length, tab[4s+1] = first chunk, tab[4s+2] = chunks of the launch
         // so far, tab[4s+3] = offset in its root (packed). `groups` counts chunks here.
         let mut tab = Vec::with_capacity(4 * live.len());
@@ -1772,6 +1746,30 @@ impl HostBuffers for OpenCl {
 mod tests {
     use super::*;
     use sage_core::{Algorithm, BackendError, Config, Optimizer, ParamGroup, TensorState};
+
+    /// Runs of two or more equal keys are packed, the rest go `per` at a time, all in order.
+    #[test]
+    fn launches_follow_the_items() {
+        let plan = |keys: &[Option<u8>], per| {
+            plan_launches(keys, per)
+                .iter()
+                .map(|l| (l.first, l.count, l.packed))
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (Some(1u8), Some(2u8));
+        assert_eq!(
+            plan(&[None, None, None, a, a, a, b, None, b, b], 2),
+            [
+                (0, 2, false),
+                (2, 1, false),
+                (3, 3, true),
+                (6, 2, false),
+                (8, 2, true)
+            ]
+        );
+        assert_eq!(plan(&[a, b, a, b], 16), [(0, 4, false)]);
+        assert!(plan(&[], 4).is_empty());
+    }
 
     /// A backend with 2 tensors per launch, or `None` where the machine has no OpenCL (a
     /// failure with `SAGE_REQUIRE_OPENCL` set).

@@ -98,6 +98,24 @@ impl Layout {
     }
 }
 
+/// A buffer of tensor `i` holding `data`: its piece of `slab` when `layout` cuts it from one,
+/// else an allocation of its own.
+fn placed<E: Element>(
+    cl: &OpenCl,
+    layout: Layout,
+    i: usize,
+    slab: &[ClBuffer<E>],
+    data: &[E],
+) -> ClBuffer<E> {
+    if layout.cuts_from_slab(i) {
+        let mut piece = slab[i].clone();
+        cl.write(&mut piece, data).unwrap();
+        piece
+    } else {
+        cl.upload(data).unwrap()
+    }
+}
+
 /// [`same_as_cpu`] with the tensors alternating between `groups[0]` and `groups[1]`, their
 /// buffers allocated as `layout` says.
 fn same_as_cpu_in<P: Element, S: Element>(
@@ -124,25 +142,10 @@ fn same_as_cpu_in<P: Element, S: Element>(
         .iter()
         .map(|_| cl.slab::<S>(&lens).unwrap().1)
         .collect();
-    // A buffer holding `data`: the slab's piece `i` of `slab`, or an allocation of its own.
-    let place = |i: usize, slab: &[ClBuffer<_>], data: &[_]| {
-        if layout.cuts_from_slab(i) {
-            let mut piece = slab[i].clone();
-            cl.write(&mut piece, data).unwrap();
-            piece
-        } else {
-            cl.upload(data).unwrap()
-        }
-    };
+    let place = |i: usize, slab: &[ClBuffer<P>], data: &[P]| placed(cl, layout, i, slab, data);
     let state_place = |i: usize, b: Buffer, data: &[S]| {
         let slab = &s_slabs[Buffer::ALL.iter().position(|&x| x == b).unwrap()];
-        if layout.cuts_from_slab(i) {
-            let mut piece = slab[i].clone();
-            cl.write(&mut piece, data).unwrap();
-            piece
-        } else {
-            cl.upload(data).unwrap()
-        }
+        placed(cl, layout, i, slab, data)
     };
     let mut dev: Vec<DevTensor<P, S>> = host
         .iter()
