@@ -340,9 +340,14 @@ pub fn report_markdown(g: &Grid, done: &[Record], machine: &str) -> String {
         for &family in &g.families {
             let c = compare(g, size, family, done);
             let names = [label(family, false), label(family, true)];
+            // Size 0 is the whole training pool (its count needs the data; the report may not).
+            let sentences = match size {
+                0 => "all".to_string(),
+                n => n.to_string(),
+            };
             s.push_str(&format!(
                 "### {} vs {} — {} training sentences ({} of {} runs done)\n\n",
-                names[1], names[0], size, c.runs_done, c.runs_planned
+                names[1], names[0], sentences, c.runs_done, c.runs_planned
             ));
             // The selection grid: dev accuracy of every grid point.
             s.push_str("Selection (seed ");

@@ -10,7 +10,8 @@ use indicatif::ProgressBar;
 use sage_candle::bert::{init_random, BertClassifier, BertConfig, Rng};
 use sage_finetune::analysis::{lowest, SensitivitySummary, HIST_BINS};
 use sage_finetune::protocol::{
-    append_journal, planned_count, read_journal, report_runs, selected, selection, Grid, Record,
+    append_journal, planned_count, read_journal, report_markdown, report_runs, selected, selection,
+    Grid, Record,
 };
 use sage_finetune::stats::{mean_std, paired_t};
 use sage_finetune::text::TextEncoder;
@@ -67,6 +68,25 @@ fn grid() -> Grid {
         weight_decay: 0.01,
         freeze: true,
     }
+}
+
+/// The report names each size's section by its sentences, the whole pool (size 0) as "all".
+#[test]
+fn report_sections_name_their_training_size() {
+    let g = Grid {
+        sizes: vec![100, 0],
+        ..grid()
+    };
+    let md = report_markdown(&g, &[], "test machine");
+    assert!(
+        md.contains("AdamW-SAGE vs AdamW — 100 training sentences (0 of "),
+        "{md}"
+    );
+    assert!(
+        md.contains("AdamW-SAGE vs AdamW — all training sentences (0 of "),
+        "{md}"
+    );
+    assert!(!md.contains("— 0 training sentences"), "{md}");
 }
 
 fn result(label: &str, lr: f64, beta0: Option<f64>, seed: u64, dev: f64) -> RunResult {
