@@ -90,8 +90,8 @@ struct Shared {
     max_alloc: u64,
     /// `CL_DEVICE_MEM_BASE_ADDR_ALIGN` in bytes: where a sub-buffer may start.
     align: usize,
-    /// Multi-tensor launches enqueued so far: packed steps (and floors), unpacked ones,
-    /// packed norm passes, unpacked ones.
+    /// Multi-tensor launches enqueued so far, indexed by [`launch_index`]: packed steps (and
+    /// floors), unpacked ones, packed norm passes, unpacked ones.
     launches: [AtomicU64; 4],
     programs: Mutex<HashMap<ProgramKey, Program>>,
 }
@@ -307,6 +307,11 @@ impl Placement<'_> {
     }
 }
 
+/// Where a launch is counted in `Shared::launches`.
+fn launch_index(norm: bool, packed: bool) -> usize {
+    2 * usize::from(norm) + usize::from(!packed)
+}
+
 /// Fewest consecutive tensors sharing their root buffers that take a packed launch.
 const MIN_PACKED: usize = 2;
 
@@ -391,13 +396,7 @@ impl<'a> NormItem<'a> {
         let size = E::DTYPE.size();
         NormItem {
             mem: b.mem.as_ref(),
-            place: b.place.as_ref().map(|p| {
-                let off = p
-                    .offset
-                    .is_multiple_of(size)
-                    .then_some((p.offset / size) as u64);
-                (p, off)
-            }),
+            place: b.place.as_ref().map(|p| (p, p.elements(size))),
             len: b.len,
             first,
             chunks,
@@ -579,13 +578,18 @@ impl OpenCl {
     /// ones take up to [`tensors_per_launch`](Self::tensors_per_launch) tensors with buffers
     /// of their own. A way to check that a model's layout packs.
     pub fn launch_counts(&self) -> LaunchCounts {
-        let n = |i: usize| self.shared.launches[i].load(Ordering::Relaxed);
+        let n =
+            |norm, packed| self.shared.launches[launch_index(norm, packed)].load(Ordering::Relaxed);
         LaunchCounts {
-            packed_steps: n(0),
-            steps: n(1),
-            packed_norms: n(2),
-            norms: n(3),
+            packed_steps: n(false, true),
+            steps: n(false, false),
+            packed_norms: n(true, true),
+            norms: n(true, false),
         }
+    }
+
+    fn count_launch(&self, norm: bool, packed: bool) {
+        self.shared.launches[launch_index(norm, packed)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Consecutive elements each work-item of a step takes ([`Builder::elements_per_item`]).
@@ -992,7 +996,7 @@ impl OpenCl {
         };
         for (li, l) in launches.iter().enumerate() {
             let chunk = &items[l.first..l.first + l.count];
-            self.shared.launches[usize::from(!l.packed)].fetch_add(1, Ordering::Relaxed);
+            self.count_launch(false, l.packed);
             let launched =
                 self.injected_failure(li)
                     .and_then(|()| match (&packed_kernel, l.packed) {
@@ -1198,7 +1202,7 @@ impl OpenCl {
                 }
                 let offset = buf.place.offset;
                 placed.roots[slot] = Some(&buf.place.root);
-                placed.offsets[slot] = (offset % size == 0).then_some((offset / size) as u64);
+                placed.offsets[slot] = buf.place.elements(size);
                 by_slot[slot].push(Use {
                     root: buf.place.root.as_ptr() as usize,
                     start: offset,
@@ -1463,7 +1467,7 @@ impl OpenCl {
             } else {
                 l.groups
             };
-            self.shared.launches[2 + usize::from(!l.packed)].fetch_add(1, Ordering::Relaxed);
+            self.count_launch(true, l.packed);
             self.enqueue(kern, groups, wg)?;
             pbase += l.groups;
         }

@@ -33,6 +33,16 @@ pub(crate) struct Place {
     pub context: usize,
 }
 
+impl Place {
+    /// The offset in elements of `size` bytes, when it is a whole number of them (only then
+    /// can a kernel address the buffer from its root).
+    pub fn elements(&self, size: usize) -> Option<u64> {
+        self.offset
+            .is_multiple_of(size)
+            .then_some((self.offset / size) as u64)
+    }
+}
+
 impl<E: Element> Clone for ClBuffer<E> {
     fn clone(&self) -> Self {
         ClBuffer {

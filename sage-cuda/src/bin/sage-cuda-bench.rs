@@ -207,12 +207,7 @@ fn bench_adam<P: Element>(
                 params: &mut Vec<CudaSlice<P>>,
                 state: &mut Vec<TensorState<CudaSlice<f32>>>|
      -> Result<(), String> {
-        let mut ts: Vec<ParamTensor<'_, Cuda, P, f32>> = params
-            .iter_mut()
-            .zip(state.iter_mut())
-            .zip(grads.iter())
-            .map(|((p, st), g)| ParamTensor::new(p, g, st.view()))
-            .collect();
+        let mut ts = param_tensors(params, &grads, state);
         opt.step(&mut ts).map(|_| ()).map_err(|e| e.to_string())
     };
     // First step, checked against the CPU formula on the first tensor.
@@ -247,6 +242,20 @@ fn bench_adam<P: Element>(
     Ok((ms, ok))
 }
 
+/// One step's tensors over parallel lists of parameters, gradients and state.
+fn param_tensors<'a, P: Element>(
+    params: &'a mut [CudaSlice<P>],
+    grads: &'a [CudaSlice<P>],
+    state: &'a mut [TensorState<CudaSlice<f32>>],
+) -> Vec<ParamTensor<'a, Cuda, P, f32>> {
+    params
+        .iter_mut()
+        .zip(state.iter_mut())
+        .zip(grads)
+        .map(|((p, st), g)| ParamTensor::new(p, g, st.view()))
+        .collect()
+}
+
 /// The gradient-norm pass alone (`Backend::grad_sq_norms`, as the guard and clipping run it)
 /// over f32 gradients of `sizes`.
 fn bench_norm(gpu: &Cuda, sizes: &[usize], a: &Args) -> Result<f32, String> {
@@ -265,12 +274,7 @@ fn bench_norm(gpu: &Cuda, sizes: &[usize], a: &Args) -> Result<f32, String> {
     let mut backend = gpu.clone();
     let stream = gpu.stream().clone();
     time_ms(&stream, a.warmup, a.iters, || {
-        let mut ts: Vec<ParamTensor<'_, Cuda, f32, f32>> = params
-            .iter_mut()
-            .zip(state.iter_mut())
-            .zip(grads.iter())
-            .map(|((p, st), g)| ParamTensor::new(p, g, st.view()))
-            .collect();
+        let mut ts = param_tensors(&mut params, &grads, &mut state);
         backend.grad_sq_norms(&mut ts).map_err(err)
     })
 }
