@@ -259,7 +259,7 @@ struct Item<'a> {
     /// Position in the caller's list of tensors, and its name, for errors.
     tensor: usize,
     name: Option<&'a str>,
-    k: Coeffs,
+    k: &'a Coeffs,
     len: usize,
     p: Buf<'a>,
     g: Buf<'a>,
@@ -284,26 +284,42 @@ impl<'a> Buf<'a> {
     }
 }
 
-/// Where one tensor's buffers (param, grad, m, v, ibar) live: the memory object at the root (a
-/// sub-buffer's parent, or the buffer itself; `None` when absent) and the offset in elements
-/// within it (`None` when not a whole number of elements).
-#[derive(Default)]
-struct Placement<'a> {
-    roots: [Option<&'a Mem>; 5],
-    offsets: [Option<u64>; 5],
-}
+impl<'a> Item<'a> {
+    /// The buffers in kernel-argument order (param, grad, m, v, ibar), each with its element
+    /// size (`psize` for param and grad, `ssize` for the state).
+    fn bufs(&self, psize: usize, ssize: usize) -> [(Option<Buf<'a>>, usize); 5] {
+        [
+            (Some(self.p), psize),
+            (Some(self.g), psize),
+            (self.m, ssize),
+            (self.v, ssize),
+            (self.b, ssize),
+        ]
+    }
 
-impl Placement<'_> {
-    /// The roots as addresses (0 when absent): tensors with equal keys can share a launch.
-    fn key(&self) -> Option<[usize; 5]> {
+    /// The memory objects at the roots as addresses (0 when absent): tensors with equal keys
+    /// can share a packed launch. `None` when a buffer's offset is not a whole number of
+    /// elements (a kernel cannot address it from its root).
+    fn key(&self, psize: usize, ssize: usize) -> Option<[usize; 5]> {
         let mut key = [0; 5];
-        for (k, (r, o)) in key.iter_mut().zip(self.roots.iter().zip(&self.offsets)) {
-            if let Some(r) = r {
-                o.as_ref()?;
-                *k = r.as_ptr() as usize;
+        for (k, (b, size)) in key.iter_mut().zip(self.bufs(psize, ssize)) {
+            if let Some(b) = b {
+                b.place.elements(size)?;
+                *k = b.place.root.as_ptr() as usize;
             }
         }
         Some(key)
+    }
+
+    /// Each buffer's offset in elements from its root (0 when absent or not whole).
+    fn offsets(&self, psize: usize, ssize: usize) -> [u64; 5] {
+        self.bufs(psize, ssize)
+            .map(|(b, size)| b.and_then(|b| b.place.elements(size)).unwrap_or(0))
+    }
+
+    /// The memory objects at the roots (`None` when absent).
+    fn roots(&self) -> [Option<&'a Mem>; 5] {
+        self.bufs(1, 1).map(|(b, _)| b.map(|b| &b.place.root))
     }
 }
 
@@ -435,7 +451,7 @@ fn mem_of<E: Element>(b: &ClBuffer<E>) -> &Mem {
 /// aliasing are checked over a whole launch list ([`OpenCl::check_items`]).
 fn item<'a, P: Element, S: Element>(
     (tensor, name): (usize, Option<&'a str>),
-    k: Coeffs,
+    k: &'a Coeffs,
     param: &'a ClBuffer<P>,
     grad: &'a ClBuffer<P>,
     m: Option<&'a ClBuffer<S>>,
@@ -937,7 +953,8 @@ impl OpenCl {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let placements = self.check_items(items, P::DTYPE.size(), S::DTYPE.size())?;
+        let (psize, ssize) = (P::DTYPE.size(), S::DTYPE.size());
+        self.check_items(items, psize, ssize)?;
         let per = self.shared.slots;
         if items.len() > u32::MAX as usize {
             return Err(Error::TooLarge(format!(
@@ -945,7 +962,7 @@ impl OpenCl {
                 items.len()
             )));
         }
-        let keys: Vec<Option<[usize; 5]>> = placements.iter().map(Placement::key).collect();
+        let keys: Vec<Option<[usize; 5]>> = items.iter().map(|it| it.key(psize, ssize)).collect();
         let mut launches = plan_launches(&keys, per);
         let key = ProgramKey::Step(P::DTYPE, S::DTYPE);
         let (k, mut wg) = self.kernel(key, name)?;
@@ -968,18 +985,15 @@ impl OpenCl {
         let mut slots = Vec::with_capacity(items.len());
         for l in &mut launches {
             let mut end = 0u64;
-            for (it, pl) in items[l.first..l.first + l.count]
-                .iter()
-                .zip(&placements[l.first..])
-            {
+            for it in &items[l.first..l.first + l.count] {
                 end += it.len.div_ceil(span) as u64;
                 slots.push(Slot {
-                    k: it.k,
+                    k: *it.k,
                     len: it.len as u64,
                     end_group: end,
                     present: present(it.m.is_some(), it.v.is_some(), it.b.is_some()),
                     pad: 0,
-                    off: pl.offsets.map(|o| o.unwrap_or(0)),
+                    off: it.offsets(psize, ssize),
                 });
             }
             l.groups = usize::try_from(end)
@@ -1006,7 +1020,7 @@ impl OpenCl {
                             &slots[l.first..l.first + l.count],
                             counters.as_ref(),
                             l,
-                            &placements[l.first],
+                            &items[l.first],
                             wg,
                         ),
                         _ => self.launch_chunk(
@@ -1089,7 +1103,7 @@ impl OpenCl {
         slots: &[Slot],
         bad: Option<&Mem>,
         l: &Launch,
-        roots: &Placement<'_>,
+        first: &Item<'_>,
         wg: usize,
     ) -> Result<(), Error> {
         let set = |i: u32, a: ArgVal| {
@@ -1106,8 +1120,8 @@ impl OpenCl {
         set(2, ArgVal::scalar(&(l.count as u32)))?;
         set(3, opt_mem(bad))?;
         set(4, ArgVal::mem(&group_slot))?;
-        for (j, r) in roots.roots.iter().enumerate() {
-            set(5 + j as u32, opt_mem(*r))?;
+        for (j, r) in first.roots().into_iter().enumerate() {
+            set(5 + j as u32, opt_mem(r))?;
         }
         self.enqueue(k, l.groups, wg)
     }
@@ -1159,12 +1173,7 @@ impl OpenCl {
     /// (a [`ClBuffer`] clone), or overlapping sub-buffers of one ([`Error::Aliased`]). Two
     /// tensors may share a gradient (it is only read). `psize`/`ssize`: bytes per parameter
     /// and state element.
-    fn check_items<'a>(
-        &self,
-        items: &[Item<'a>],
-        psize: usize,
-        ssize: usize,
-    ) -> Result<Vec<Placement<'a>>, Error> {
+    fn check_items<'a>(&self, items: &[Item<'a>], psize: usize, ssize: usize) -> Result<(), Error> {
         /// One buffer of one tensor: bytes `start..end` of memory object `root`; `who` is
         /// the tensor's index in `items` times 5 plus the buffer's position. Small, so that
         /// sorting tens of thousands of them stays cheap.
@@ -1178,20 +1187,15 @@ impl OpenCl {
         }
         const NAMES: [&str; 5] = ["param", "grad", "m", "v", "ibar"];
         let ctx = self.shared.context.as_ptr() as usize;
-        // By buffer position: for tensors cut from slabs each list is then one memory object
-        // in increasing offsets, already in the order the check needs.
-        let mut by_slot: [Vec<Use>; 5] = Default::default();
-        let mut placements = Vec::with_capacity(items.len());
-        for (index, it) in items.iter().enumerate() {
-            let mut placed = Placement::default();
-            let bufs = [
-                (Some(it.p), psize),
-                (Some(it.g), psize),
-                (it.m, ssize),
-                (it.v, ssize),
-                (it.b, ssize),
-            ];
-            for (slot, (buf, size)) in bufs.into_iter().enumerate() {
+        // The common layout is checked in one pass with no allocation: each buffer position
+        // (param, grad, m, v, ibar) cut from one memory object of its own, tensor after
+        // tensor at increasing offsets (slabs). `lane[slot]`: that object and the end of the
+        // previous tensor's buffer in it. Anything else (own allocations, buffers out of
+        // order, one gradient for two tensors) goes through the general check below.
+        let mut lane: [Option<(usize, usize)>; 5] = [None; 5];
+        let mut ordered = true;
+        for it in items {
+            for (slot, (buf, size)) in it.bufs(psize, ssize).into_iter().enumerate() {
                 let Some(buf) = buf else { continue };
                 if buf.place.context != ctx {
                     return Err(Error::ForeignBuffer {
@@ -1200,9 +1204,25 @@ impl OpenCl {
                         buffer: NAMES[slot],
                     });
                 }
+                if ordered {
+                    let root = buf.place.root.as_ptr() as usize;
+                    let start = buf.place.offset;
+                    ordered = lane[slot].is_none_or(|(r, end)| r == root && start >= end);
+                    lane[slot] = Some((root, start.saturating_add(it.len.saturating_mul(size))));
+                }
+            }
+        }
+        // One object per position, and no object in two positions.
+        let roots = lane.map(|l| l.map(|(r, _)| r));
+        let distinct = (0..5).all(|a| (0..a).all(|b| roots[a].is_none() || roots[a] != roots[b]));
+        if ordered && distinct {
+            return Ok(());
+        }
+        let mut by_slot: [Vec<Use>; 5] = Default::default();
+        for (index, it) in items.iter().enumerate() {
+            for (slot, (buf, size)) in it.bufs(psize, ssize).into_iter().enumerate() {
+                let Some(buf) = buf else { continue };
                 let offset = buf.place.offset;
-                placed.roots[slot] = Some(&buf.place.root);
-                placed.offsets[slot] = buf.place.elements(size);
                 by_slot[slot].push(Use {
                     root: buf.place.root.as_ptr() as usize,
                     start: offset,
@@ -1212,7 +1232,6 @@ impl OpenCl {
                     written: slot != 1,
                 });
             }
-            placements.push(placed);
         }
         // Grouped by memory object and sorted by start within each: every overlapping pair
         // meets when its later member is reached, against the furthest-reaching earlier use
@@ -1271,7 +1290,7 @@ impl OpenCl {
                 written = Some(i);
             }
         }
-        Ok(placements)
+        Ok(())
     }
 
     /// The bandwidth floor of [`Backend::step_tensors`] over the same tensors: one pass that
@@ -1283,12 +1302,13 @@ impl OpenCl {
     ) -> Result<(), Error> {
         let names: Vec<Option<&str>> = tensors.iter().map(|t| t.name_str()).collect();
         let views: Vec<TensorMut<'_, Self, P, S>> = tensors.iter_mut().map(|t| t.view()).collect();
+        // Default coefficients: `reserved2` is the 0 the floor adds.
+        let zero = Coeffs::default();
         let mut items = Vec::with_capacity(views.len());
         for (i, t) in views.iter().enumerate() {
-            // Default coefficients: `reserved2` is the 0 the floor adds.
             if let Some(it) = item(
                 (i, names[i]),
-                Coeffs::default(),
+                &zero,
                 &*t.param,
                 t.grad,
                 t.m.as_deref(),
@@ -1566,7 +1586,7 @@ impl Backend for OpenCl {
         let it = Item {
             tensor: 0,
             name: None,
-            k: *k,
+            k,
             len: n,
             p: Buf::of(param),
             g: Buf::of(grad),
@@ -1597,7 +1617,7 @@ impl Backend for OpenCl {
         t: ApplyArgs<'_, Self, P, S>,
         k: &Coeffs,
     ) -> Result<(), Error> {
-        let Some(it) = item((0, None), *k, t.param, t.grad, t.m, t.v, t.ibar)? else {
+        let Some(it) = item((0, None), k, t.param, t.grad, t.m, t.v, t.ibar)? else {
             return Ok(());
         };
         self.check_items(std::slice::from_ref(&it), P::DTYPE.size(), S::DTYPE.size())?;
@@ -1631,7 +1651,7 @@ impl Backend for OpenCl {
     ) -> Result<(), Error> {
         let it = item(
             (0, None),
-            *k,
+            k,
             t.param,
             t.grad,
             t.m.as_deref(),
@@ -1684,7 +1704,7 @@ impl Backend for OpenCl {
         for (i, (k, t)) in views.iter().enumerate() {
             if let Some(it) = item(
                 (i, names[i]),
-                *k,
+                k,
                 &*t.param,
                 t.grad,
                 t.m.as_deref(),

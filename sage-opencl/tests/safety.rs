@@ -332,3 +332,121 @@ fn overlapping_sub_buffers_are_aliases() {
     );
     drop(parent);
 }
+
+/// A model cut from slabs (one allocation per buffer position, tensors at increasing offsets)
+/// is the layout checked in one pass; every way of breaking that layout is still checked in
+/// full: a piece passed twice in one position or in two positions is refused, while disjoint
+/// pieces of one allocation in several positions, or tensors in another order, step.
+#[test]
+fn slab_layouts_are_checked_like_any_other() {
+    let Some(cl) = device() else { return };
+    let lens = [300usize, 5, 4097, 64, 700];
+    let n = lens.len();
+    // Pieces of five slabs, or of one slab cut in five position runs.
+    let cut = |one: bool| -> [Vec<ClBuffer<f32>>; 5] {
+        if one {
+            let all: Vec<usize> = (0..5).flat_map(|_| lens).collect();
+            let (_, mut pieces) = cl.slab::<f32>(&all).unwrap();
+            let mut out: [Vec<ClBuffer<f32>>; 5] = Default::default();
+            for o in out.iter_mut().rev() {
+                *o = pieces.split_off(pieces.len() - n);
+            }
+            out
+        } else {
+            std::array::from_fn(|_| cl.slab::<f32>(&lens).unwrap().1)
+        }
+    };
+    let model = |b: &[Vec<ClBuffer<f32>>; 5]| slab_model(&cl, b, &lens);
+    // Both layouts step, and to the same values as buffers of their own.
+    let mut own = Model::new(&cl, 0);
+    let mut r = rng(5);
+    for &l in &lens {
+        own.params.push(cl.upload(&random(&mut r, l, 1.0)).unwrap());
+        own.grads.push(cl.upload(&random(&mut r, l, 0.1)).unwrap());
+        own.state
+            .push(TensorState::try_new(config().state_layout(true), |_| cl.zeros(l)).unwrap());
+    }
+    let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
+    step(&mut opt, &mut own.params, &own.grads, &mut own.state).unwrap();
+    for one in [false, true] {
+        let mut m = model(&cut(one));
+        let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
+        step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap();
+        assert_eq!(m.host(&cl), own.host(&cl), "one slab: {one}");
+    }
+    // Out of order: tensors in reverse step too.
+    let mut m = model(&cut(false));
+    m.params.reverse();
+    m.grads.reverse();
+    m.state.reverse();
+    let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
+    step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap();
+    // Broken layouts: refused, nothing stepped.
+    let cases: [Case; 3] = [
+        (
+            "one m piece in two tensors",
+            |m| m.state[3].m = m.state[2].m.clone(),
+            Error::Aliased {
+                tensor: 3,
+                name: Some("t3".into()),
+                buffer: "m",
+                other_tensor: 2,
+                other_buffer: "m",
+            },
+        ),
+        (
+            "an m piece as a later tensor's ibar",
+            |m| m.state[4].ibar = m.state[1].m.clone(),
+            Error::Aliased {
+                tensor: 4,
+                name: Some("t4".into()),
+                buffer: "ibar",
+                other_tensor: 1,
+                other_buffer: "m",
+            },
+        ),
+        (
+            "a parameter piece as a later tensor's gradient",
+            |m| m.grads[3] = m.params[0].clone(),
+            Error::Aliased {
+                tensor: 3,
+                name: Some("t3".into()),
+                buffer: "grad",
+                other_tensor: 0,
+                other_buffer: "param",
+            },
+        ),
+    ];
+    for (what, alias, want) in cases {
+        // Pieces of equal length, so that the alias passes the length checks.
+        let lens = [64usize; 5];
+        let b: [Vec<ClBuffer<f32>>; 5] = std::array::from_fn(|_| cl.slab::<f32>(&lens).unwrap().1);
+        let mut m = slab_model(&cl, &b, &lens);
+        alias(&mut m);
+        let before = m.host(&cl);
+        let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
+        let e = backend_error(step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap_err());
+        assert_eq!(e, want, "{what}: {e}");
+        assert_eq!(m.host(&cl), before, "{what}: nothing stepped");
+    }
+}
+
+/// A model over slab pieces `b` (param, grad, m, v, ibar; tensor `i` at `b[_][i]`), with random
+/// parameters and gradients.
+fn slab_model(cl: &OpenCl, b: &[Vec<ClBuffer<f32>>; 5], lens: &[usize]) -> Model {
+    let mut r = rng(5);
+    let mut m = Model::new(cl, 0);
+    for (i, &len) in lens.iter().enumerate() {
+        let (mut p, mut g) = (b[0][i].clone(), b[1][i].clone());
+        cl.write(&mut p, &random(&mut r, len, 1.0)).unwrap();
+        cl.write(&mut g, &random(&mut r, len, 0.1)).unwrap();
+        m.params.push(p);
+        m.grads.push(g);
+        let mut s = TensorState::try_new(config().state_layout(true), |_| cl.zeros(len)).unwrap();
+        s.m = Some(b[2][i].clone());
+        s.v = Some(b[3][i].clone());
+        s.ibar = Some(b[4][i].clone());
+        m.state.push(s);
+    }
+    m
+}
