@@ -288,42 +288,38 @@ impl<'a> Buf<'a> {
 }
 
 impl<'a> Item<'a> {
-    /// The buffers in kernel-argument order (param, grad, m, v, ibar), each with its element
-    /// size (`psize` for param and grad, `ssize` for the state).
-    fn bufs(&self, psize: usize, ssize: usize) -> [(Option<Buf<'a>>, usize); 5] {
-        [
-            (Some(self.p), psize),
-            (Some(self.g), psize),
-            (self.m, ssize),
-            (self.v, ssize),
-            (self.b, ssize),
-        ]
+    /// The buffers in kernel-argument order (param, grad, m, v, ibar).
+    fn bufs(&self) -> [Option<Buf<'a>>; 5] {
+        [Some(self.p), Some(self.g), self.m, self.v, self.b]
     }
 
-    /// The memory objects at the roots as addresses (0 when absent): tensors with equal keys
-    /// can share a packed launch. `None` when a buffer's offset is not a whole number of
-    /// elements (a kernel cannot address it from its root).
-    fn key(&self, psize: usize, ssize: usize) -> Option<[usize; 5]> {
-        let mut key = [0; 5];
-        for (k, (b, size)) in key.iter_mut().zip(self.bufs(psize, ssize)) {
+    /// Where the buffers live, for a packed launch: the memory objects at the roots as
+    /// addresses (0 when absent; tensors with equal keys can share a launch, `None` when a
+    /// buffer's offset is not a whole number of elements, which a kernel cannot address from
+    /// its root), and each buffer's offset in elements (0 when absent or not whole).
+    fn placement(&self, psize: usize, ssize: usize) -> (Option<[usize; 5]>, [u64; 5]) {
+        let (mut key, mut offsets, mut whole) = ([0; 5], [0; 5], true);
+        for (j, (b, size)) in self.bufs().into_iter().zip(sizes(psize, ssize)).enumerate() {
             if let Some(b) = b {
-                b.place.elements(size)?;
-                *k = b.place.root.as_ptr() as usize;
+                key[j] = b.place.root.as_ptr() as usize;
+                match b.place.elements(size) {
+                    Some(o) => offsets[j] = o,
+                    None => whole = false,
+                }
             }
         }
-        Some(key)
-    }
-
-    /// Each buffer's offset in elements from its root (0 when absent or not whole).
-    fn offsets(&self, psize: usize, ssize: usize) -> [u64; 5] {
-        self.bufs(psize, ssize)
-            .map(|(b, size)| b.and_then(|b| b.place.elements(size)).unwrap_or(0))
+        (whole.then_some(key), offsets)
     }
 
     /// The memory objects at the roots (`None` when absent).
     fn roots(&self) -> [Option<&'a Mem>; 5] {
-        self.bufs(1, 1).map(|(b, _)| b.map(|b| &b.place.root))
+        self.bufs().map(|b| b.map(|b| &b.place.root))
     }
+}
+
+/// Bytes per element of each buffer position (param, grad, m, v, ibar).
+fn sizes(psize: usize, ssize: usize) -> [usize; 5] {
+    [psize, psize, ssize, ssize, ssize]
 }
 
 /// Where a launch is counted in `Shared::launches`.
@@ -965,7 +961,8 @@ impl OpenCl {
                 items.len()
             )));
         }
-        let keys: Vec<Option<[usize; 5]>> = items.iter().map(|it| it.key(psize, ssize)).collect();
+        let (keys, offsets): (Vec<Option<[usize; 5]>>, Vec<[u64; 5]>) =
+            items.iter().map(|it| it.placement(psize, ssize)).unzip();
         let mut launches = plan_launches(&keys, per);
         let key = ProgramKey::Step(P::DTYPE, S::DTYPE);
         let (k, mut wg) = self.kernel(key, name)?;
@@ -988,7 +985,10 @@ impl OpenCl {
         let mut slots = Vec::with_capacity(items.len());
         for l in &mut launches {
             let mut end = 0u64;
-            for it in &items[l.first..l.first + l.count] {
+            for (it, off) in items[l.first..l.first + l.count]
+                .iter()
+                .zip(&offsets[l.first..])
+            {
                 end += it.len.div_ceil(span) as u64;
                 slots.push(Slot {
                     k: *it.k,
@@ -996,7 +996,7 @@ impl OpenCl {
                     end_group: end,
                     present: present(it.m.is_some(), it.v.is_some(), it.b.is_some()),
                     pad: 0,
-                    off: it.offsets(psize, ssize),
+                    off: *off,
                 });
             }
             l.groups = usize::try_from(end)
@@ -1189,6 +1189,7 @@ impl OpenCl {
             written: bool,
         }
         const NAMES: [&str; 5] = ["param", "grad", "m", "v", "ibar"];
+        let sizes = sizes(psize, ssize);
         let ctx = self.shared.context.as_ptr() as usize;
         // The common layout is checked in one pass with no allocation: each buffer position
         // (param, grad, m, v, ibar) cut from one memory object of its own, tensor after
@@ -1198,7 +1199,7 @@ impl OpenCl {
         let mut lane: [Option<(usize, usize)>; 5] = [None; 5];
         let mut ordered = true;
         for it in items {
-            for (slot, (buf, size)) in it.bufs(psize, ssize).into_iter().enumerate() {
+            for (slot, (buf, size)) in it.bufs().into_iter().zip(sizes).enumerate() {
                 let Some(buf) = buf else { continue };
                 if buf.place.context != ctx {
                     return Err(Error::ForeignBuffer {
@@ -1223,7 +1224,7 @@ impl OpenCl {
         }
         let mut by_slot: [Vec<Use>; 5] = Default::default();
         for (index, it) in items.iter().enumerate() {
-            for (slot, (buf, size)) in it.bufs(psize, ssize).into_iter().enumerate() {
+            for (slot, (buf, size)) in it.bufs().into_iter().zip(sizes).enumerate() {
                 let Some(buf) = buf else { continue };
                 let offset = buf.place.offset;
                 by_slot[slot].push(Use {

@@ -143,6 +143,36 @@ fn a_foreign_buffer_in_a_later_launch_changes_nothing() {
 /// What a case does to a model, and the error it must give.
 type Case = (&'static str, fn(&mut Model), Error);
 
+/// Tensor `tensor`'s (named `t{tensor}`) `buffer` shares memory with `other_tensor`'s
+/// `other_buffer`.
+fn aliased(
+    tensor: usize,
+    buffer: &'static str,
+    other_tensor: usize,
+    other_buffer: &'static str,
+) -> Error {
+    Error::Aliased {
+        tensor,
+        name: Some(NAMES[tensor].into()),
+        buffer,
+        other_tensor,
+        other_buffer,
+    }
+}
+
+/// Applies the case's alias to `m`: the step is refused with the case's error, naming shared
+/// memory, and nothing is stepped or counted.
+fn assert_refused(cl: &OpenCl, mut m: Model, (what, alias, want): Case) {
+    alias(&mut m);
+    let before = m.host(cl);
+    let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
+    let e = backend_error(step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap_err());
+    assert_eq!(e, want, "{what}: {e}");
+    assert!(e.to_string().contains("same memory"), "{e}");
+    assert_eq!(m.host(cl), before, "{what}: nothing stepped");
+    assert_eq!(opt.steps(), 0);
+}
+
 /// `m` and `v` one buffer (a clone), θ its own gradient, one state buffer in two tensors:
 /// each is refused naming the tensor and both buffers, before anything runs. Two tensors
 /// sharing a gradient (read only) are fine.
@@ -153,46 +183,22 @@ fn aliased_buffers_are_refused() {
         (
             "m is v",
             |m| m.state[2].v = m.state[2].m.clone(),
-            Error::Aliased {
-                tensor: 2,
-                name: Some("t2".into()),
-                buffer: "v",
-                other_tensor: 2,
-                other_buffer: "m",
-            },
+            aliased(2, "v", 2, "m"),
         ),
         (
             "param is grad",
             |m| m.grads[4] = m.params[4].clone(),
-            Error::Aliased {
-                tensor: 4,
-                name: Some("t4".into()),
-                buffer: "grad",
-                other_tensor: 4,
-                other_buffer: "param",
-            },
+            aliased(4, "grad", 4, "param"),
         ),
         (
             "one buffer in two tensors",
             |m| m.state[5].ibar = m.state[1].m.clone(),
-            Error::Aliased {
-                tensor: 5,
-                name: Some("t5".into()),
-                buffer: "ibar",
-                other_tensor: 1,
-                other_buffer: "m",
-            },
+            aliased(5, "ibar", 1, "m"),
         ),
         (
             "a gradient as another tensor's parameter",
             |m| m.grads[3] = m.params[0].clone(),
-            Error::Aliased {
-                tensor: 3,
-                name: Some("t3".into()),
-                buffer: "grad",
-                other_tensor: 0,
-                other_buffer: "param",
-            },
+            aliased(3, "grad", 0, "param"),
         ),
     ];
     for (what, alias, want) in cases {
@@ -205,14 +211,7 @@ fn aliased_buffers_are_refused() {
             m.state[i] =
                 TensorState::try_new(config().state_layout(true), |_| cl.zeros(64)).unwrap();
         }
-        alias(&mut m);
-        let before = m.host(&cl);
-        let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
-        let e = backend_error(step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap_err());
-        assert_eq!(e, want, "{what}: {e}");
-        assert!(e.to_string().contains("same memory"), "{e}");
-        assert_eq!(m.host(&cl), before, "{what}: nothing stepped");
-        assert_eq!(opt.steps(), 0);
+        assert_refused(&cl, m, (what, alias, want));
     }
     // A shared gradient is only read: allowed.
     let mut m = Model::new(&cl, 3);
@@ -386,48 +385,25 @@ fn slab_layouts_are_checked_like_any_other() {
         (
             "one m piece in two tensors",
             |m| m.state[3].m = m.state[2].m.clone(),
-            Error::Aliased {
-                tensor: 3,
-                name: Some("t3".into()),
-                buffer: "m",
-                other_tensor: 2,
-                other_buffer: "m",
-            },
+            aliased(3, "m", 2, "m"),
         ),
         (
             "an m piece as a later tensor's ibar",
             |m| m.state[4].ibar = m.state[1].m.clone(),
-            Error::Aliased {
-                tensor: 4,
-                name: Some("t4".into()),
-                buffer: "ibar",
-                other_tensor: 1,
-                other_buffer: "m",
-            },
+            aliased(4, "ibar", 1, "m"),
         ),
         (
             "a parameter piece as a later tensor's gradient",
             |m| m.grads[3] = m.params[0].clone(),
-            Error::Aliased {
-                tensor: 3,
-                name: Some("t3".into()),
-                buffer: "grad",
-                other_tensor: 0,
-                other_buffer: "param",
-            },
+            aliased(3, "grad", 0, "param"),
         ),
     ];
     for (what, alias, want) in cases {
         // Pieces of equal length, so that the alias passes the length checks.
         let lens = [64usize; 5];
         let b: [Vec<ClBuffer<f32>>; 5] = std::array::from_fn(|_| cl.slab::<f32>(&lens).unwrap().1);
-        let mut m = slab_model(&cl, &b, &lens);
-        alias(&mut m);
-        let before = m.host(&cl);
-        let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
-        let e = backend_error(step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap_err());
-        assert_eq!(e, want, "{what}: {e}");
-        assert_eq!(m.host(&cl), before, "{what}: nothing stepped");
+        let m = slab_model(&cl, &b, &lens);
+        assert_refused(&cl, m, (what, alias, want));
     }
 }
 
