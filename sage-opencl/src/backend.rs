@@ -293,28 +293,20 @@ impl<'a> Item<'a> {
         [Some(self.p), Some(self.g), self.m, self.v, self.b]
     }
 
-    /// Where the buffers live, for a packed launch: the memory objects at the roots as
-    /// addresses (0 when absent; tensors with equal keys can share a launch, `None` when a
-    /// buffer's offset is not a whole number of elements, which a kernel cannot address from
-    /// its root), and each buffer's offset in elements (0 when absent or not whole).
-    fn placement(&self, psize: usize, ssize: usize) -> (Option<[usize; 5]>, [u64; 5]) {
-        let (mut key, mut offsets, mut whole) = ([0; 5], [0; 5], true);
-        for (j, (b, size)) in self.bufs().into_iter().zip(sizes(psize, ssize)).enumerate() {
-            if let Some(b) = b {
-                key[j] = b.place.root.as_ptr() as usize;
-                match b.place.elements(size) {
-                    Some(o) => offsets[j] = o,
-                    None => whole = false,
-                }
-            }
-        }
-        (whole.then_some(key), offsets)
-    }
-
     /// The memory objects at the roots (`None` when absent).
     fn roots(&self) -> [Option<&'a Mem>; 5] {
         self.bufs().map(|b| b.map(|b| &b.place.root))
     }
+}
+
+/// Where a step's items live, for packing launches (from [`OpenCl::check_items`]).
+struct Placements {
+    /// Per item, the memory objects at the roots as addresses (0 when absent): tensors with
+    /// equal keys can share a packed launch. `None` when a buffer's offset is not a whole
+    /// number of elements, which a kernel cannot address from its root.
+    keys: Vec<Option<[usize; 5]>>,
+    /// Per item, each buffer's offset in elements (0 when absent or not whole).
+    offsets: Vec<[u64; 5]>,
 }
 
 /// Bytes per element of each buffer position (param, grad, m, v, ibar).
@@ -478,6 +470,23 @@ fn item<'a, P: Element, S: Element>(
         v: v.map(Buf::of),
         b: b.map(Buf::of),
     }))
+}
+
+/// The items of a step's non-empty tensors, each with the coefficients `k` gives it. The
+/// kernels write through the memory objects, so shared borrows of the tensors are enough: no
+/// per-tensor copy of anything.
+fn items<'a, P: Element, S: Element>(
+    tensors: &'a [ParamTensor<'_, OpenCl, P, S>],
+    k: impl Fn(&'a ParamTensor<'_, OpenCl, P, S>) -> &'a Coeffs,
+) -> Result<Vec<Item<'a>>, Error> {
+    let mut items = Vec::with_capacity(tensors.len());
+    for (i, t) in tensors.iter().enumerate() {
+        let (m, v, b) = t.state();
+        if let Some(it) = item((i, t.name_str()), k(t), t.param(), t.grad(), m, v, b)? {
+            items.push(it);
+        }
+    }
+    Ok(items)
 }
 
 /// A buffer argument, or NULL for an absent state buffer.
@@ -953,7 +962,7 @@ impl OpenCl {
             return Ok(Vec::new());
         }
         let (psize, ssize) = (P::DTYPE.size(), S::DTYPE.size());
-        self.check_items(items, psize, ssize)?;
+        let Placements { keys, offsets } = self.check_items(items, psize, ssize)?;
         let per = self.shared.slots;
         if items.len() > u32::MAX as usize {
             return Err(Error::TooLarge(format!(
@@ -961,8 +970,6 @@ impl OpenCl {
                 items.len()
             )));
         }
-        let (keys, offsets): (Vec<Option<[usize; 5]>>, Vec<[u64; 5]>) =
-            items.iter().map(|it| it.placement(psize, ssize)).unzip();
         let mut launches = plan_launches(&keys, per);
         let key = ProgramKey::Step(P::DTYPE, S::DTYPE);
         let (k, mut wg) = self.kernel(key, name)?;
@@ -1175,8 +1182,13 @@ impl OpenCl {
     /// `v`, `ibar`) shares memory with any other buffer of the step — the same memory object
     /// (a [`ClBuffer`] clone), or overlapping sub-buffers of one ([`Error::Aliased`]). Two
     /// tensors may share a gradient (it is only read). `psize`/`ssize`: bytes per parameter
-    /// and state element.
-    fn check_items<'a>(&self, items: &[Item<'a>], psize: usize, ssize: usize) -> Result<(), Error> {
+    /// and state element. Returns where the items live, read in the same pass.
+    fn check_items<'a>(
+        &self,
+        items: &[Item<'a>],
+        psize: usize,
+        ssize: usize,
+    ) -> Result<Placements, Error> {
         /// One buffer of one tensor: bytes `start..end` of memory object `root`; `who` is
         /// the tensor's index in `items` times 5 plus the buffer's position. Small, so that
         /// sorting tens of thousands of them stays cheap.
@@ -1198,7 +1210,12 @@ impl OpenCl {
         // order, one gradient for two tensors) goes through the general check below.
         let mut lane: [Option<(usize, usize)>; 5] = [None; 5];
         let mut ordered = true;
+        let mut placed = Placements {
+            keys: Vec::with_capacity(items.len()),
+            offsets: Vec::with_capacity(items.len()),
+        };
         for it in items {
+            let (mut key, mut offsets, mut whole) = ([0; 5], [0; 5], true);
             for (slot, (buf, size)) in it.bufs().into_iter().zip(sizes).enumerate() {
                 let Some(buf) = buf else { continue };
                 if buf.place.context != ctx {
@@ -1208,19 +1225,26 @@ impl OpenCl {
                         buffer: NAMES[slot],
                     });
                 }
+                let root = buf.place.root.as_ptr() as usize;
+                key[slot] = root;
+                match buf.place.elements(size) {
+                    Some(o) => offsets[slot] = o,
+                    None => whole = false,
+                }
                 if ordered {
-                    let root = buf.place.root.as_ptr() as usize;
                     let start = buf.place.offset;
                     ordered = lane[slot].is_none_or(|(r, end)| r == root && start >= end);
                     lane[slot] = Some((root, start.saturating_add(it.len.saturating_mul(size))));
                 }
             }
+            placed.keys.push(whole.then_some(key));
+            placed.offsets.push(offsets);
         }
         // One object per position, and no object in two positions.
         let roots = lane.map(|l| l.map(|(r, _)| r));
         let distinct = (0..5).all(|a| (0..a).all(|b| roots[a].is_none() || roots[a] != roots[b]));
         if ordered && distinct {
-            return Ok(());
+            return Ok(placed);
         }
         let mut by_slot: [Vec<Use>; 5] = Default::default();
         for (index, it) in items.iter().enumerate() {
@@ -1294,7 +1318,7 @@ impl OpenCl {
                 written = Some(i);
             }
         }
-        Ok(())
+        Ok(placed)
     }
 
     /// The bandwidth floor of [`Backend::step_tensors`] over the same tensors: one pass that
@@ -1304,25 +1328,10 @@ impl OpenCl {
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
     ) -> Result<(), Error> {
-        let names: Vec<Option<&str>> = tensors.iter().map(|t| t.name_str()).collect();
-        let views: Vec<TensorMut<'_, Self, P, S>> = tensors.iter_mut().map(|t| t.view()).collect();
         // Default coefficients: `reserved2` is the 0 the floor adds.
         let zero = Coeffs::default();
-        let mut items = Vec::with_capacity(views.len());
-        for (i, t) in views.iter().enumerate() {
-            if let Some(it) = item(
-                (i, names[i]),
-                &zero,
-                &*t.param,
-                t.grad,
-                t.m.as_deref(),
-                t.v.as_deref(),
-                t.ibar.as_deref(),
-            )? {
-                items.push(it);
-            }
-        }
-        self.step_items::<P, S>(&items, views.len(), "sage_cl_floor", false)
+        let items = items(tensors, |_| &zero)?;
+        self.step_items::<P, S>(&items, tensors.len(), "sage_cl_floor", false)
             .map(|_| ())
     }
 
@@ -1699,31 +1708,12 @@ impl Backend for OpenCl {
         tensors: &mut [ParamTensor<'_, Self, P, S>],
     ) -> Result<(), Error> {
         // Every tensor is checked before any is launched: a bad one changes nothing.
-        let names: Vec<Option<&str>> = tensors.iter().map(|t| t.name_str()).collect();
-        let views: Vec<(Coeffs, TensorMut<'_, Self, P, S>)> = tensors
-            .iter_mut()
-            .map(|t| (*t.coeffs(), t.view()))
-            .collect();
-        let mut items = Vec::with_capacity(views.len());
-        for (i, (k, t)) in views.iter().enumerate() {
-            if let Some(it) = item(
-                (i, names[i]),
-                k,
-                &*t.param,
-                t.grad,
-                t.m.as_deref(),
-                t.v.as_deref(),
-                t.ibar.as_deref(),
-            )? {
-                items.push(it);
-            }
-        }
+        let items = items(tensors, |t| t.coeffs())?;
         // Every tensor's non-finite stored parameters, counted by the step kernel (an empty
         // tensor, which is no item, has none).
-        let counts = self.step_items::<P, S>(&items, views.len(), "sage_cl_step", true)?;
+        let counts = self.step_items::<P, S>(&items, tensors.len(), "sage_cl_step", true)?;
         let at: Vec<usize> = items.iter().map(|it| it.tensor).collect();
         drop(items);
-        drop(views);
         for t in tensors.iter_mut() {
             t.set_non_finite(0);
         }

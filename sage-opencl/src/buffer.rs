@@ -37,9 +37,9 @@ impl Place {
     /// The offset in elements of `size` bytes, when it is a whole number of them (only then
     /// can a kernel address the buffer from its root).
     pub fn elements(&self, size: usize) -> Option<u64> {
-        self.offset
-            .is_multiple_of(size)
-            .then_some((self.offset / size) as u64)
+        // Element sizes are powers of two: a mask and a shift, not a division per buffer.
+        debug_assert!(size.is_power_of_two());
+        (self.offset & (size - 1) == 0).then_some((self.offset >> size.trailing_zeros()) as u64)
     }
 }
 
