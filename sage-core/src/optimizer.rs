@@ -294,6 +294,7 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
             clip_scale: report.clip_scale,
             opt_t,
             memo: None,
+            last: None,
         };
         tensors.visit(&mut v)?;
         let mut apply = Apply {
@@ -465,6 +466,9 @@ struct SetCoeffs<'o> {
     clip_scale: f64,
     opt_t: u64,
     memo: Option<StepScalars>,
+    /// The last tensor's group, own count, gradient scale (bits) and coefficients: tensors of
+    /// a group come together and usually share all three, so most get a copy.
+    last: Option<(usize, u64, u32, Coeffs)>,
 }
 
 impl<'a, B: Backend> Visit<'a, B> for SetCoeffs<'_> {
@@ -489,7 +493,15 @@ impl<'a, B: Backend> Visit<'a, B> for SetCoeffs<'_> {
                 let own = scale * libm::sqrt(t.sq_norm);
                 scale *= clip_coefficient(max, own);
             }
-            t.coeffs = Coeffs::new(self.cfg, &scalars, &self.groups[t.group], scale as f32);
+            let key = (t.group, own_t, (scale as f32).to_bits());
+            t.coeffs = match self.last {
+                Some((g, n, sc, k)) if (g, n, sc) == key => k,
+                _ => {
+                    let k = Coeffs::new(self.cfg, &scalars, &self.groups[t.group], scale as f32);
+                    self.last = Some((key.0, key.1, key.2, k));
+                    k
+                }
+            };
         }
         Ok(())
     }

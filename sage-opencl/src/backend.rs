@@ -16,6 +16,7 @@ use sage_core::{
 
 use crate::buffer::{bytes, bytes_mut, ClBuffer, Place};
 use crate::device::{describe, devices, DeviceDesc, Select};
+use crate::table::{Slot, Table};
 use crate::{source, Error};
 
 /// Work-items per work-group for the elementwise kernels (lowered where a kernel allows less).
@@ -33,25 +34,6 @@ const NORM_CPU_LOCAL: usize = 8;
 /// (sage-opencl/README.md) — while a work-group (4 Ki elements) still leaves a mid-sized
 /// tensor enough groups for every core.
 pub const CPU_ELEMENTS_PER_ITEM: usize = 256;
-
-/// One tensor of a launch, laid out as `sage_cl_slot` in the kernel source.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Slot {
-    k: Coeffs,
-    len: u64,
-    end_group: u64,
-    present: u32,
-    pad: u32,
-    /// Packed launches: elements from the start of the shared param, grad, m, v, ibar.
-    off: [u64; 5],
-}
-const _: () = assert!(std::mem::size_of::<Slot>() == 160);
-
-fn slot_bytes(s: &[Slot]) -> &[u8] {
-    // SAFETY: `Slot` is repr(C) of 4- and 8-byte plain fields with no padding (size asserted).
-    unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
-}
 
 fn u32_bytes(s: &[u32]) -> &[u8] {
     // SAFETY: u32 has no padding and any alignment of u8 is fine.
@@ -489,6 +471,24 @@ fn items<'a, P: Element, S: Element>(
     Ok(items)
 }
 
+/// A launch table on the device, and where its slots start (in slots).
+struct DeviceTable {
+    mem: Mem,
+    head: u32,
+}
+
+/// Sets a step kernel's leading arguments (`SAGE_CL_TABLE_ARGS`): the table, where its slots
+/// start, and `base`, the launch's first tensor in it. Returns the next argument's index.
+fn set_table(k: &Kernel, t: &DeviceTable, base: u32) -> Result<u32, Error> {
+    let set = |i: u32, a: ArgVal| {
+        core::set_kernel_arg(k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
+    };
+    set(0, ArgVal::mem(&t.mem))?;
+    set(1, ArgVal::scalar(&t.head))?;
+    set(2, ArgVal::scalar(&base))?;
+    Ok(3)
+}
+
 /// A buffer argument, or NULL for an absent state buffer.
 fn opt_mem(m: Option<&Mem>) -> ArgVal<'_> {
     m.map_or_else(ArgVal::mem_null, ArgVal::mem)
@@ -538,8 +538,9 @@ impl OpenCl {
         options.push_str(extra);
         let options = CString::new(options)
             .map_err(|_| Error::NotAvailable("build options contain a NUL byte".into()))?;
-        // Kernel arguments: 3 scalars and 5 pointers per tensor, 8 bytes each at most.
-        let fit = desc.max_parameter_size.saturating_sub(3 * 8) / (5 * 8);
+        // Kernel arguments: the table, 3 scalars, the counters and 5 pointers per tensor,
+        // 8 bytes each at most.
+        let fit = desc.max_parameter_size.saturating_sub(5 * 8) / (5 * 8);
         let slots = fit.clamp(1, max_slots.unwrap_or(MAX_SLOTS).min(MAX_SLOTS));
         let max_alloc = match core::get_device_info(desc.id, core::DeviceInfo::MaxMemAllocSize) {
             Ok(core::DeviceInfoResult::MaxMemAllocSize(n)) => n,
@@ -989,7 +990,7 @@ impl OpenCl {
         let span = wg
             .checked_mul(self.shared.per_item)
             .ok_or_else(|| Error::TooLarge(format!("{} elements per work-item", wg)))?;
-        let mut slots = Vec::with_capacity(items.len());
+        let mut table = Table::with_capacity(items.len());
         for l in &mut launches {
             let mut end = 0u64;
             for (it, off) in items[l.first..l.first + l.count]
@@ -997,12 +998,12 @@ impl OpenCl {
                 .zip(&offsets[l.first..])
             {
                 end += it.len.div_ceil(span) as u64;
-                slots.push(Slot {
-                    k: *it.k,
+                let k = table.coeffs_index(it.k);
+                table.slots.push(Slot {
                     len: it.len as u64,
                     end_group: end,
                     present: present(it.m.is_some(), it.v.is_some(), it.b.is_some()),
-                    pad: 0,
+                    k,
                     off: *off,
                 });
             }
@@ -1011,7 +1012,8 @@ impl OpenCl {
                 .filter(|g| g.checked_mul(wg).is_some())
                 .ok_or_else(|| Error::TooLarge(format!("{end} work-groups in one launch")))?;
         }
-        let table = self.table(slot_bytes(&slots))?;
+        let slots = &table.slots;
+        let table = self.upload_table(&table)?;
         // Two zeroed words per item (low and high halves of its count), written by the kernel.
         let counters = if count {
             self.mem(2 * items.len(), 4, Some(&vec![0u8; 8 * items.len()]))?
@@ -1109,7 +1111,7 @@ impl OpenCl {
     fn launch_packed(
         &self,
         k: &Kernel,
-        table: &Mem,
+        table: &DeviceTable,
         slots: &[Slot],
         bad: Option<&Mem>,
         l: &Launch,
@@ -1125,13 +1127,12 @@ impl OpenCl {
             group_slot.resize(sl.end_group as usize, i as u32);
         }
         let group_slot = self.table(u32_bytes(&group_slot))?;
-        set(0, ArgVal::mem(table))?;
-        set(1, ArgVal::scalar(&(l.first as u32)))?;
-        set(2, ArgVal::scalar(&(l.count as u32)))?;
-        set(3, opt_mem(bad))?;
-        set(4, ArgVal::mem(&group_slot))?;
+        let a = set_table(k, table, l.first as u32)?;
+        set(a, ArgVal::scalar(&(l.count as u32)))?;
+        set(a + 1, opt_mem(bad))?;
+        set(a + 2, ArgVal::mem(&group_slot))?;
         for (j, r) in first.roots().into_iter().enumerate() {
-            set(5 + j as u32, opt_mem(r))?;
+            set(a + 3 + j as u32, opt_mem(r))?;
         }
         self.enqueue(k, l.groups, wg)
     }
@@ -1142,7 +1143,7 @@ impl OpenCl {
     fn launch_chunk(
         &self,
         k: &Kernel,
-        table: &Mem,
+        table: &DeviceTable,
         bad: Option<&Mem>,
         base: u32,
         chunk: &[Item<'_>],
@@ -1153,12 +1154,11 @@ impl OpenCl {
             core::set_kernel_arg(k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
         };
         let count = chunk.len() as u32;
-        set(0, ArgVal::mem(table))?;
-        set(1, ArgVal::scalar(&base))?;
-        set(2, ArgVal::scalar(&count))?;
-        set(3, opt_mem(bad))?;
+        let first = set_table(k, table, base)?;
+        set(first, ArgVal::scalar(&count))?;
+        set(first + 1, opt_mem(bad))?;
         for s in 0..self.shared.slots {
-            let a = 4 + 5 * s as u32;
+            let a = first + 2 + 5 * s as u32;
             match chunk.get(s) {
                 Some(it) => {
                     set(a, ArgVal::mem(it.p.mem))?;
@@ -1528,16 +1528,14 @@ impl OpenCl {
         .map_err(|e| Error::cl(op, e))
     }
 
-    /// A one-slot launch table for the primitives.
-    fn single_table(&self, k: &Coeffs, len: usize, present: u32) -> Result<Mem, Error> {
-        self.table(slot_bytes(&[Slot {
-            k: *k,
-            len: len as u64,
-            end_group: 0,
-            present,
-            pad: 0,
-            off: [0; 5],
-        }]))
+    /// Uploads a step's launch table.
+    fn upload_table(&self, t: &Table) -> Result<DeviceTable, Error> {
+        let head = u32::try_from(t.head())
+            .map_err(|_| Error::TooLarge(format!("{} tensors in one step", t.slots.len())))?;
+        Ok(DeviceTable {
+            mem: self.table(&t.bytes())?,
+            head,
+        })
     }
 }
 
@@ -1609,17 +1607,16 @@ impl Backend for OpenCl {
         };
         self.check_items(std::slice::from_ref(&it), P::DTYPE.size(), S::DTYPE.size())?;
         let (kern, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), "sage_cl_accumulate")?;
-        let table = self.single_table(k, n, 0)?;
+        let table = self.upload_table(&Table::single(k, n, 0))?;
+        let first = set_table(&kern, &table, 0)?;
         let args = [
-            ArgVal::mem(&table),
-            ArgVal::scalar(&0u32),
             ArgVal::scalar(&which),
             ArgVal::mem(mem_of(acc)),
             ArgVal::mem(mem_of(param)),
             ArgVal::mem(mem_of(grad)),
         ];
         for (i, a) in args.into_iter().enumerate() {
-            core::set_kernel_arg(&kern, i as u32, a)
+            core::set_kernel_arg(&kern, first + i as u32, a)
                 .map_err(|e| Error::cl("setting a kernel argument", e))?;
         }
         self.enqueue(&kern, n.div_ceil(wg), wg)
@@ -1636,14 +1633,10 @@ impl Backend for OpenCl {
         self.check_items(std::slice::from_ref(&it), P::DTYPE.size(), S::DTYPE.size())?;
         let n = it.len;
         let (kern, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), "sage_cl_apply")?;
-        let table = self.single_table(
-            k,
-            n,
-            present(t.m.is_some(), t.v.is_some(), t.ibar.is_some()),
-        )?;
+        let present = present(t.m.is_some(), t.v.is_some(), t.ibar.is_some());
+        let table = self.upload_table(&Table::single(k, n, present))?;
+        let first = set_table(&kern, &table, 0)?;
         let args = [
-            ArgVal::mem(&table),
-            ArgVal::scalar(&0u32),
             ArgVal::mem(it.p.mem),
             ArgVal::mem(it.g.mem),
             opt_mem(it.m.map(|b| b.mem)),
@@ -1651,7 +1644,7 @@ impl Backend for OpenCl {
             opt_mem(it.b.map(|b| b.mem)),
         ];
         for (i, a) in args.into_iter().enumerate() {
-            core::set_kernel_arg(&kern, i as u32, a)
+            core::set_kernel_arg(&kern, first + i as u32, a)
                 .map_err(|e| Error::cl("setting a kernel argument", e))?;
         }
         self.enqueue(&kern, n.div_ceil(wg), wg)

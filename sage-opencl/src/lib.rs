@@ -38,6 +38,7 @@ mod buffer;
 mod device;
 mod error;
 pub mod source;
+mod table;
 
 pub use backend::{Builder, LaunchCounts, OpenCl, CPU_ELEMENTS_PER_ITEM};
 pub use buffer::ClBuffer;

@@ -30,13 +30,20 @@ const PRELUDE: &str = r#"
 /// One tensor of a launch, as the kernels read it. Must match [`crate::backend::Slot`].
 const SLOT: &str = r#"
 typedef struct {
-    sage_coeffs k;
     ulong len;        /* elements */
     ulong end_group;  /* work-groups of this launch up to and including this tensor */
     uint present;     /* bit 0: m, bit 1: v, bit 2: ibar */
-    uint pad;
+    uint k;           /* its coefficients: an index into the table's coefficients */
     ulong off[5];     /* packed launches: elements from the start of the shared p, g, m, v, b */
 } sage_cl_slot;
+
+/* A launch table: the step's distinct coefficients (`head` slots' worth of bytes), then one
+ * slot per tensor of the step; `base` is the launch's first tensor. Tensors of one group
+ * share their coefficients, so a slot stays small however many tensors there are. */
+#define SAGE_CL_TABLE_ARGS __global const sage_cl_slot* table, uint head, uint base
+#define SAGE_CL_OPEN_TABLE                                                    \
+    __global const sage_coeffs* ks = (__global const sage_coeffs*)table;      \
+    __global const sage_cl_slot* slots = table + head + base;
 
 /* The slot of work-group `grp` in an unpacked launch: slots are few, a linear scan is cheapest. */
 static inline uint sage_cl_find(__global const sage_cl_slot* slots, uint count, size_t grp) {
@@ -186,26 +193,26 @@ SAGE_FN uint sage_cl_touch(const sage_coeffs k, const uint present, __global P_T
 #define SAGE_CL_FLOOR_CASES SAGE_CL_RUN(sage_cl_touch, k0, present)
 
 /* One EMA pass over one state buffer (Backend::accumulate). */
-__kernel void sage_cl_accumulate(__global const sage_cl_slot* slots, uint base, int which,
-                              __global S_T* acc, __global const P_T* p, __global const P_T* g) {
-    slots += base;
+__kernel void sage_cl_accumulate(SAGE_CL_TABLE_ARGS, int which, __global S_T* acc,
+                                 __global const P_T* p, __global const P_T* g) {
+    SAGE_CL_OPEN_TABLE
     size_t i = get_global_id(0);
     if (i >= slots->len) return;
-    S_ST(acc, i, sage_accumulate(slots->k, which, S_LD(acc, i), P_LD(p, i), P_LD(g, i)));
+    S_ST(acc, i, sage_accumulate(ks[slots->k], which, S_LD(acc, i), P_LD(p, i), P_LD(g, i)));
 }
 
 /* The parameter update from advanced state (Backend::apply); absent buffers read as 0. */
-__kernel void sage_cl_apply(__global const sage_cl_slot* slots, uint base, __global P_T* p,
-                         __global const P_T* g, __global const S_T* m, __global const S_T* v,
-                         __global const S_T* b) {
-    slots += base;
+__kernel void sage_cl_apply(SAGE_CL_TABLE_ARGS, __global P_T* p, __global const P_T* g,
+                            __global const S_T* m, __global const S_T* v,
+                            __global const S_T* b) {
+    SAGE_CL_OPEN_TABLE
     size_t i = get_global_id(0);
     if (i >= slots->len) return;
     const uint present = slots->present;
     float mv = (present & 1u) ? S_LD(m, i) : 0.0f;
     float vv = (present & 2u) ? S_LD(v, i) : 0.0f;
     float bv = (present & 4u) ? S_LD(b, i) : 0.0f;
-    P_ST(p, i, sage_apply(slots->k, P_LD(p, i), P_LD(g, i), mv, vv, bv));
+    P_ST(p, i, sage_apply(ks[slots->k], P_LD(p, i), P_LD(g, i), mv, vv, bv));
 }
 "#,
     );
@@ -233,7 +240,7 @@ __kernel void sage_cl_apply(__global const sage_cl_slot* slots, uint base, __glo
 fn multi_entry(src: &mut String, name: &str, cases: &str, slots: usize) {
     let _ = write!(
         src,
-        "\n__kernel void {name}(__global const sage_cl_slot* slots, uint base, uint count,\n    __global uint* bad_counts"
+        "\n__kernel void {name}(SAGE_CL_TABLE_ARGS, uint count,\n    __global uint* bad_counts"
     );
     let args = [
         ("__global P_T*", "p"),
@@ -253,9 +260,9 @@ fn multi_entry(src: &mut String, name: &str, cases: &str, slots: usize) {
         src.push_str(&slot_args(slots, &args));
     }
     src.push_str(if slots == 0 {
-        ") {\n    slots += base;\n    size_t grp = get_group_id(0);\n    uint s = group_slot[grp];\n"
+        ") {\n    SAGE_CL_OPEN_TABLE\n    size_t grp = get_group_id(0);\n    uint s = group_slot[grp];\n"
     } else {
-        ") {\n    slots += base;\n    size_t grp = get_group_id(0);\n    uint s = sage_cl_find(slots, count, grp);\n"
+        ") {\n    SAGE_CL_OPEN_TABLE\n    size_t grp = get_group_id(0);\n    uint s = sage_cl_find(slots, count, grp);\n"
     });
     src.push_str(
         r#"    size_t first = s ? slots[s - 1].end_group : 0;
@@ -263,7 +270,7 @@ fn multi_entry(src: &mut String, name: &str, cases: &str, slots: usize) {
     const size_t lo = ((grp - first) * get_local_size(0) + get_local_id(0)) * SAGE_WPI;
     if (lo >= len) return;
     const size_t hi = min(lo + (size_t)SAGE_WPI, len);
-    const sage_coeffs k0 = slots[s].k;
+    const sage_coeffs k0 = ks[slots[s].k];
     const uint present = slots[s].present;
     __global P_T* p; __global const P_T* g; __global S_T* m; __global S_T* v; __global S_T* b;
     "#,
