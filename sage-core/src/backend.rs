@@ -322,6 +322,18 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> ParamTensor<'a, B, P, S> {
             self.state.ibar.as_deref(),
         )
     }
+    /// Reborrows the buffers for one step together with this step's coefficients, for a
+    /// backend that keeps both while it steps (no copy of the coefficients per tensor).
+    pub fn view_and_coeffs(&mut self) -> (TensorMut<'_, B, P, S>, &Coeffs) {
+        let view = TensorMut {
+            param: &mut *self.param,
+            grad: self.grad,
+            m: self.state.m.as_deref_mut(),
+            v: self.state.v.as_deref_mut(),
+            ibar: self.state.ibar.as_deref_mut(),
+        };
+        (view, &self.coeffs)
+    }
     /// Reborrows the buffers for one step.
     pub fn view(&mut self) -> TensorMut<'_, B, P, S> {
         TensorMut {

@@ -493,6 +493,8 @@ impl<'a, B: Backend> Visit<'a, B> for SetCoeffs<'_> {
                 let own = scale * libm::sqrt(t.sq_norm);
                 scale *= clip_coefficient(max, own);
             }
+            // Not counted until the backend counts it in this step.
+            t.non_finite = None;
             let key = (t.group, own_t, (scale as f32).to_bits());
             t.coeffs = match self.last {
                 Some((g, n, sc, k)) if (g, n, sc) == key => k,
@@ -521,9 +523,7 @@ impl<'a, B: Backend> Visit<'a, B> for Apply<'_, B> {
         &mut self,
         ts: &mut [ParamTensor<'a, B, P, S>],
     ) -> Result<(), Self::Error> {
-        for t in ts.iter_mut() {
-            t.non_finite = None;
-        }
+        // `SetCoeffs` reset each tensor's count, in its pass over them.
         if let Err(e) = self.backend.step_tensors(ts) {
             // The first `n` tensors of this slice were stepped: advance exactly their counts.
             let n = e.applied_tensors().unwrap_or(0).min(ts.len());

@@ -156,30 +156,29 @@ impl SimdCpu {
         {
             let mut jobs = alloc::vec::Vec::with_capacity(tensors.len());
             // Tensors the vector kernels do not take (mismatched lengths) run here at once.
-            let mut direct = alloc::vec![None; tensors.len()];
+            let mut direct = alloc::vec::Vec::new();
             for (i, t) in tensors.iter_mut().enumerate() {
-                let k = *t.coeffs();
-                match Job::new(t.view(), k, &choose) {
+                let (view, k) = t.view_and_coeffs();
+                match Job::new(view, k, &choose) {
                     Ok(job) => jobs.push((i, job)),
-                    Err(view) => direct[i] = Some(portable::fused(as_cpu(view), &k)),
+                    Err(view) => direct.push((i, portable::fused(as_cpu(view), k))),
                 }
             }
             let counts = self.run_jobs(&jobs);
-            for ((i, _), n) in jobs.iter().zip(counts) {
-                direct[*i] = Some(n);
-            }
-            for (t, n) in tensors.iter_mut().zip(direct) {
-                if let Some(n) = n {
-                    t.set_non_finite(n);
-                }
+            let counted: alloc::vec::Vec<(usize, u64)> =
+                jobs.iter().map(|(i, _)| *i).zip(counts).collect();
+            // The jobs borrow the tensors' coefficients: gone before the counts are recorded.
+            drop(jobs);
+            for (i, n) in counted.into_iter().chain(direct) {
+                tensors[i].set_non_finite(n);
             }
         }
         #[cfg(not(feature = "alloc"))]
         for t in tensors.iter_mut() {
-            let k = *t.coeffs();
-            let n = match Job::new(t.view(), k, &choose) {
+            let (view, k) = t.view_and_coeffs();
+            let n = match Job::new(view, k, &choose) {
                 Ok(job) => job.run(0, job.len, None),
-                Err(view) => portable::fused(as_cpu(view), &k),
+                Err(view) => portable::fused(as_cpu(view), k),
             };
             t.set_non_finite(n);
         }
@@ -195,7 +194,7 @@ impl SimdCpu {
     #[cfg(feature = "alloc")]
     fn run_jobs<P: Element, S: Element>(
         &self,
-        jobs: &[(usize, Job<P, S>)],
+        jobs: &[(usize, Job<'_, P, S>)],
     ) -> alloc::vec::Vec<u64> {
         let total: usize = jobs.iter().map(|(_, j)| j.len).sum();
         #[cfg(feature = "std")]
@@ -220,7 +219,7 @@ impl SimdCpu {
     #[cfg(feature = "std")]
     fn run_parallel<P: Element, S: Element>(
         &self,
-        jobs: &[(usize, Job<P, S>)],
+        jobs: &[(usize, Job<'_, P, S>)],
         threads: usize,
     ) -> alloc::vec::Vec<u64> {
         use std::sync::atomic::{AtomicU64, Ordering};
@@ -373,9 +372,10 @@ unsafe fn portable_kernel<P: Element, S: Element>(
     )
 }
 
-/// One tensor's step, as raw pointers so that threads can take disjoint ranges of it.
-struct Job<P, S> {
-    k: Coeffs,
+/// One tensor's step, as raw pointers so that threads can take disjoint ranges of it, with
+/// its coefficients borrowed where they are (a job fits one cache line).
+struct Job<'k, P, S> {
+    k: &'k Coeffs,
     kernel: KernelFn<P, S>,
     bufs: Bufs<P, S>,
     len: usize,
@@ -383,15 +383,15 @@ struct Job<P, S> {
 
 // SAFETY: a `Job` is built from exclusive borrows that outlive it (`run_tensors` holds them),
 // and threads only ever run disjoint element ranges of it.
-unsafe impl<P: Send, S: Send> Sync for Job<P, S> {}
+unsafe impl<P: Send, S: Send> Sync for Job<'_, P, S> {}
 
-impl<P: Element, S: Element> Job<P, S> {
+impl<'k, P: Element, S: Element> Job<'k, P, S> {
     /// The job of one tensor, or the tensor back when its buffers' lengths differ: that is
     /// the caller's bug, and the portable path handles it as `Cpu` does (the common prefix,
     /// or a bounds panic), never out of bounds.
     fn new<'a>(
         t: TensorMut<'a, SimdCpu, P, S>,
-        k: Coeffs,
+        k: &'k Coeffs,
         choose: &impl Fn(&Coeffs, Present) -> KernelFn<P, S>,
     ) -> Result<Self, TensorMut<'a, SimdCpu, P, S>> {
         let n = t.param.len();
@@ -407,7 +407,7 @@ impl<P: Element, S: Element> Job<P, S> {
         let ptr_of = |s: Option<&mut [S]>| s.map_or(ptr::null_mut(), |s| s.as_mut_ptr());
         Ok(Job {
             k,
-            kernel: choose(&k, has),
+            kernel: choose(k, has),
             len: n,
             bufs: Bufs {
                 p: t.param.as_mut_ptr(),
@@ -443,7 +443,7 @@ impl<P: Element, S: Element> Job<P, S> {
             // (checked in `new`), `at..to` is within them, callers hand out disjoint ranges,
             // and the kernel's level was checked available when the `SimdCpu` was made.
             // `next` is only prefetched.
-            bad += unsafe { (self.kernel)(&self.k, self.bufs.range_from(at), to - at, next) };
+            bad += unsafe { (self.kernel)(self.k, self.bufs.range_from(at), to - at, next) };
             at = to;
         }
         bad
@@ -517,7 +517,7 @@ impl Backend for SimdCpu {
         k: &Coeffs,
     ) -> Result<(), Infallible> {
         let choose = self.step_kernel::<P, S>();
-        match Job::new(t, *k, &choose) {
+        match Job::new(t, k, &choose) {
             #[cfg(feature = "alloc")]
             Ok(job) => {
                 self.run_jobs(&[(0, job)]);
