@@ -471,20 +471,21 @@ fn items<'a, P: Element, S: Element>(
     Ok(items)
 }
 
-/// A launch table on the device, and where its slots start (in slots).
+/// A launch table on the device: its slots and its coefficients.
 struct DeviceTable {
-    mem: Mem,
-    head: u32,
+    slots: Mem,
+    coeffs: Mem,
 }
 
-/// Sets a step kernel's leading arguments (`SAGE_CL_TABLE_ARGS`): the table, where its slots
-/// start, and `base`, the launch's first tensor in it. Returns the next argument's index.
-fn set_table(k: &Kernel, t: &DeviceTable, base: u32) -> Result<u32, Error> {
+/// Sets a step kernel's leading arguments (`SAGE_CL_TABLE_ARGS`): the slots, the
+/// coefficients, and `base`, the launch's first tensor in the slots. Returns the next
+/// argument's index.
+fn set_table(k: &Kernel, slots: &Mem, coeffs: &Mem, base: u32) -> Result<u32, Error> {
     let set = |i: u32, a: ArgVal| {
         core::set_kernel_arg(k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
     };
-    set(0, ArgVal::mem(&t.mem))?;
-    set(1, ArgVal::scalar(&t.head))?;
+    set(0, ArgVal::mem(slots))?;
+    set(1, ArgVal::mem(coeffs))?;
     set(2, ArgVal::scalar(&base))?;
     Ok(3)
 }
@@ -538,7 +539,7 @@ impl OpenCl {
         options.push_str(extra);
         let options = CString::new(options)
             .map_err(|_| Error::NotAvailable("build options contain a NUL byte".into()))?;
-        // Kernel arguments: the table, 3 scalars, the counters and 5 pointers per tensor,
+        // Kernel arguments: 2 tables, 2 scalars, the counters and 5 pointers per tensor,
         // 8 bytes each at most.
         let fit = desc.max_parameter_size.saturating_sub(5 * 8) / (5 * 8);
         let slots = fit.clamp(1, max_slots.unwrap_or(MAX_SLOTS).min(MAX_SLOTS));
@@ -1127,7 +1128,7 @@ impl OpenCl {
             group_slot.resize(sl.end_group as usize, i as u32);
         }
         let group_slot = self.table(u32_bytes(&group_slot))?;
-        let a = set_table(k, table, l.first as u32)?;
+        let a = set_table(k, &table.slots, &table.coeffs, l.first as u32)?;
         set(a, ArgVal::scalar(&(l.count as u32)))?;
         set(a + 1, opt_mem(bad))?;
         set(a + 2, ArgVal::mem(&group_slot))?;
@@ -1154,7 +1155,7 @@ impl OpenCl {
             core::set_kernel_arg(k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
         };
         let count = chunk.len() as u32;
-        let first = set_table(k, table, base)?;
+        let first = set_table(k, &table.slots, &table.coeffs, base)?;
         set(first, ArgVal::scalar(&count))?;
         set(first + 1, opt_mem(bad))?;
         for s in 0..self.shared.slots {
@@ -1530,11 +1531,9 @@ impl OpenCl {
 
     /// Uploads a step's launch table.
     fn upload_table(&self, t: &Table) -> Result<DeviceTable, Error> {
-        let head = u32::try_from(t.head())
-            .map_err(|_| Error::TooLarge(format!("{} tensors in one step", t.slots.len())))?;
         Ok(DeviceTable {
-            mem: self.table(&t.bytes())?,
-            head,
+            slots: self.table(t.slot_bytes())?,
+            coeffs: self.table(t.coeff_bytes())?,
         })
     }
 }
@@ -1608,7 +1607,7 @@ impl Backend for OpenCl {
         self.check_items(std::slice::from_ref(&it), P::DTYPE.size(), S::DTYPE.size())?;
         let (kern, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), "sage_cl_accumulate")?;
         let table = self.upload_table(&Table::single(k, n, 0))?;
-        let first = set_table(&kern, &table, 0)?;
+        let first = set_table(&kern, &table.slots, &table.coeffs, 0)?;
         let args = [
             ArgVal::scalar(&which),
             ArgVal::mem(mem_of(acc)),
@@ -1635,7 +1634,7 @@ impl Backend for OpenCl {
         let (kern, wg) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), "sage_cl_apply")?;
         let present = present(t.m.is_some(), t.v.is_some(), t.ibar.is_some());
         let table = self.upload_table(&Table::single(k, n, present))?;
-        let first = set_table(&kern, &table, 0)?;
+        let first = set_table(&kern, &table.slots, &table.coeffs, 0)?;
         let args = [
             ArgVal::mem(it.p.mem),
             ArgVal::mem(it.g.mem),

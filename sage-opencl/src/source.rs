@@ -37,13 +37,13 @@ typedef struct {
     ulong off[5];     /* packed launches: elements from the start of the shared p, g, m, v, b */
 } sage_cl_slot;
 
-/* A launch table: the step's distinct coefficients (`head` slots' worth of bytes), then one
- * slot per tensor of the step; `base` is the launch's first tensor. Tensors of one group
- * share their coefficients, so a slot stays small however many tensors there are. */
-#define SAGE_CL_TABLE_ARGS __global const sage_cl_slot* table, uint head, uint base
-#define SAGE_CL_OPEN_TABLE                                                    \
-    __global const sage_coeffs* ks = (__global const sage_coeffs*)table;      \
-    __global const sage_cl_slot* slots = table + head + base;
+/* A launch's tables: one slot per tensor of the step (`base`: the launch's first) and the
+ * step's distinct coefficients, which the slots index. Tensors of a group share theirs, so a
+ * slot stays small however many tensors there are, and a layout that repeats keeps its slots
+ * on the device while only the coefficients change. */
+#define SAGE_CL_TABLE_ARGS                                                    \
+    __global const sage_cl_slot* slots, __global const sage_coeffs* ks, uint base
+#define SAGE_CL_OPEN_TABLE slots += base;
 
 /* The slot of work-group `grp` in an unpacked launch: slots are few, a linear scan is cheapest. */
 static inline uint sage_cl_find(__global const sage_cl_slot* slots, uint count, size_t grp) {

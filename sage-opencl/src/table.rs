@@ -1,5 +1,5 @@
-//! Launch tables: what a step's kernels read besides its buffers — the step's distinct
-//! coefficients, then one slot per tensor (`SAGE_CL_TABLE_ARGS` in the kernel source).
+//! Launch tables: what a step's kernels read besides its buffers — one slot per tensor and
+//! the step's distinct coefficients (`SAGE_CL_TABLE_ARGS` in the kernel source).
 //!
 //! Tensors of a group share their coefficients, so a slot holds an index into them rather than
 //! a copy: 64 bytes per tensor instead of 160, which is most of what a step of thousands of
@@ -23,7 +23,7 @@ pub(crate) struct Slot {
     pub off: [u64; 5],
 }
 
-/// Bytes of a [`Slot`]: the unit the kernels' `head` counts in.
+/// Bytes of a [`Slot`].
 const SLOT_BYTES: usize = 64;
 const _: () = assert!(std::mem::size_of::<Slot>() == SLOT_BYTES);
 const COEFFS_BYTES: usize = std::mem::size_of::<Coeffs>();
@@ -89,21 +89,20 @@ impl Table {
         }) as u32
     }
 
-    /// Where the slots start, in slots (the kernels' `head`): the coefficients rounded up.
-    pub fn head(&self) -> usize {
-        (self.coeffs.len() * COEFFS_BYTES).div_ceil(SLOT_BYTES)
+    /// The slots as the kernels read them.
+    pub fn slot_bytes(&self) -> &[u8] {
+        slots_bytes(&self.slots)
     }
 
-    /// The table as the kernels read it.
-    pub fn bytes(&self) -> Vec<u8> {
-        let at = self.head() * SLOT_BYTES;
-        let mut out = Vec::with_capacity(at + self.slots.len() * SLOT_BYTES);
-        for k in &self.coeffs {
-            out.extend_from_slice(coeffs_bytes(k));
+    /// The coefficients as the kernels read them.
+    pub fn coeff_bytes(&self) -> &[u8] {
+        // SAFETY: as `coeffs_bytes`, for a slice of them.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.coeffs.as_ptr().cast::<u8>(),
+                std::mem::size_of_val(&self.coeffs[..]),
+            )
         }
-        out.resize(at, 0);
-        out.extend_from_slice(slots_bytes(&self.slots));
-        out
     }
 }
 
@@ -119,32 +118,25 @@ mod tests {
     }
 
     #[test]
-    fn equal_coefficients_are_stored_once_and_slots_follow_them() {
+    fn equal_coefficients_are_stored_once() {
         let mut t = Table::with_capacity(5);
         let idx: Vec<u32> = [k(1.0), k(1.0), k(2.0), k(1.0), k(2.0), k(3.0)]
             .iter()
             .map(|c| t.coeffs_index(c))
             .collect();
         assert_eq!(idx, [0, 0, 1, 0, 1, 2]);
-        // Three records of 96 bytes: 288 bytes, 4.5 slots, so the slots start at the fifth.
-        assert_eq!(t.head(), 5);
+        let b = t.coeff_bytes();
+        assert_eq!(b.len(), 3 * COEFFS_BYTES);
+        assert_eq!(&b[2 * COEFFS_BYTES..], coeffs_bytes(&k(3.0)));
         t.slots.push(Slot {
             len: 7,
             k: 2,
             ..Slot::default()
         });
-        let b = t.bytes();
-        assert_eq!(b.len(), 6 * SLOT_BYTES);
-        assert_eq!(
-            &b[2 * COEFFS_BYTES..3 * COEFFS_BYTES],
-            coeffs_bytes(&k(3.0))
-        );
-        assert!(b[3 * COEFFS_BYTES..5 * SLOT_BYTES].iter().all(|&x| x == 0));
-        assert_eq!(b[5 * SLOT_BYTES..5 * SLOT_BYTES + 8], 7u64.to_le_bytes());
-        assert_eq!(
-            b[5 * SLOT_BYTES + 20..5 * SLOT_BYTES + 24],
-            2u32.to_le_bytes()
-        );
+        let s = t.slot_bytes();
+        assert_eq!(s.len(), SLOT_BYTES);
+        assert_eq!(s[..8], 7u64.to_le_bytes());
+        assert_eq!(s[20..24], 2u32.to_le_bytes());
     }
 
     #[test]
