@@ -16,7 +16,8 @@ use sage_core::{
 
 use crate::buffer::{bytes, bytes_mut, ClBuffer, Place};
 use crate::device::{describe, devices, DeviceDesc, Select};
-use crate::table::{Slot, Table};
+use crate::reuse::Kept;
+use crate::table::{present, Slot, Table};
 use crate::{source, Error};
 
 /// Work-items per work-group for the elementwise kernels (lowered where a kernel allows less).
@@ -76,8 +77,8 @@ struct Shared {
     /// `CL_DEVICE_MEM_BASE_ADDR_ALIGN` in bytes: where a sub-buffer may start.
     align: usize,
     /// Multi-tensor launches enqueued so far, indexed by [`launch_index`]: packed steps (and
-    /// floors), unpacked ones, packed norm passes, unpacked ones.
-    launches: [AtomicU64; 4],
+    /// floors), unpacked ones, packed norm passes, unpacked ones; then [`REUSED`].
+    launches: [AtomicU64; 5],
     programs: Mutex<HashMap<ProgramKey, Program>>,
 }
 
@@ -211,6 +212,9 @@ pub struct OpenCl {
     kernels: HashMap<(ProgramKey, &'static str), (Kernel, usize)>,
     /// Scratch for norm partials, reused across steps: the buffer and its size in bytes.
     partials: Option<(Mem, usize)>,
+    /// The last step's and the last floor's launch, kept when every tensor went into one
+    /// packed launch ([`Kept`]), indexed by [`kept_index`].
+    kept: [Option<Kept>; 2],
     /// Unit tests: the multi-tensor launch (0-based) that fails as a driver error would.
     #[cfg(test)]
     fail_launch: Option<usize>,
@@ -225,6 +229,7 @@ impl Clone for OpenCl {
             shared: self.shared.clone(),
             kernels: HashMap::new(),
             partials: None,
+            kept: [None, None],
             #[cfg(test)]
             fail_launch: None,
             #[cfg(test)]
@@ -296,6 +301,9 @@ fn sizes(psize: usize, ssize: usize) -> [usize; 5] {
     [psize, psize, ssize, ssize, ssize]
 }
 
+/// Where reused launches are counted in `Shared::launches` (they also count as packed steps).
+const REUSED: usize = 4;
+
 /// Where a launch is counted in `Shared::launches`.
 fn launch_index(norm: bool, packed: bool) -> usize {
     2 * usize::from(norm) + usize::from(!packed)
@@ -315,6 +323,9 @@ pub struct LaunchCounts {
     pub packed_norms: u64,
     /// Gradient-norm passes with each buffer its own argument.
     pub norms: u64,
+    /// Of the packed steps and floors, those that reused the tables of the last one over the
+    /// same layout, uploading only their coefficients.
+    pub reused: u64,
 }
 
 /// One launch of a step: `count` items from `first`; packed (one set of root buffers, the
@@ -490,13 +501,22 @@ fn set_table(k: &Kernel, slots: &Mem, coeffs: &Mem, base: u32) -> Result<u32, Er
     Ok(3)
 }
 
+/// Where the launch of the multi-tensor kernel `name` is kept in `OpenCl::kept`.
+fn kept_index(name: &str) -> usize {
+    usize::from(name != "sage_cl_step")
+}
+
+/// The packed form of the multi-tensor kernel `name`.
+fn packed_name(name: &str) -> &'static str {
+    match name {
+        "sage_cl_step" => "sage_cl_step_packed",
+        _ => "sage_cl_floor_packed",
+    }
+}
+
 /// A buffer argument, or NULL for an absent state buffer.
 fn opt_mem(m: Option<&Mem>) -> ArgVal<'_> {
     m.map_or_else(ArgVal::mem_null, ArgVal::mem)
-}
-
-fn present(m: bool, v: bool, b: bool) -> u32 {
-    m as u32 | (v as u32) << 1 | (b as u32) << 2
 }
 
 impl OpenCl {
@@ -567,6 +587,7 @@ impl OpenCl {
             }),
             kernels: HashMap::new(),
             partials: None,
+            kept: [None, None],
             #[cfg(test)]
             fail_launch: None,
             #[cfg(test)]
@@ -611,6 +632,7 @@ impl OpenCl {
             steps: n(false, false),
             packed_norms: n(true, true),
             norms: n(true, false),
+            reused: self.shared.launches[REUSED].load(Ordering::Relaxed),
         }
     }
 
@@ -976,11 +998,7 @@ impl OpenCl {
         let key = ProgramKey::Step(P::DTYPE, S::DTYPE);
         let (k, mut wg) = self.kernel(key, name)?;
         let packed_kernel = if launches.iter().any(|l| l.packed) {
-            let packed_name = match name {
-                "sage_cl_step" => "sage_cl_step_packed",
-                _ => "sage_cl_floor_packed",
-            };
-            let (pk, pwg) = self.kernel(key, packed_name)?;
+            let (pk, pwg) = self.kernel(key, packed_name(name))?;
             // One work-group size for both, so that the table's group counts fit either.
             wg = wg.min(pwg);
             Some(pk)
@@ -1021,21 +1039,24 @@ impl OpenCl {
         } else {
             None
         };
+        let mut group_slot = None;
         for (li, l) in launches.iter().enumerate() {
             let chunk = &items[l.first..l.first + l.count];
             self.count_launch(false, l.packed);
             let launched =
                 self.injected_failure(li)
                     .and_then(|()| match (&packed_kernel, l.packed) {
-                        (Some(pk), true) => self.launch_packed(
-                            pk,
-                            &table,
-                            &slots[l.first..l.first + l.count],
-                            counters.as_ref(),
-                            l,
-                            &items[l.first],
-                            wg,
-                        ),
+                        (Some(pk), true) => self
+                            .launch_packed(
+                                pk,
+                                &table,
+                                &slots[l.first..l.first + l.count],
+                                counters.as_ref(),
+                                l,
+                                &items[l.first],
+                                wg,
+                            )
+                            .map(|g| group_slot = Some(g)),
                         _ => self.launch_chunk(
                             &k,
                             &table,
@@ -1059,12 +1080,43 @@ impl OpenCl {
                 });
             }
         }
+        // One packed launch over every tensor of the step: kept for the next step.
+        if let ([l], Some(group_slot), Some(roots)) = (&launches[..], group_slot, keys[0]) {
+            if l.packed && l.count == tensors {
+                let kept = items.iter().zip(slots).map(|(it, sl)| {
+                    let mut at = [0; 5];
+                    for (j, b) in it.bufs().into_iter().enumerate() {
+                        at[j] = b.map_or(0, |b| b.place.offset);
+                    }
+                    (it.len, at, sl.k)
+                });
+                self.kept[kept_index(name)] = Some(Kept::new(
+                    (P::DTYPE, S::DTYPE),
+                    roots,
+                    kept,
+                    table.slots,
+                    group_slot,
+                    l.groups,
+                    wg,
+                ));
+            }
+        }
+        self.read_back(counters, items.len(), tensors)
+    }
+
+    /// The counts of `n` items from the step's counters (`None`: not counted, no counts).
+    /// Every launch is enqueued: a failure from here on is after the update (or while it
+    /// ran), so it is a partial step of all `tensors`, never an error inviting a retry.
+    fn read_back(
+        &self,
+        counters: Option<Mem>,
+        n: usize,
+        tensors: usize,
+    ) -> Result<Vec<u64>, Error> {
         let Some(counters) = counters else {
             return Ok(Vec::new());
         };
-        let mut words = vec![0u32; 2 * items.len()];
-        // Every launch is enqueued: a failure from here on is after the update (or while it
-        // ran), so it is a partial step of all the tensors, never an error inviting a retry.
+        let mut words = vec![0u32; 2 * n];
         let read = self.read_counts(&counters, &mut words);
         if let Err(cause) = read {
             return Err(Error::Partial {
@@ -1077,6 +1129,60 @@ impl OpenCl {
             .chunks_exact(2)
             .map(|w| u64::from(w[0]) | u64::from(w[1]) << 32)
             .collect())
+    }
+
+    /// The multi-tensor kernel `name` over `tensors` (each with the coefficients `k` gives
+    /// it) through the kept launch, when they are laid out as it was ([`Kept::matches`]);
+    /// `None` otherwise. With `count`, the tensors' non-finite counts, as
+    /// [`step_items`](Self::step_items) returns them.
+    fn step_kept<'a, P: Element, S: Element>(
+        &mut self,
+        tensors: &'a [ParamTensor<'_, OpenCl, P, S>],
+        name: &'static str,
+        count: bool,
+        k: impl Fn(&'a ParamTensor<'_, OpenCl, P, S>) -> &'a Coeffs,
+    ) -> Option<Result<Vec<u64>, Error>> {
+        let i = kept_index(name);
+        let kept = self.kept[i].take()?;
+        let ran = kept
+            .matches(self.context_addr(), tensors, k)
+            .map(|table| self.launch_kept(&kept, &table, tensors, name, count));
+        self.kept[i] = Some(kept);
+        ran
+    }
+
+    /// Launches `kept` with this step's coefficients (`table`) over `tensors`.
+    fn launch_kept<P: Element, S: Element>(
+        &mut self,
+        kept: &Kept,
+        table: &Table,
+        tensors: &[ParamTensor<'_, OpenCl, P, S>],
+        name: &'static str,
+        count: bool,
+    ) -> Result<Vec<u64>, Error> {
+        let n = tensors.len();
+        let (k, _) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), packed_name(name))?;
+        let coeffs = self.table(table.coeff_bytes())?;
+        let counters = if count {
+            self.mem(2 * n, 4, Some(&vec![0u8; 8 * n]))?
+        } else {
+            None
+        };
+        self.count_launch(false, true);
+        self.shared.launches[REUSED].fetch_add(1, Ordering::Relaxed);
+        self.injected_failure(0)?;
+        let set = |i: u32, a: ArgVal| {
+            core::set_kernel_arg(&k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
+        };
+        let a = set_table(&k, &kept.slots, &coeffs, 0)?;
+        set(a, ArgVal::scalar(&(n as u32)))?;
+        set(a + 1, opt_mem(counters.as_ref()))?;
+        set(a + 2, ArgVal::mem(&kept.group_slot))?;
+        for (j, r) in Kept::roots_of(&tensors[0]).into_iter().enumerate() {
+            set(a + 3 + j as u32, opt_mem(r))?;
+        }
+        self.enqueue(&k, kept.groups, kept.wg)?;
+        self.read_back(counters, n, n)
     }
 
     /// Unit tests: launch `li` of a step fails as a driver error would.
@@ -1107,7 +1213,7 @@ impl OpenCl {
     }
 
     /// Sets the arguments of one packed launch (the tensors' shared root buffers, once) and
-    /// enqueues it.
+    /// enqueues it; returns its table of each work-group's slot.
     #[allow(clippy::too_many_arguments)]
     fn launch_packed(
         &self,
@@ -1118,7 +1224,7 @@ impl OpenCl {
         l: &Launch,
         first: &Item<'_>,
         wg: usize,
-    ) -> Result<(), Error> {
+    ) -> Result<Mem, Error> {
         let set = |i: u32, a: ArgVal| {
             core::set_kernel_arg(k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
         };
@@ -1135,7 +1241,8 @@ impl OpenCl {
         for (j, r) in first.roots().into_iter().enumerate() {
             set(a + 3 + j as u32, opt_mem(r))?;
         }
-        self.enqueue(k, l.groups, wg)
+        self.enqueue(k, l.groups, wg)?;
+        Ok(group_slot)
     }
 
     /// Sets the arguments of one multi-tensor launch and enqueues it. `bad`: the step's
@@ -1331,6 +1438,9 @@ impl OpenCl {
     ) -> Result<(), Error> {
         // Default coefficients: `reserved2` is the 0 the floor adds.
         let zero = Coeffs::default();
+        if let Some(done) = self.step_kept(tensors, "sage_cl_floor", false, |_| &zero) {
+            return done.map(|_| ());
+        }
         let items = items(tensors, |_| &zero)?;
         self.step_items::<P, S>(&items, tensors.len(), "sage_cl_floor", false)
             .map(|_| ())
@@ -1699,6 +1809,13 @@ impl Backend for OpenCl {
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
     ) -> Result<(), Error> {
+        // A step over the layout of the last one reuses its launch tables.
+        if let Some(counts) = self.step_kept(tensors, "sage_cl_step", true, |t| t.coeffs()) {
+            for (t, n) in tensors.iter_mut().zip(counts?) {
+                t.set_non_finite(n);
+            }
+            return Ok(());
+        }
         // Every tensor is checked before any is launched: a bad one changes nothing.
         let items = items(tensors, |t| t.coeffs())?;
         // Every tensor's non-finite stored parameters, counted by the step kernel (an empty

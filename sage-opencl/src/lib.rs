@@ -10,7 +10,11 @@
 //!   uses), compiled behind a small OpenCL prelude, with FMA contraction off and correctly
 //!   rounded division and square root where the device offers them, so results match the CPU.
 //! - One fused pass per tensor; [`Backend::step_tensors`](sage_core::Backend::step_tensors)
-//!   and gradient norms take up to 16 tensors per launch.
+//!   and gradient norms take up to 16 tensors per launch, and any number in one launch when
+//!   they are cut from the same buffers ([`OpenCl::slab`]). A step whose tensors all went
+//!   into one such launch keeps its launch tables on the device; the next step over the same
+//!   layout (checked tensor by tensor: same buffers, offsets, lengths) uploads only its
+//!   coefficients ([`LaunchCounts::reused`]).
 //! - A step checks everything it can before its first launch: lengths, every buffer's context
 //!   ([`Error::ForeignBuffer`]), and that no buffer it writes aliases another buffer of the
 //!   step ([`Error::Aliased`]: a [`ClBuffer`] clone passed twice, θ as its own gradient,
@@ -37,6 +41,7 @@ mod backend;
 mod buffer;
 mod device;
 mod error;
+mod reuse;
 pub mod source;
 mod table;
 

@@ -23,6 +23,11 @@ pub(crate) struct Slot {
     pub off: [u64; 5],
 }
 
+/// A slot's `present` bits from which state buffers a tensor has.
+pub(crate) fn present(m: bool, v: bool, b: bool) -> u32 {
+    m as u32 | (v as u32) << 1 | (b as u32) << 2
+}
+
 /// Bytes of a [`Slot`].
 const SLOT_BYTES: usize = 64;
 const _: () = assert!(std::mem::size_of::<Slot>() == SLOT_BYTES);

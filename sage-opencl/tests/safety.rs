@@ -8,7 +8,7 @@ mod common;
 use common::{device, random, rng};
 use sage_core::{
     Accumulate, Algorithm, Backend, Config, Error as CoreError, Optimizer, ParamGroup, ParamTensor,
-    TensorMut, TensorState,
+    StepReport, TensorMut, TensorState,
 };
 use sage_opencl::{ClBuffer, Error, OpenCl, Select};
 
@@ -78,7 +78,7 @@ fn step(
     params: &mut [ClBuffer<f32>],
     grads: &[ClBuffer<f32>],
     state: &mut [TensorState<ClBuffer<f32>>],
-) -> Result<(), CoreError<Error>> {
+) -> Result<StepReport, CoreError<Error>> {
     let mut ts: Vec<ParamTensor<'_, OpenCl, f32, f32>> = params
         .iter_mut()
         .zip(grads)
@@ -86,7 +86,7 @@ fn step(
         .enumerate()
         .map(|(i, ((p, g), s))| ParamTensor::new(p, g, s.view()).name(NAMES[i]))
         .collect();
-    opt.step(&mut ts).map(|_| ())
+    opt.step(&mut ts)
 }
 
 fn backend_error(e: CoreError<Error>) -> Error {
@@ -425,4 +425,83 @@ fn slab_model(cl: &OpenCl, b: &[Vec<ClBuffer<f32>>; 5], lens: &[usize]) -> Model
         m.state.push(s);
     }
     m
+}
+
+/// A step over the same slab layout as the last one reuses its launch tables (only the
+/// coefficients are uploaded): it steps to the same bits as buffers of their own, step after
+/// step, reports non-finite parameters as the full path does, and any change of layout —
+/// here an aliased buffer after two reused steps — goes through the full check again and is
+/// refused, with nothing stepped.
+#[test]
+fn a_kept_launch_is_reused_only_for_the_same_layout() {
+    let Some(cl) = device() else { return };
+    let lens = [300usize, 5, 4097, 64, 700];
+    let b: [Vec<ClBuffer<f32>>; 5] = std::array::from_fn(|_| cl.slab::<f32>(&lens).unwrap().1);
+    let mut slab = slab_model(&cl, &b, &lens);
+    let mut own = Model::new(&cl, 0);
+    for (i, &l) in lens.iter().enumerate() {
+        own.params
+            .push(cl.upload(&cl.download(&slab.params[i]).unwrap()).unwrap());
+        own.grads
+            .push(cl.upload(&cl.download(&slab.grads[i]).unwrap()).unwrap());
+        own.state
+            .push(TensorState::try_new(config().state_layout(true), |_| cl.zeros(l)).unwrap());
+    }
+    // Unguarded, so that a NaN gradient reaches the update below.
+    let cfg = config().skip_non_finite(false);
+    let mut opt_slab = Optimizer::new(cl.clone(), cfg, [ParamGroup::sage()]).unwrap();
+    let mut opt_own = Optimizer::new(cl.clone(), cfg, [ParamGroup::sage()]).unwrap();
+    let reused = || cl.launch_counts().reused;
+    let before = reused();
+    // Each step's coefficients differ (bias corrections follow the count): the reused tables
+    // must take the new ones.
+    for n in 1..=4 {
+        step(
+            &mut opt_slab,
+            &mut slab.params,
+            &slab.grads,
+            &mut slab.state,
+        )
+        .unwrap();
+        step(&mut opt_own, &mut own.params, &own.grads, &mut own.state).unwrap();
+        // (Not assert_eq!: a failure would print every value of the model.)
+        assert!(
+            slab.host(&cl) == own.host(&cl),
+            "step {n}: the slab stepped to other values"
+        );
+        assert_eq!(
+            reused() - before,
+            n - 1,
+            "step {n}: the first step keeps, later ones reuse"
+        );
+    }
+    // A NaN gradient: the reused launch counts the NaN parameters it stores.
+    let mut g = cl.download(&slab.grads[1]).unwrap();
+    g[2] = f32::NAN;
+    cl.write(&mut slab.grads[1], &g).unwrap();
+    let report = step(
+        &mut opt_slab,
+        &mut slab.params,
+        &slab.grads,
+        &mut slab.state,
+    )
+    .unwrap();
+    assert_eq!(reused() - before, 4);
+    assert_eq!(report.non_finite_params, Some(1), "{report:?}");
+    // Equal lengths, so that an alias passes the length checks: kept, reused, then aliased.
+    // (Each optimizer's backend is a clone of `cl`, which starts with nothing kept.)
+    let lens = [64usize; 5];
+    let b: [Vec<ClBuffer<f32>>; 5] = std::array::from_fn(|_| cl.slab::<f32>(&lens).unwrap().1);
+    let mut m = slab_model(&cl, &b, &lens);
+    let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
+    for _ in 0..2 {
+        step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap();
+    }
+    assert_eq!(reused() - before, 5);
+    m.state[3].m = m.state[2].m.clone();
+    let kept = m.host(&cl);
+    let e = backend_error(step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap_err());
+    assert_eq!(e, aliased(3, "m", 2, "m"));
+    assert_eq!(m.host(&cl), kept, "nothing stepped");
+    assert_eq!(reused() - before, 5, "the changed layout was not reused");
 }
