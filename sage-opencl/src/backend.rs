@@ -212,9 +212,9 @@ pub struct OpenCl {
     kernels: HashMap<(ProgramKey, &'static str), (Kernel, usize)>,
     /// Scratch for norm partials, reused across steps: the buffer and its size in bytes.
     partials: Option<(Mem, usize)>,
-    /// The last step's and the last floor's launch, kept when every tensor went into one
-    /// packed launch ([`Kept`]), indexed by [`kept_index`].
-    kept: [Option<Kept>; 2],
+    /// The last few steps' and floors' launches, kept when every tensor of a call went into
+    /// one packed launch ([`Kept`]), indexed by [`kept_index`], the most recent last.
+    kept: [Vec<Kept>; 2],
     /// Unit tests: the multi-tensor launch (0-based) that fails as a driver error would.
     #[cfg(test)]
     fail_launch: Option<usize>,
@@ -229,7 +229,7 @@ impl Clone for OpenCl {
             shared: self.shared.clone(),
             kernels: HashMap::new(),
             partials: None,
-            kept: [None, None],
+            kept: Default::default(),
             #[cfg(test)]
             fail_launch: None,
             #[cfg(test)]
@@ -501,6 +501,10 @@ fn set_table(k: &Kernel, slots: &Mem, coeffs: &Mem, base: u32) -> Result<u32, Er
     Ok(3)
 }
 
+/// Launches kept per kernel: a step whose tensors come in a few calls (slices of different
+/// storage types, say) keeps one for each.
+const KEPT_PER_KERNEL: usize = 4;
+
 /// Where the launch of the multi-tensor kernel `name` is kept in `OpenCl::kept`.
 fn kept_index(name: &str) -> usize {
     usize::from(name != "sage_cl_step")
@@ -587,7 +591,7 @@ impl OpenCl {
             }),
             kernels: HashMap::new(),
             partials: None,
-            kept: [None, None],
+            kept: Default::default(),
             #[cfg(test)]
             fail_launch: None,
             #[cfg(test)]
@@ -1090,7 +1094,7 @@ impl OpenCl {
                     }
                     (it.len, at, sl.k)
                 });
-                self.kept[kept_index(name)] = Some(Kept::new(
+                let kept = Kept::new(
                     (P::DTYPE, S::DTYPE),
                     roots,
                     kept,
@@ -1098,7 +1102,12 @@ impl OpenCl {
                     group_slot,
                     l.groups,
                     wg,
-                ));
+                );
+                let all = &mut self.kept[kept_index(name)];
+                if all.len() == KEPT_PER_KERNEL {
+                    all.remove(0);
+                }
+                all.push(kept);
             }
         }
         self.read_back(counters, items.len(), tensors)
@@ -1143,11 +1152,21 @@ impl OpenCl {
         k: impl Fn(&'a ParamTensor<'_, OpenCl, P, S>) -> &'a Coeffs,
     ) -> Option<Result<Vec<u64>, Error>> {
         let i = kept_index(name);
-        let kept = self.kept[i].take()?;
-        let ran = kept
-            .matches(self.context_addr(), tensors, k)
-            .map(|table| self.launch_kept(&kept, &table, tensors, name, count));
-        self.kept[i] = Some(kept);
+        let mut all = std::mem::take(&mut self.kept[i]);
+        let context = self.context_addr();
+        // Most recent first; a launch of other tensors fails at its first tensor.
+        let found = all
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(at, kept)| kept.matches(context, tensors, &k).map(|table| (at, table)));
+        let ran = found.map(|(at, table)| {
+            let kept = all.remove(at);
+            let ran = self.launch_kept(&kept, &table, tensors, name, count);
+            all.push(kept);
+            ran
+        });
+        self.kept[i] = all;
         ran
     }
 

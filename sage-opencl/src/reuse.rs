@@ -3,7 +3,8 @@
 //! stay on the device; a later step whose tensors sit at exactly the same places — the same
 //! root objects, offsets and lengths, buffer for buffer — and whose coefficients fall into the
 //! same records reuses them and uploads only its coefficients. Training steps the same tensors
-//! every time, so after the first step a tensor costs one comparison on the host.
+//! every time, so after the first step a tensor costs a comparison of its buffers' places and
+//! of its coefficients' bits on the host.
 //!
 //! Why that is as safe as the full check: the full step checked the kept layout (contexts, no
 //! buffer it writes overlapping another) and its verdict depends only on which byte ranges of

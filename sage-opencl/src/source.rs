@@ -27,7 +27,7 @@ const PRELUDE: &str = r#"
 #define fmaxf(a, b) fmax(a, b)
 "#;
 
-/// One tensor of a launch, as the kernels read it. Must match [`crate::backend::Slot`].
+/// One tensor of a launch, as the kernels read it. Must match [`crate::table::Slot`].
 const SLOT: &str = r#"
 typedef struct {
     ulong len;        /* elements */

@@ -32,6 +32,9 @@ pub(crate) fn present(m: bool, v: bool, b: bool) -> u32 {
 const SLOT_BYTES: usize = 64;
 const _: () = assert!(std::mem::size_of::<Slot>() == SLOT_BYTES);
 const COEFFS_BYTES: usize = std::mem::size_of::<Coeffs>();
+// The kernels' `sage_coeffs` is 24 four-byte fields with no padding: so must `Coeffs` be, for
+// its bytes (`coeffs_bytes`) to be the device's array of them.
+const _: () = assert!(COEFFS_BYTES == 96 && std::mem::align_of::<Coeffs>() == 4);
 
 /// Distinct coefficients looked back over for a tensor's: tensors of a group come together,
 /// and models alternate between a few groups (weights with decay, biases and norms without).

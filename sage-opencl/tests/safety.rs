@@ -89,6 +89,26 @@ fn step(
     opt.step(&mut ts)
 }
 
+/// [`step`] with the tensors in two slices, `..at` and `at..`: two calls of the backend's
+/// `step_tensors` per step.
+fn step_split(
+    opt: &mut Optimizer<OpenCl>,
+    params: &mut [ClBuffer<f32>],
+    grads: &[ClBuffer<f32>],
+    state: &mut [TensorState<ClBuffer<f32>>],
+    at: usize,
+) -> Result<StepReport, CoreError<Error>> {
+    let mut ts: Vec<ParamTensor<'_, OpenCl, f32, f32>> = params
+        .iter_mut()
+        .zip(grads)
+        .zip(state.iter_mut())
+        .enumerate()
+        .map(|(i, ((p, g), s))| ParamTensor::new(p, g, s.view()).name(NAMES[i]))
+        .collect();
+    let (a, b) = ts.split_at_mut(at);
+    opt.step(&mut (a, b))
+}
+
 fn backend_error(e: CoreError<Error>) -> Error {
     match e {
         CoreError::Backend(e) => e,
@@ -429,9 +449,10 @@ fn slab_model(cl: &OpenCl, b: &[Vec<ClBuffer<f32>>; 5], lens: &[usize]) -> Model
 
 /// A step over the same slab layout as the last one reuses its launch tables (only the
 /// coefficients are uploaded): it steps to the same bits as buffers of their own, step after
-/// step, reports non-finite parameters as the full path does, and any change of layout —
-/// here an aliased buffer after two reused steps — goes through the full check again and is
-/// refused, with nothing stepped.
+/// step, also when the step's tensors come in two calls, reports non-finite parameters as the
+/// full path does, and any change of layout — after reused steps, an aliased buffer at
+/// another offset, or one at the same offset and length of another object — goes through the
+/// full check again and is refused, with nothing stepped.
 #[test]
 fn a_kept_launch_is_reused_only_for_the_same_layout() {
     let Some(cl) = device() else { return };
@@ -475,6 +496,25 @@ fn a_kept_launch_is_reused_only_for_the_same_layout() {
             "step {n}: the first step keeps, later ones reuse"
         );
     }
+    // The same tensors in two calls per step: each call's launch is kept and reused.
+    let before_split = reused();
+    for n in 1..=3 {
+        step_split(
+            &mut opt_slab,
+            &mut slab.params,
+            &slab.grads,
+            &mut slab.state,
+            2,
+        )
+        .unwrap();
+        step(&mut opt_own, &mut own.params, &own.grads, &mut own.state).unwrap();
+        assert!(
+            slab.host(&cl) == own.host(&cl),
+            "split step {n}: other values"
+        );
+        assert_eq!(reused() - before_split, 2 * (n - 1), "split step {n}");
+    }
+    let before = before + (reused() - before_split);
     // A NaN gradient: the reused launch counts the NaN parameters it stores.
     let mut g = cl.download(&slab.grads[1]).unwrap();
     g[2] = f32::NAN;
@@ -504,4 +544,22 @@ fn a_kept_launch_is_reused_only_for_the_same_layout() {
     assert_eq!(e, aliased(3, "m", 2, "m"));
     assert_eq!(m.host(&cl), kept, "nothing stepped");
     assert_eq!(reused() - before, 5, "the changed layout was not reused");
+    // Same offset and length, another object: tensor 2's m cut from the parameters' slab
+    // (the slabs' layouts are equal), so it is tensor 2's θ. Only the roots tell it apart.
+    let mut m = slab_model(&cl, &b, &lens);
+    let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
+    for _ in 0..2 {
+        step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap();
+    }
+    assert_eq!(reused() - before, 6);
+    m.state[2].m = Some(b[0][2].clone());
+    let kept = m.host(&cl);
+    let e = backend_error(step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap_err());
+    assert_eq!(e, aliased(2, "m", 2, "param"));
+    assert_eq!(m.host(&cl), kept, "nothing stepped");
+    assert_eq!(
+        reused() - before,
+        6,
+        "another object at the same place was not reused"
+    );
 }
