@@ -336,12 +336,6 @@ impl<'a, B: Backend + ?Sized, P: Element, S: Element> ParamTensor<'a, B, P, S> {
     }
     /// Reborrows the buffers for one step.
     pub fn view(&mut self) -> TensorMut<'_, B, P, S> {
-        TensorMut {
-            param: self.param,
-            grad: self.grad,
-            m: self.state.m.as_deref_mut(),
-            v: self.state.v.as_deref_mut(),
-            ibar: self.state.ibar.as_deref_mut(),
-        }
+        self.view_and_coeffs().0
     }
 }

@@ -518,6 +518,29 @@ fn packed_name(name: &str) -> &'static str {
     }
 }
 
+/// Sets a packed launch's arguments after its table's (from index `a`): its tensor count, the
+/// step's non-finite counters (`None`: not counted), each work-group's slot, and the five
+/// root buffers its tensors are cut from.
+fn set_packed(
+    k: &Kernel,
+    a: u32,
+    count: usize,
+    bad: Option<&Mem>,
+    group_slot: &Mem,
+    roots: [Option<&Mem>; 5],
+) -> Result<(), Error> {
+    let set = |i: u32, v: ArgVal| {
+        core::set_kernel_arg(k, i, v).map_err(|e| Error::cl("setting a kernel argument", e))
+    };
+    set(a, ArgVal::scalar(&(count as u32)))?;
+    set(a + 1, opt_mem(bad))?;
+    set(a + 2, ArgVal::mem(group_slot))?;
+    for (j, r) in roots.into_iter().enumerate() {
+        set(a + 3 + j as u32, opt_mem(r))?;
+    }
+    Ok(())
+}
+
 /// A buffer argument, or NULL for an absent state buffer.
 fn opt_mem(m: Option<&Mem>) -> ArgVal<'_> {
     m.map_or_else(ArgVal::mem_null, ArgVal::mem)
@@ -1037,12 +1060,7 @@ impl OpenCl {
         }
         let slots = &table.slots;
         let table = self.upload_table(&table)?;
-        // Two zeroed words per item (low and high halves of its count), written by the kernel.
-        let counters = if count {
-            self.mem(2 * items.len(), 4, Some(&vec![0u8; 8 * items.len()]))?
-        } else {
-            None
-        };
+        let counters = self.counters(count, items.len())?;
         let mut group_slot = None;
         for (li, l) in launches.iter().enumerate() {
             let chunk = &items[l.first..l.first + l.count];
@@ -1111,6 +1129,16 @@ impl OpenCl {
             }
         }
         self.read_back(counters, items.len(), tensors)
+    }
+
+    /// A step's non-finite counters for `n` items, when `count`: two zeroed words per item
+    /// (low and high halves of its count), written by the kernel.
+    fn counters(&self, count: bool, n: usize) -> Result<Option<Mem>, Error> {
+        if count {
+            self.mem(2 * n, 4, Some(&vec![0u8; 8 * n]))
+        } else {
+            Ok(None)
+        }
     }
 
     /// The counts of `n` items from the step's counters (`None`: not counted, no counts).
@@ -1182,24 +1210,13 @@ impl OpenCl {
         let n = tensors.len();
         let (k, _) = self.kernel(ProgramKey::Step(P::DTYPE, S::DTYPE), packed_name(name))?;
         let coeffs = self.table(table.coeff_bytes())?;
-        let counters = if count {
-            self.mem(2 * n, 4, Some(&vec![0u8; 8 * n]))?
-        } else {
-            None
-        };
+        let counters = self.counters(count, n)?;
         self.count_launch(false, true);
         self.shared.launches[REUSED].fetch_add(1, Ordering::Relaxed);
         self.injected_failure(0)?;
-        let set = |i: u32, a: ArgVal| {
-            core::set_kernel_arg(&k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
-        };
         let a = set_table(&k, &kept.slots, &coeffs, 0)?;
-        set(a, ArgVal::scalar(&(n as u32)))?;
-        set(a + 1, opt_mem(counters.as_ref()))?;
-        set(a + 2, ArgVal::mem(&kept.group_slot))?;
-        for (j, r) in Kept::roots_of(&tensors[0]).into_iter().enumerate() {
-            set(a + 3 + j as u32, opt_mem(r))?;
-        }
+        let roots = Kept::roots_of(&tensors[0]);
+        set_packed(&k, a, n, counters.as_ref(), &kept.group_slot, roots)?;
         self.enqueue(&k, kept.groups, kept.wg)?;
         self.read_back(counters, n, n)
     }
@@ -1244,9 +1261,6 @@ impl OpenCl {
         first: &Item<'_>,
         wg: usize,
     ) -> Result<Mem, Error> {
-        let set = |i: u32, a: ArgVal| {
-            core::set_kernel_arg(k, i, a).map_err(|e| Error::cl("setting a kernel argument", e))
-        };
         // Each work-group's slot in the launch, from the table's running group counts.
         let mut group_slot = Vec::with_capacity(l.groups);
         for (i, sl) in slots.iter().enumerate() {
@@ -1254,12 +1268,7 @@ impl OpenCl {
         }
         let group_slot = self.table(u32_bytes(&group_slot))?;
         let a = set_table(k, &table.slots, &table.coeffs, l.first as u32)?;
-        set(a, ArgVal::scalar(&(l.count as u32)))?;
-        set(a + 1, opt_mem(bad))?;
-        set(a + 2, ArgVal::mem(&group_slot))?;
-        for (j, r) in first.roots().into_iter().enumerate() {
-            set(a + 3 + j as u32, opt_mem(r))?;
-        }
+        set_packed(k, a, l.count, bad, &group_slot, first.roots())?;
         self.enqueue(k, l.groups, wg)?;
         Ok(group_slot)
     }

@@ -72,6 +72,21 @@ const NAMES: [&str; 20] = [
     "t15", "t16", "t17", "t18", "t19",
 ];
 
+/// The step's tensors over `params`/`grads`/`state`, each named `t{i}`.
+fn tensors<'a>(
+    params: &'a mut [ClBuffer<f32>],
+    grads: &'a [ClBuffer<f32>],
+    state: &'a mut [TensorState<ClBuffer<f32>>],
+) -> Vec<ParamTensor<'a, OpenCl, f32, f32>> {
+    params
+        .iter_mut()
+        .zip(grads)
+        .zip(state.iter_mut())
+        .enumerate()
+        .map(|(i, ((p, g), s))| ParamTensor::new(p, g, s.view()).name(NAMES[i]))
+        .collect()
+}
+
 /// One optimizer step over `params`/`grads`/`state`, each tensor named `t{i}`.
 fn step(
     opt: &mut Optimizer<OpenCl>,
@@ -79,14 +94,7 @@ fn step(
     grads: &[ClBuffer<f32>],
     state: &mut [TensorState<ClBuffer<f32>>],
 ) -> Result<StepReport, CoreError<Error>> {
-    let mut ts: Vec<ParamTensor<'_, OpenCl, f32, f32>> = params
-        .iter_mut()
-        .zip(grads)
-        .zip(state.iter_mut())
-        .enumerate()
-        .map(|(i, ((p, g), s))| ParamTensor::new(p, g, s.view()).name(NAMES[i]))
-        .collect();
-    opt.step(&mut ts)
+    opt.step(&mut tensors(params, grads, state))
 }
 
 /// [`step`] with the tensors in two slices, `..at` and `at..`: two calls of the backend's
@@ -98,13 +106,7 @@ fn step_split(
     state: &mut [TensorState<ClBuffer<f32>>],
     at: usize,
 ) -> Result<StepReport, CoreError<Error>> {
-    let mut ts: Vec<ParamTensor<'_, OpenCl, f32, f32>> = params
-        .iter_mut()
-        .zip(grads)
-        .zip(state.iter_mut())
-        .enumerate()
-        .map(|(i, ((p, g), s))| ParamTensor::new(p, g, s.view()).name(NAMES[i]))
-        .collect();
+    let mut ts = tensors(params, grads, state);
     let (a, b) = ts.split_at_mut(at);
     opt.step(&mut (a, b))
 }
@@ -476,45 +478,33 @@ fn a_kept_launch_is_reused_only_for_the_same_layout() {
     let before = reused();
     // Each step's coefficients differ (bias corrections follow the count): the reused tables
     // must take the new ones.
-    for n in 1..=4 {
-        step(
-            &mut opt_slab,
-            &mut slab.params,
-            &slab.grads,
-            &mut slab.state,
-        )
-        .unwrap();
-        step(&mut opt_own, &mut own.params, &own.grads, &mut own.state).unwrap();
-        // (Not assert_eq!: a failure would print every value of the model.)
-        assert!(
-            slab.host(&cl) == own.host(&cl),
-            "step {n}: the slab stepped to other values"
-        );
-        assert_eq!(
-            reused() - before,
-            n - 1,
-            "step {n}: the first step keeps, later ones reuse"
-        );
-    }
+    // Steps of the slab (in one call, or in two split at tensor `at`) and of its own-buffer
+    // twin; each time the same values, and the launches reused since `from`.
+    let mut steps = |rounds: u64, calls: u64, from: u64| {
+        for n in 1..=rounds {
+            let (p, g, s) = (&mut slab.params, &slab.grads, &mut slab.state);
+            match calls {
+                1 => step(&mut opt_slab, p, g, s),
+                _ => step_split(&mut opt_slab, p, g, s, 2),
+            }
+            .unwrap();
+            step(&mut opt_own, &mut own.params, &own.grads, &mut own.state).unwrap();
+            // (Not assert_eq!: a failure would print every value of the model.)
+            assert!(
+                slab.host(&cl) == own.host(&cl),
+                "{calls} call(s), step {n}: the slab stepped to other values"
+            );
+            assert_eq!(
+                reused() - from,
+                calls * (n - 1),
+                "{calls} call(s), step {n}: the first step keeps, later ones reuse"
+            );
+        }
+    };
+    steps(4, 1, before);
     // The same tensors in two calls per step: each call's launch is kept and reused.
-    let before_split = reused();
-    for n in 1..=3 {
-        step_split(
-            &mut opt_slab,
-            &mut slab.params,
-            &slab.grads,
-            &mut slab.state,
-            2,
-        )
-        .unwrap();
-        step(&mut opt_own, &mut own.params, &own.grads, &mut own.state).unwrap();
-        assert!(
-            slab.host(&cl) == own.host(&cl),
-            "split step {n}: other values"
-        );
-        assert_eq!(reused() - before_split, 2 * (n - 1), "split step {n}");
-    }
-    let before = before + (reused() - before_split);
+    steps(3, 2, reused());
+    let from = reused();
     // A NaN gradient: the reused launch counts the NaN parameters it stores.
     let mut g = cl.download(&slab.grads[1]).unwrap();
     g[2] = f32::NAN;
@@ -526,40 +516,44 @@ fn a_kept_launch_is_reused_only_for_the_same_layout() {
         &mut slab.state,
     )
     .unwrap();
-    assert_eq!(reused() - before, 4);
+    assert_eq!(reused() - from, 1, "the NaN step reused the launch");
     assert_eq!(report.non_finite_params, Some(1), "{report:?}");
-    // Equal lengths, so that an alias passes the length checks: kept, reused, then aliased.
-    // (Each optimizer's backend is a clone of `cl`, which starts with nothing kept.)
+    // Equal lengths, so that an alias passes the length checks. Each case: a new optimizer
+    // (its backend, a clone of `cl`, starts with nothing kept), two steps (kept, reused),
+    // then the broken layout, refused with nothing stepped and nothing reused.
     let lens = [64usize; 5];
     let b: [Vec<ClBuffer<f32>>; 5] = std::array::from_fn(|_| cl.slab::<f32>(&lens).unwrap().1);
-    let mut m = slab_model(&cl, &b, &lens);
-    let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
-    for _ in 0..2 {
-        step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap();
+    let cases: [Case; 2] = [
+        (
+            "an m piece as a later tensor's m, after reuse",
+            |m| m.state[3].m = m.state[2].m.clone(),
+            aliased(3, "m", 2, "m"),
+        ),
+        (
+            // Same offset and length, another object (the slabs' layouts are equal): only
+            // the roots tell it apart from the kept m.
+            "tensor 2's parameter piece as its m, after reuse",
+            |m| m.state[2].m = m.params.get(2).cloned(),
+            aliased(2, "m", 2, "param"),
+        ),
+    ];
+    for (what, alias, want) in cases {
+        let mut m = slab_model(&cl, &b, &lens);
+        let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
+        let from = reused();
+        for _ in 0..2 {
+            step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap();
+        }
+        assert_eq!(reused() - from, 1, "{what}: reused before the change");
+        alias(&mut m);
+        let kept = m.host(&cl);
+        let e = backend_error(step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap_err());
+        assert_eq!(e, want, "{what}");
+        assert_eq!(m.host(&cl), kept, "{what}: nothing stepped");
+        assert_eq!(
+            reused() - from,
+            1,
+            "{what}: the changed layout was not reused"
+        );
     }
-    assert_eq!(reused() - before, 5);
-    m.state[3].m = m.state[2].m.clone();
-    let kept = m.host(&cl);
-    let e = backend_error(step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap_err());
-    assert_eq!(e, aliased(3, "m", 2, "m"));
-    assert_eq!(m.host(&cl), kept, "nothing stepped");
-    assert_eq!(reused() - before, 5, "the changed layout was not reused");
-    // Same offset and length, another object: tensor 2's m cut from the parameters' slab
-    // (the slabs' layouts are equal), so it is tensor 2's θ. Only the roots tell it apart.
-    let mut m = slab_model(&cl, &b, &lens);
-    let mut opt = Optimizer::new(cl.clone(), config(), [ParamGroup::sage()]).unwrap();
-    for _ in 0..2 {
-        step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap();
-    }
-    assert_eq!(reused() - before, 6);
-    m.state[2].m = Some(b[0][2].clone());
-    let kept = m.host(&cl);
-    let e = backend_error(step(&mut opt, &mut m.params, &m.grads, &mut m.state).unwrap_err());
-    assert_eq!(e, aliased(2, "m", 2, "param"));
-    assert_eq!(m.host(&cl), kept, "nothing stepped");
-    assert_eq!(
-        reused() - before,
-        6,
-        "another object at the same place was not reused"
-    );
 }
