@@ -17,9 +17,9 @@
 use core::ptr;
 
 use sage_core::coeffs::{flags, kind};
-use sage_core::{Coeffs, DType, Element, Modulation};
+use sage_core::{Coeffs, Element, Modulation};
 
-use crate::lanes::{load, Access, First, Lanes, Whole};
+use crate::lanes::{load, masked_tail, Access, First, Lanes, Whole};
 
 use crate::level::Level;
 
@@ -183,7 +183,7 @@ pub(crate) unsafe fn drive<L: Lanes, P: Element, S: Element, O: Op<L>>(
         i += L::N;
     }
     let rem = n - i;
-    if rem > 0 && L::MASKED && P::DTYPE == DType::F32 && S::DTYPE == DType::F32 {
+    if rem > 0 && masked_tail::<L, P, S>() {
         // In place with masked loads and stores: no copies, and the next tensor's first
         // loads do not wait on small stores to the line they share.
         op.vec::<P, S, _>(b.at(i), First(rem), &mut counts);
@@ -639,10 +639,10 @@ isa!(
 );
 #[cfg(target_arch = "x86_64")]
 isa!(
-    /// AVX-512F kernels.
+    /// AVX-512F + BW kernels.
     Avx512Isa,
     crate::lanes::avx512::Avx512,
-    "avx512f,avx2,f16c"
+    "avx512f,avx512bw,avx2,f16c"
 );
 #[cfg(target_arch = "aarch64")]
 isa!(

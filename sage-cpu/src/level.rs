@@ -13,7 +13,7 @@ pub enum Level {
     Portable,
     /// x86-64 AVX2 with F16C (8 lanes).
     Avx2,
-    /// x86-64 AVX-512 Foundation (16 lanes).
+    /// x86-64 AVX-512 Foundation and Byte/Word (16 lanes; every AVX-512 CPU since Skylake-SP).
     Avx512,
     /// aarch64 NEON (4 lanes).
     Neon,
@@ -84,11 +84,13 @@ fn x86_has_avx2() -> bool {
 
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 fn x86_has_avx512() -> bool {
-    x86_has_avx2() && std::is_x86_feature_detected!("avx512f")
+    x86_has_avx2()
+        && std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
 }
 #[cfg(all(target_arch = "x86_64", not(feature = "std")))]
 fn x86_has_avx512() -> bool {
-    x86_has_avx2() && cfg!(target_feature = "avx512f")
+    x86_has_avx2() && cfg!(all(target_feature = "avx512f", target_feature = "avx512bw"))
 }
 #[cfg(not(target_arch = "x86_64"))]
 fn x86_has_avx512() -> bool {

@@ -713,3 +713,97 @@ fn forcing_an_unavailable_level_is_an_error() {
     #[cfg(target_arch = "x86_64")]
     assert!(!Level::Neon.is_available());
 }
+
+/// Every tail, for every storage type a masked tail serves: a tensor cut from the middle of
+/// larger buffers is stepped as the portable path steps it, and nothing before or after it
+/// is read into the result or written (masked loads and stores must reach exactly `n`).
+fn nothing_past_the_tensor<P: Element, S: Element>() {
+    const PAD: usize = 5;
+    let mut rng = Rng(0x51_7cc1_b727_220a);
+    let cfg = Config::paper(Algorithm::adam(), 1e-3);
+    for n in 0..=40 {
+        // NaN around the tensor: a lane that read it would turn its result NaN.
+        let fill = |rng: &mut Rng, pos: bool| -> Vec<f32> {
+            let mut x = vec![f32::NAN; n + 2 * PAD];
+            for v in &mut x[PAD..PAD + n] {
+                let r = rng.value();
+                *v = if pos { r.abs() } else { r };
+            }
+            x
+        };
+        let s = |x: Vec<f32>| -> Vec<S> { x.into_iter().map(S::from_f32).collect() };
+        let p = |x: Vec<f32>| -> Vec<P> { x.into_iter().map(P::from_f32).collect() };
+        let start = Buffers::<P, S> {
+            p: p(fill(&mut rng, false)),
+            m: Some(s(fill(&mut rng, false))),
+            v: Some(s(fill(&mut rng, true))),
+            ib: Some(s(fill(&mut rng, true))),
+        };
+        let g = p(fill(&mut rng, false));
+        let k = coeffs(cfg, true, 3, 1.0);
+        let window = PAD..PAD + n;
+        let cut = |b: &mut Buffers<P, S>| Buffers::<P, S> {
+            p: b.p[window.clone()].to_vec(),
+            m: b.m.as_ref().map(|x| x[window.clone()].to_vec()),
+            v: b.v.as_ref().map(|x| x[window.clone()].to_vec()),
+            ib: b.ib.as_ref().map(|x| x[window.clone()].to_vec()),
+        };
+        let mut want = cut(&mut start.clone());
+        Cpu.fused_step(want.view_cpu(&g[window.clone()]), &k)
+            .unwrap();
+        for (name, b) in backends() {
+            let mut b = b;
+            let mut got = start.clone();
+            b.fused_step(
+                TensorMut {
+                    param: &mut got.p[window.clone()],
+                    grad: &g[window.clone()],
+                    m: got.m.as_mut().map(|x| &mut x[window.clone()]),
+                    v: got.v.as_mut().map(|x| &mut x[window.clone()]),
+                    ibar: got.ib.as_mut().map(|x| &mut x[window.clone()]),
+                },
+                &k,
+            )
+            .unwrap();
+            let what = format!("{name} {}/{} n={n}", P::DTYPE, S::DTYPE);
+            cut(&mut got).check(&what, &want);
+            let outside = |x: &[f32]| -> Vec<u32> {
+                x[..PAD]
+                    .iter()
+                    .chain(&x[PAD + n..])
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            for (buf, a, b) in [
+                ("param", widen(&got.p), widen(&start.p)),
+                (
+                    "m",
+                    widen(got.m.as_ref().unwrap()),
+                    widen(start.m.as_ref().unwrap()),
+                ),
+                (
+                    "v",
+                    widen(got.v.as_ref().unwrap()),
+                    widen(start.v.as_ref().unwrap()),
+                ),
+                (
+                    "ibar",
+                    widen(got.ib.as_ref().unwrap()),
+                    widen(start.ib.as_ref().unwrap()),
+                ),
+            ] {
+                assert_eq!(outside(&a), outside(&b), "{what}: {buf} written outside");
+            }
+        }
+    }
+}
+
+#[test]
+fn tails_touch_nothing_past_the_tensor() {
+    nothing_past_the_tensor::<f32, f32>();
+    nothing_past_the_tensor::<bf16, f32>();
+    nothing_past_the_tensor::<f16, f32>();
+    nothing_past_the_tensor::<bf16, bf16>();
+    nothing_past_the_tensor::<f16, f16>();
+    nothing_past_the_tensor::<f32, bf16>();
+}

@@ -1,10 +1,11 @@
-//! AVX-512F: 16 lanes.
+//! AVX-512F + BW: 16 lanes.
 
 use core::arch::x86_64::*;
 
 use super::Lanes;
 
-/// AVX-512 Foundation (which includes the 512-bit f16 conversions).
+/// AVX-512 Foundation (which includes the 512-bit f16 conversions) and Byte/Word (masked
+/// 16-bit loads for the tails of f16 and bf16 buffers).
 #[derive(Clone, Copy)]
 pub(crate) struct Avx512;
 
@@ -141,10 +142,7 @@ impl Lanes for Avx512 {
     }
     #[inline(always)]
     unsafe fn load_bf16(p: *const u16) -> __m512 {
-        let x = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())));
-        // Quiet NaN lanes, as `half::bf16::to_f32` does.
-        let q = _mm512_mask_or_epi32(x, is_nan_bits(x), x, _mm512_set1_epi32(0x0040_0000));
-        _mm512_castsi512_ps(q)
+        widen_bf16(_mm256_loadu_si256(p.cast()))
     }
     #[inline(always)]
     unsafe fn prefetch(p: *const u8) {
@@ -152,16 +150,61 @@ impl Lanes for Avx512 {
     }
     #[inline(always)]
     unsafe fn store_round_bf16(p: *mut u16, v: __m512) -> __m512 {
-        let x = _mm512_castps_si512(v);
-        // Nearest even: add 0x7fff plus the lowest kept bit, then truncate.
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
-        let rounded = _mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-        let quiet = _mm512_or_si512(x, _mm512_set1_epi32(0x0040_0000));
-        let r = _mm512_mask_blend_epi32(is_nan_bits(x), rounded, quiet);
-        let hi = _mm512_srli_epi32::<16>(r);
+        let hi = bf16_bits(v);
         _mm256_storeu_si256(p.cast(), _mm512_cvtepi32_epi16(hi));
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi))
     }
+    const MASKED_16: bool = true;
+    #[inline(always)]
+    unsafe fn load_f16_first(p: *const u16, n: usize) -> __m512 {
+        _mm512_cvtph_ps(load_u16_first(p, n))
+    }
+    #[inline(always)]
+    unsafe fn store_round_f16_first(p: *mut u16, v: __m512, n: usize) -> __m512 {
+        let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        _mm512_mask_cvtepi32_storeu_epi16(p.cast(), first(n), _mm512_cvtepu16_epi32(h));
+        _mm512_cvtph_ps(h)
+    }
+    #[inline(always)]
+    unsafe fn load_bf16_first(p: *const u16, n: usize) -> __m512 {
+        widen_bf16(load_u16_first(p, n))
+    }
+    #[inline(always)]
+    unsafe fn store_round_bf16_first(p: *mut u16, v: __m512, n: usize) -> __m512 {
+        let hi = bf16_bits(v);
+        _mm512_mask_cvtepi32_storeu_epi16(p.cast(), first(n), hi);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi))
+    }
+}
+
+/// The first `n < 16` 16-bit values at `p` (the rest 0), touching no memory past them.
+#[inline(always)]
+unsafe fn load_u16_first(p: *const u16, n: usize) -> __m256i {
+    _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(
+        ((1u32 << n) - 1) as __mmask32,
+        p.cast(),
+    ))
+}
+
+/// bf16 bits widened to f32 lanes, NaNs quieted as `half::bf16::to_f32` does.
+#[inline(always)]
+unsafe fn widen_bf16(h: __m256i) -> __m512 {
+    let x = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h));
+    let q = _mm512_mask_or_epi32(x, is_nan_bits(x), x, _mm512_set1_epi32(0x0040_0000));
+    _mm512_castsi512_ps(q)
+}
+
+/// `v` rounded to bf16 exactly as `half::bf16::from_f32` (nearest even, NaN kept quiet): the
+/// bf16 bits in the low half of each 32-bit lane.
+#[inline(always)]
+unsafe fn bf16_bits(v: __m512) -> __m512i {
+    let x = _mm512_castps_si512(v);
+    // Nearest even: add 0x7fff plus the lowest kept bit, then truncate.
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+    let rounded = _mm512_add_epi32(x, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    let quiet = _mm512_or_si512(x, _mm512_set1_epi32(0x0040_0000));
+    let r = _mm512_mask_blend_epi32(is_nan_bits(x), rounded, quiet);
+    _mm512_srli_epi32::<16>(r)
 }
 
 /// The first `n < 16` lanes.

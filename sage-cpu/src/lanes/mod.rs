@@ -84,6 +84,37 @@ pub(crate) trait Lanes: Copy {
         Self::store_f32(x.as_mut_ptr(), v);
         core::ptr::copy_nonoverlapping(x.as_ptr(), p, n);
     }
+    /// Whether the 16-bit `_first` methods are masked instructions too (otherwise they go
+    /// through stack buffers, and tails of f16/bf16 buffers take the kernels' copy path).
+    const MASKED_16: bool = false;
+    /// As [`load_f32_first`](Self::load_f32_first) for f16 bits.
+    #[inline(always)]
+    unsafe fn load_f16_first(p: *const u16, n: usize) -> Self::F {
+        Self::load_f16(first_u16(p, n).as_ptr())
+    }
+    /// As [`store_round_f16`](Self::store_round_f16) for the first `n < N` lanes (`p` valid
+    /// for `n` elements only).
+    #[inline(always)]
+    unsafe fn store_round_f16_first(p: *mut u16, v: Self::F, n: usize) -> Self::F {
+        let mut x = [0u16; 16];
+        let r = Self::store_round_f16(x.as_mut_ptr(), v);
+        core::ptr::copy_nonoverlapping(x.as_ptr(), p, n);
+        r
+    }
+    /// As [`load_f32_first`](Self::load_f32_first) for bf16 bits.
+    #[inline(always)]
+    unsafe fn load_bf16_first(p: *const u16, n: usize) -> Self::F {
+        Self::load_bf16(first_u16(p, n).as_ptr())
+    }
+    /// As [`store_round_bf16`](Self::store_round_bf16) for the first `n < N` lanes (`p`
+    /// valid for `n` elements only).
+    #[inline(always)]
+    unsafe fn store_round_bf16_first(p: *mut u16, v: Self::F, n: usize) -> Self::F {
+        let mut x = [0u16; 16];
+        let r = Self::store_round_bf16(x.as_mut_ptr(), v);
+        core::ptr::copy_nonoverlapping(x.as_ptr(), p, n);
+        r
+    }
     /// Hints that the cache line at `p` will be read soon (never faults).
     #[inline(always)]
     unsafe fn prefetch(p: *const u8) {
@@ -91,8 +122,23 @@ pub(crate) trait Lanes: Copy {
     }
 }
 
-/// How a kernel reaches one register's elements: all of them ([`Whole`]), or the first `n` of
-/// f32 buffers with masked loads and stores ([`First`], for tails).
+/// The first `n` values at `p`, then zeros: a register's worth for an unmasked load.
+#[inline(always)]
+unsafe fn first_u16(p: *const u16, n: usize) -> [u16; 16] {
+    let mut x = [0u16; 16];
+    core::ptr::copy_nonoverlapping(p, x.as_mut_ptr(), n);
+    x
+}
+
+/// Whether `L` runs a tail of buffers of `P` and `S` in place, with masked loads and stores.
+#[inline(always)]
+pub(crate) fn masked_tail<L: Lanes, P: Element, S: Element>() -> bool {
+    let masked = |d: DType| d == DType::F32 || L::MASKED_16;
+    L::MASKED && masked(P::DTYPE) && masked(S::DTYPE)
+}
+
+/// How a kernel reaches one register's elements: all of them ([`Whole`]), or the first `n`
+/// ([`First`], for tails: in place where [`masked_tail`] says so).
 pub(crate) trait Access<L: Lanes>: Copy {
     /// As [`load`].
     unsafe fn load<E: Element>(self, p: *const E) -> L::F;
@@ -121,21 +167,29 @@ impl<L: Lanes> Access<L> for Whole {
     }
 }
 
-/// The first `n < N` lanes of f32 buffers (every buffer the kernel touches must be f32).
+/// The first `n < N` lanes.
 #[derive(Clone, Copy)]
 pub(crate) struct First(pub usize);
 
 impl<L: Lanes> Access<L> for First {
     #[inline(always)]
     unsafe fn load<E: Element>(self, p: *const E) -> L::F {
-        debug_assert!(E::DTYPE == DType::F32);
-        L::load_f32_first(p.cast(), self.0)
+        match E::DTYPE {
+            DType::F32 => L::load_f32_first(p.cast(), self.0),
+            DType::F16 => L::load_f16_first(p.cast(), self.0),
+            DType::Bf16 => L::load_bf16_first(p.cast(), self.0),
+        }
     }
     #[inline(always)]
     unsafe fn store_round<E: Element>(self, p: *mut E, v: L::F) -> L::F {
-        debug_assert!(E::DTYPE == DType::F32);
-        L::store_f32_first(p.cast(), v, self.0);
-        v
+        match E::DTYPE {
+            DType::F32 => {
+                L::store_f32_first(p.cast(), v, self.0);
+                v
+            }
+            DType::F16 => L::store_round_f16_first(p.cast(), v, self.0),
+            DType::Bf16 => L::store_round_bf16_first(p.cast(), v, self.0),
+        }
     }
     #[inline(always)]
     unsafe fn add_non_finite(self, c: L::C, v: L::F) -> L::C {
