@@ -478,22 +478,28 @@ pub(crate) unsafe fn sq_norm_lanes<L: Lanes, E: Element>(x: &[E]) -> f64 {
             }
         }
         let sum = L::add(L::add(acc[0], acc[1]), L::add(acc[2], acc[3]));
-        total = norm_block::<L, E>(total, sum, p.add(i), block / L::N);
+        total = norm_block::<L, E>(total, sum, p.add(i), block / L::N, 0);
         i += block;
     }
-    // The whole registers left (a short tensor, or the end of a chunk): one shorter block.
+    // The whole registers left (a short tensor, or the end of a chunk) and, where the lanes
+    // mask, the last elements as one register with zeros after them: one shorter block.
     let regs = (x.len() - i) / L::N;
-    if regs > 0 {
+    let rem = tail_lanes::<L, E>(x.len() - i - regs * L::N);
+    if regs > 0 || rem > 0 {
         // Register r into accumulator r % NORM_REGS, as in a whole block: each lane still
         // sums at most NORM_BLOCK_ITERS squares.
         let mut acc = [L::splat(0.0); NORM_REGS];
-        for r in 0..regs {
-            let v = load::<L, E>(p.add(i + r * L::N));
+        for r in 0..=regs {
+            let v = match r < regs {
+                true => load::<L, E>(p.add(i + r * L::N)),
+                false if rem > 0 => load_first::<L, E>(p.add(i + r * L::N), rem),
+                false => break,
+            };
             acc[r % NORM_REGS] = L::add(acc[r % NORM_REGS], L::mul(v, v));
         }
         let sum = L::add(L::add(acc[0], acc[1]), L::add(acc[2], acc[3]));
-        total = norm_block::<L, E>(total, sum, p.add(i), regs);
-        i += regs * L::N;
+        total = norm_block::<L, E>(total, sum, p.add(i), regs, rem);
+        i += regs * L::N + rem;
     }
     let tail = x[i..].iter().fold(0f64, |s, v| {
         let f = v.to_f32() as f64;
@@ -502,14 +508,15 @@ pub(crate) unsafe fn sq_norm_lanes<L: Lanes, E: Element>(x: &[E]) -> f64 {
     L::sum_d(L::add_d(total[0], total[1])) + tail
 }
 
-/// Adds a norm block's f32 sum `sum` (of the `regs` registers at `p`) to `total`, or, when it
-/// is not finite, the block's squares again in f64.
+/// Adds a norm block's f32 sum `sum` (of the `regs` registers at `p`, then `rem` elements
+/// loaded masked) to `total`, or, when it is not finite, the block's squares again in f64.
 #[inline(always)]
 unsafe fn norm_block<L: Lanes, E: Element>(
     total: [L::D; 2],
     sum: L::F,
     p: *const E,
     regs: usize,
+    rem: usize,
 ) -> [L::D; 2] {
     if L::count_non_finite(sum) == 0 {
         return L::add_wide(total, sum);
@@ -518,7 +525,28 @@ unsafe fn norm_block<L: Lanes, E: Element>(
     for r in 0..regs {
         total = L::add_squares(total, load::<L, E>(p.add(r * L::N)));
     }
+    if rem > 0 {
+        total = L::add_squares(total, load_first::<L, E>(p.add(regs * L::N), rem));
+    }
     total
+}
+
+/// The first `n` elements at `p` widened, zeros in the other lanes.
+#[inline(always)]
+unsafe fn load_first<L: Lanes, E: Element>(p: *const E, n: usize) -> L::F {
+    <First as Access<L>>::load::<E>(First(n), p)
+}
+
+/// How many of the `rem < N` elements after the last whole register a pass loads as one
+/// masked register (zeros in the other lanes: they add nothing to a sum): all of them where
+/// the lanes mask loads of `E`, none otherwise (they are then added one by one).
+#[inline(always)]
+fn tail_lanes<L: Lanes, E: Element>(rem: usize) -> usize {
+    if masked_tail::<L, E, E>() {
+        rem
+    } else {
+        0
+    }
 }
 
 /// The read floor of a buffer: every element loaded (widened to f32 in registers, as the norm
@@ -536,6 +564,16 @@ pub(crate) unsafe fn read_lanes<L: Lanes, E: Element>(x: &[E]) -> f32 {
             *a = L::add(*a, load::<L, E>(p.add(i + k * L::N)));
         }
         i += 4 * L::N;
+    }
+    // The rest as the norm takes it: whole registers, then the last elements masked.
+    while i + L::N <= x.len() {
+        acc[0] = L::add(acc[0], load::<L, E>(p.add(i)));
+        i += L::N;
+    }
+    let rem = tail_lanes::<L, E>(x.len() - i);
+    if rem > 0 {
+        acc[1] = L::add(acc[1], load_first::<L, E>(p.add(i), rem));
+        i += rem;
     }
     let mut lanes = [0f32; MAX_LANES];
     L::store_f32(

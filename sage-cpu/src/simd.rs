@@ -636,12 +636,25 @@ impl SimdCpu {
         if threads <= 1 || total < self.min_parallel {
             return grads.iter().map(|g| kernel::read_floor(level, g)).sum();
         }
-        let sum = std::sync::Mutex::new(0f32);
+        use std::sync::atomic::{AtomicU32, Ordering};
+        // A result slot per chunk, as the norm keeps (no lock per piece): a piece's sum goes
+        // to the slot of its first chunk.
+        let mut first = alloc::vec::Vec::with_capacity(grads.len());
+        let mut chunks = 0;
+        for g in &grads {
+            first.push(chunks);
+            chunks += norm::chunk_count(g.len());
+        }
+        let slots: alloc::vec::Vec<AtomicU32> = (0..chunks).map(|_| AtomicU32::new(0)).collect();
         self.norm_plan(&grads).run(threads, |(ti, start, end), _| {
             let x = kernel::read_floor(level, &grads[ti][start..end]);
-            *sum.lock().unwrap_or_else(|e| e.into_inner()) += x;
+            let at = first[ti] + start / norm::NORM_CHUNK;
+            slots[at].store(x.to_bits(), Ordering::Relaxed);
         });
-        sum.into_inner().unwrap_or_else(|e| e.into_inner())
+        slots
+            .into_iter()
+            .map(|x| f32::from_bits(x.into_inner()))
+            .sum()
     }
 }
 
