@@ -26,6 +26,8 @@ mod level;
 mod pool;
 pub mod portable;
 mod simd;
+#[cfg(feature = "std")]
+mod split;
 
 pub use level::Level;
 pub use portable::Cpu;

@@ -11,6 +11,10 @@ use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, ParamTensor, Te
 use crate::kernel::{self, Bufs, KernelFn, Present, Then};
 use crate::level::Level;
 use crate::portable::{self, Cpu};
+#[cfg(feature = "std")]
+use crate::split::{Shared, Split, Unit};
+#[cfg(feature = "std")]
+use alloc::vec::Vec;
 
 /// The SIMD CPU backend: kernels for one instruction-set [`Level`] (AVX2, AVX-512, NEON or the
 /// portable fallback), chosen once, and, with `std`, worker threads for large steps.
@@ -145,178 +149,162 @@ impl SimdCpu {
     }
 
     /// Steps every tensor (each with the kernel `choose` gives it), split across threads when
-    /// large enough, and records in each tensor how many of its updated parameters are not
-    /// finite (counted by the kernels as they store θ).
+    /// large enough ([`crate::split`]), and records in each tensor how many of its updated
+    /// parameters are not finite (counted by the kernels as they store θ).
     fn run_tensors<P: Element, S: Element>(
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
-        choose: impl Fn(&Coeffs, Present) -> KernelFn<P, S>,
+        choose: impl Fn(&Coeffs, Present) -> KernelFn<P, S> + Sync,
     ) {
-        #[cfg(feature = "alloc")]
-        {
-            let mut jobs = alloc::vec::Vec::with_capacity(tensors.len());
-            // Tensors the vector kernels do not take (mismatched lengths) run here at once.
-            let mut direct = alloc::vec::Vec::new();
-            for (i, t) in tensors.iter_mut().enumerate() {
-                let (view, k) = t.view_and_coeffs();
-                match Job::new(view, k, &choose) {
-                    Ok(job) => jobs.push((i, job)),
-                    Err(view) => direct.push((i, portable::fused(as_cpu(view), k))),
-                }
-            }
-            let counts = self.run_jobs(&jobs);
-            let counted: alloc::vec::Vec<(usize, u64)> =
-                jobs.iter().map(|(i, _)| *i).zip(counts).collect();
-            // The jobs borrow the tensors' coefficients: gone before the counts are recorded.
-            drop(jobs);
-            for (i, n) in counted.into_iter().chain(direct) {
-                tensors[i].set_non_finite(n);
-            }
+        #[cfg(feature = "std")]
+        if self.thread_count() > 1 {
+            return self.run_split(tensors, &choose);
         }
-        #[cfg(not(feature = "alloc"))]
-        for t in tensors.iter_mut() {
-            let (view, k) = t.view_and_coeffs();
-            let n = match Job::new(view, k, &choose) {
-                Ok(job) => job.run(0, job.len, None),
-                Err(view) => portable::fused(as_cpu(view), k),
-            };
-            t.set_non_finite(n);
-        }
+        step_in_order(tensors, &choose);
     }
 
     /// The kernel for a step of a tensor.
-    fn step_kernel<P: Element, S: Element>(&self) -> impl Fn(&Coeffs, Present) -> KernelFn<P, S> {
+    fn step_kernel<P: Element, S: Element>(
+        &self,
+    ) -> impl Fn(&Coeffs, Present) -> KernelFn<P, S> + Sync {
         let level = self.level;
         move |k, has| kernel::pick::<P, S>(level, k, has).unwrap_or(portable_kernel::<P, S>)
     }
 
-    /// Runs every job; returns each job's count of non-finite parameters.
-    #[cfg(feature = "alloc")]
-    fn run_jobs<P: Element, S: Element>(
-        &self,
-        jobs: &[(usize, Job<'_, P, S>)],
-    ) -> alloc::vec::Vec<u64> {
-        let total: usize = jobs.iter().map(|(_, j)| j.len).sum();
-        #[cfg(feature = "std")]
-        {
-            let threads = self.thread_count();
-            if threads > 1 && total >= self.min_parallel && total > 0 {
-                return self.run_parallel(jobs, threads);
-            }
+    /// Threads a pass over `total` elements uses.
+    #[cfg(feature = "std")]
+    fn threads_for(&self, total: usize) -> usize {
+        if total >= self.min_parallel && total > 0 {
+            self.thread_count()
+        } else {
+            1
         }
-        let _ = total;
-        (0..jobs.len())
-            .map(|i| {
-                let then = jobs.get(i + 1).map(|(_, t)| (t, 0, t.len));
-                jobs[i].1.run(0, jobs[i].1.len, then)
-            })
-            .collect()
     }
 
-    /// Cuts every tensor into pieces whose starts fall on 64-byte boundaries of the parameter
-    /// buffer, groups them into units of about `chunk` elements ([`Plan`]), and lets the
-    /// threads pull units until none is left.
+    /// [`run_tensors`](Self::run_tensors) on several threads: runs of small tensors are
+    /// stepped whole by whichever thread takes them; large tensors' pieces, by any thread.
     #[cfg(feature = "std")]
-    fn run_parallel<P: Element, S: Element>(
+    fn run_split<P: Element, S: Element>(
         &self,
-        jobs: &[(usize, Job<'_, P, S>)],
-        threads: usize,
-    ) -> alloc::vec::Vec<u64> {
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+        choose: &(impl Fn(&Coeffs, Present) -> KernelFn<P, S> + Sync),
+    ) {
         use std::sync::atomic::{AtomicU64, Ordering};
-        let plan = Plan::new(
+        let mut total = 0;
+        let split = Split::new(
             self.chunk,
-            jobs.iter().map(|(_, j)| j.len),
-            |ji, at, len| aligned_split(jobs[ji].1.bufs.p, at, len),
+            tensors.iter().map(|t| {
+                total += t.param().len();
+                t.param().len()
+            }),
+            |ti, at, len| aligned_split(tensors[ti].param().as_ptr(), at, len),
         );
-        let bad: alloc::vec::Vec<AtomicU64> = jobs.iter().map(|_| AtomicU64::new(0)).collect();
-        plan.run(threads, |(ji, start, end), then| {
-            let then = then.map(|(tj, s, e)| (&jobs[tj].1, s, e));
-            let n = jobs[ji].1.run(start, end, then);
-            if n > 0 {
-                bad[ji].fetch_add(n, Ordering::Relaxed);
+        let threads = self.threads_for(total);
+        if threads <= 1 {
+            return step_in_order(tensors, choose);
+        }
+        let shared = Shared::new(tensors);
+        // The large tensors' jobs, set up here; one no kernel takes (mismatched lengths, the
+        // caller's bug) runs on the portable path here at once, as `Cpu` would run it.
+        let mut bigs = Vec::with_capacity(split.bigs.len());
+        let mut counts: Vec<Option<u64>> = Vec::with_capacity(split.bigs.len());
+        for &ti in &split.bigs {
+            // SAFETY: each large tensor is borrowed once, here; runs hold only small ones.
+            let t = unsafe { shared.one(ti) };
+            let (view, k) = t.view_and_coeffs();
+            match Job::new(view, k, choose) {
+                Ok(job) => {
+                    bigs.push(Some(job));
+                    counts.push(None);
+                }
+                Err(view) => {
+                    bigs.push(None);
+                    counts.push(Some(portable::fused(as_cpu(view), k)));
+                }
+            }
+        }
+        let bad: Vec<AtomicU64> = bigs.iter().map(|_| AtomicU64::new(0)).collect();
+        split.run(threads, |_, unit| match unit {
+            // SAFETY: runs are disjoint and hold no large tensor, whose borrows `bigs` keeps.
+            Unit::Run { lo, hi } => step_in_order(unsafe { shared.part(lo, hi) }, choose),
+            Unit::Piece { big, start, end } => {
+                if let Some(job) = &bigs[big] {
+                    let n = job.run(start, end, Then::none());
+                    if n > 0 {
+                        bad[big].fetch_add(n, Ordering::Relaxed);
+                    }
+                }
             }
         });
-        // The pool's join orders these loads after the workers' adds.
-        bad.into_iter().map(AtomicU64::into_inner).collect()
+        // The jobs borrow the large tensors' coefficients: gone before their counts go in.
+        drop(bigs);
+        for ((&ti, bad), count) in split.bigs.iter().zip(bad).zip(counts) {
+            // SAFETY: the threads are done and the jobs gone: this is the only borrow.
+            let t = unsafe { shared.one(ti) };
+            // The pool's join orders this load after the workers' adds.
+            t.set_non_finite(count.unwrap_or(bad.into_inner()));
+        }
+    }
+
+    /// Runs one job, split across threads when large enough.
+    fn run_job<P: Element, S: Element>(&self, job: &Job<'_, P, S>) {
+        #[cfg(feature = "std")]
+        if self.threads_for(job.len) > 1 {
+            let split = Split::new(self.chunk, core::iter::once(job.len), |_, at, len| {
+                aligned_split(job.bufs.p, at, len)
+            });
+            split.run(self.threads_for(job.len), |_, unit| {
+                let (start, end) = match unit {
+                    Unit::Run { .. } => (0, job.len),
+                    Unit::Piece { start, end, .. } => (start, end),
+                };
+                job.run(start, end, Then::none());
+            });
+            return;
+        }
+        job.run(0, job.len, Then::none());
     }
 }
 
-/// How a multi-tensor pass is shared among threads: every tensor cut into pieces of at most
-/// `chunk` elements (at split points the pass chooses), consecutive pieces grouped into units
-/// of at least `chunk` elements, and the units pulled by the threads one at a time, in order.
-///
-/// Grouping is what keeps many small tensors (biases, LayerNorms: a few hundred elements
-/// each) cheap: one shared counter increment per unit, not per tensor, and each thread walks
-/// consecutive tensors, as a single-threaded pass would.
-#[cfg(feature = "std")]
-struct Plan {
-    /// (tensor, start, end).
-    pieces: alloc::vec::Vec<(usize, usize, usize)>,
-    /// Unit `u` is `pieces[units[u]..units[u + 1]]`.
-    units: alloc::vec::Vec<usize>,
-}
-
-#[cfg(feature = "std")]
-impl Plan {
-    /// `split(tensor, at, len)` gives the end of a piece that should end near `at` (at or
-    /// after it, at most `len`).
-    fn new(
-        chunk: usize,
-        lens: impl Iterator<Item = usize>,
-        split: impl Fn(usize, usize, usize) -> usize,
-    ) -> Plan {
-        let chunk = chunk.max(1);
-        let mut pieces = alloc::vec::Vec::new();
-        let mut units = alloc::vec![0];
-        let mut filled = 0;
-        for (ti, len) in lens.enumerate() {
-            let mut start = 0;
-            while start < len {
-                let end = split(ti, start + chunk, len).max(start + 1);
-                pieces.push((ti, start, end));
-                filled += end - start;
-                if filled >= chunk {
-                    units.push(pieces.len());
-                    filled = 0;
-                }
-                start = end;
-            }
-        }
-        if filled > 0 {
-            units.push(pieces.len());
-        }
-        Plan { pieces, units }
-    }
-
-    /// Runs `f(piece, next)` for every piece (`(tensor, start, end)`), on up to `threads`
-    /// threads; `next` is the piece the same thread runs next (in the same unit), if any.
-    #[allow(clippy::type_complexity)]
-    fn run(
-        &self,
-        threads: usize,
-        f: impl Fn((usize, usize, usize), Option<(usize, usize, usize)>) + Sync,
-    ) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let count = self.units.len() - 1;
-        let next = AtomicUsize::new(0);
-        let work = |_worker: usize| loop {
-            let u = next.fetch_add(1, Ordering::Relaxed);
-            if u >= count {
-                break;
-            }
-            let unit = &self.pieces[self.units[u]..self.units[u + 1]];
-            for (k, &piece) in unit.iter().enumerate() {
-                f(piece, unit.get(k + 1).copied());
-            }
+/// Steps `tensors` one after another on this thread and records each one's count of
+/// non-finite parameters; near the end of each tensor its kernel prefetches the next one.
+fn step_in_order<P: Element, S: Element>(
+    tensors: &mut [ParamTensor<'_, SimdCpu, P, S>],
+    choose: &impl Fn(&Coeffs, Present) -> KernelFn<P, S>,
+) {
+    let mut rest = tensors;
+    while let Some((t, after)) = rest.split_first_mut() {
+        let then = after.first().map_or(Then::none(), prefetch_of);
+        let (view, k) = t.view_and_coeffs();
+        let n = match Job::new(view, k, choose) {
+            Ok(job) => job.run(0, job.len, then),
+            Err(view) => portable::fused(as_cpu(view), k),
         };
-        crate::pool::global().run(threads.min(count), &work);
+        t.set_non_finite(n);
+        rest = after;
+    }
+}
+
+/// Where a tensor's buffers are, for prefetching only (never read or written through).
+fn prefetch_of<P: Element, S: Element>(t: &ParamTensor<'_, SimdCpu, P, S>) -> Then<P, S> {
+    let (m, v, ib) = t.state();
+    let at = |s: Option<&[S]>| s.map_or(ptr::null_mut(), |s| s.as_ptr().cast_mut());
+    Then {
+        bufs: Bufs {
+            p: t.param().as_ptr().cast_mut(),
+            g: t.grad().as_ptr(),
+            m: at(m),
+            v: at(v),
+            ib: at(ib),
+        },
+        len: t.param().len(),
     }
 }
 
 /// The first index at or after `at` (capped at `len`) whose element in `p` starts a 64-byte
 /// cache line, so that two threads never write the same line of the parameter buffer.
 #[cfg(feature = "std")]
-fn aligned_split<P>(p: *mut P, at: usize, len: usize) -> usize {
+fn aligned_split<P>(p: *const P, at: usize, len: usize) -> usize {
     if at >= len {
         return len;
     }
@@ -420,12 +408,8 @@ impl<'k, P: Element, S: Element> Job<'k, P, S> {
     }
 
     /// Runs elements `start..end`; returns how many stored parameters are not finite.
-    /// `then`: the range this thread runs next, if any (prefetched near the end).
-    fn run(&self, start: usize, end: usize, then: Option<(&Self, usize, usize)>) -> u64 {
-        let then = then.map_or(Then::none(), |(j, s, e)| Then {
-            bufs: j.bufs.range_from(s),
-            len: e - s,
-        });
+    /// `then`: what this thread runs next (prefetched near the end).
+    fn run(&self, start: usize, end: usize, then: Then<P, S>) -> u64 {
         let mut bad = 0;
         let mut at = start;
         while at < end {
@@ -518,14 +502,7 @@ impl Backend for SimdCpu {
     ) -> Result<(), Infallible> {
         let choose = self.step_kernel::<P, S>();
         match Job::new(t, k, &choose) {
-            #[cfg(feature = "alloc")]
-            Ok(job) => {
-                self.run_jobs(&[(0, job)]);
-            }
-            #[cfg(not(feature = "alloc"))]
-            Ok(job) => {
-                job.run(0, job.len, None);
-            }
+            Ok(job) => self.run_job(&job),
             Err(view) => {
                 portable::fused(as_cpu(view), k);
             }
@@ -538,18 +515,11 @@ impl Backend for SimdCpu {
         tensors: &mut [ParamTensor<'_, Self, P, S>],
     ) -> Result<(), Infallible> {
         #[cfg(feature = "std")]
-        {
-            let total: usize = tensors.iter().map(|t| t.grad().len()).sum();
-            let threads = self.thread_count();
-            if threads > 1 && total >= self.min_parallel {
-                self.sq_norms_parallel(tensors, threads);
-                return Ok(());
-            }
+        if self.thread_count() > 1 {
+            self.sq_norms_split(tensors);
+            return Ok(());
         }
-        for t in tensors.iter_mut() {
-            let x = self.chunked_sq_norm(t.grad());
-            t.set_grad_sq_norm(x);
-        }
+        self.sq_norms_in_order(tensors);
         Ok(())
     }
 
@@ -571,52 +541,75 @@ impl SimdCpu {
                 .map(|c| kernel::sq_norm(self.level, c)),
         )
     }
+
+    /// Every tensor's gradient norm, one after another on this thread.
+    fn sq_norms_in_order<P: Element, S: Element>(
+        &self,
+        tensors: &mut [ParamTensor<'_, Self, P, S>],
+    ) {
+        for t in tensors.iter_mut() {
+            let x = self.chunked_sq_norm(t.grad());
+            t.set_grad_sq_norm(x);
+        }
+    }
 }
 
 #[cfg(feature = "std")]
 impl SimdCpu {
-    /// Gradient norms of many tensors across threads. Each tensor is cut on the contract's
-    /// chunk grid ([`sage_core::norm`]), every chunk's partial is computed by whichever thread
-    /// takes it (threads take runs of consecutive chunks, [`Plan`]), and each tensor's
-    /// partials are folded in order, so the result does not depend on the thread count or on
-    /// which thread took which chunk.
-    fn sq_norms_parallel<P: Element, S: Element>(
-        &self,
-        tensors: &mut [ParamTensor<'_, Self, P, S>],
-        threads: usize,
-    ) {
+    /// Gradient norms of many tensors across threads: a run of small tensors by one thread,
+    /// each tensor's norm set as it is computed; a large tensor's chunks by any thread, each
+    /// chunk's partial kept and the tensor's partials folded in order after. The result does
+    /// not depend on the thread count or on which thread took which chunk.
+    fn sq_norms_split<P: Element, S: Element>(&self, tensors: &mut [ParamTensor<'_, Self, P, S>]) {
         use std::sync::atomic::{AtomicU64, Ordering};
-        let grads: alloc::vec::Vec<&[P]> = tensors.iter().map(|t| t.grad()).collect();
-        // Tensor i's partials are partial[first[i]..first[i + 1]].
-        let mut first = alloc::vec::Vec::with_capacity(grads.len() + 1);
+        let mut total = 0;
+        let split = self.norm_split(tensors.iter().map(|t| {
+            total += t.grad().len();
+            t.grad().len()
+        }));
+        let threads = self.threads_for(total);
+        if threads <= 1 {
+            return self.sq_norms_in_order(tensors);
+        }
+        // Large tensor b's partials are partial[first[b]..first[b + 1]].
+        let big_grads: Vec<&[P]> = split.bigs.iter().map(|&ti| tensors[ti].grad()).collect();
+        let mut first = Vec::with_capacity(big_grads.len() + 1);
         first.push(0);
-        for g in &grads {
+        for g in &big_grads {
             first.push(first[first.len() - 1] + norm::chunk_count(g.len()));
         }
-        let partial: alloc::vec::Vec<AtomicU64> =
-            (0..first[grads.len()]).map(|_| AtomicU64::new(0)).collect();
+        let partial: Vec<AtomicU64> = (0..first[big_grads.len()])
+            .map(|_| AtomicU64::new(0))
+            .collect();
         let level = self.level;
-        self.norm_plan(&grads).run(threads, |(ti, start, end), _| {
-            let g = grads[ti];
-            for (c, at) in (start..end).step_by(norm::NORM_CHUNK).enumerate() {
-                let x = kernel::sq_norm(level, &g[at..(at + norm::NORM_CHUNK).min(end)]);
-                let slot = first[ti] + start / norm::NORM_CHUNK + c;
-                partial[slot].store(x.to_bits(), Ordering::Relaxed);
+        let shared = Shared::new(tensors);
+        split.run(threads, |_, unit| match unit {
+            // SAFETY: runs are disjoint, and nothing else borrows the tensors meanwhile.
+            Unit::Run { lo, hi } => self.sq_norms_in_order(unsafe { shared.part(lo, hi) }),
+            Unit::Piece { big, start, end } => {
+                let g = big_grads[big];
+                for (c, at) in (start..end).step_by(norm::NORM_CHUNK).enumerate() {
+                    let x = kernel::sq_norm(level, &g[at..(at + norm::NORM_CHUNK).min(end)]);
+                    let slot = first[big] + start / norm::NORM_CHUNK + c;
+                    partial[slot].store(x.to_bits(), Ordering::Relaxed);
+                }
             }
         });
-        for (ti, t) in tensors.iter_mut().enumerate() {
+        for (b, &ti) in split.bigs.iter().enumerate() {
             // The pool's join (a mutex hand-off) orders these loads after the stores.
-            let own = &partial[first[ti]..first[ti + 1]];
-            t.set_grad_sq_norm(norm::fold(
+            let own = &partial[first[b]..first[b + 1]];
+            let x = norm::fold(
                 own.iter()
                     .map(|x| f64::from_bits(x.load(Ordering::Relaxed))),
-            ));
+            );
+            // SAFETY: the threads are done: this is the only borrow.
+            unsafe { shared.one(ti) }.set_grad_sq_norm(x);
         }
     }
 
-    /// The norm pass's split: pieces on the chunk grid, in units of about `chunk` elements.
-    fn norm_plan<P: Element>(&self, grads: &[&[P]]) -> Plan {
-        Plan::new(self.chunk, grads.iter().map(|g| g.len()), |_, at, len| {
+    /// The norm pass's split: large tensors cut on the chunk grid.
+    fn norm_split(&self, lens: impl Iterator<Item = usize>) -> Split {
+        Split::new(self.chunk, lens, |_, at, len| {
             at.next_multiple_of(norm::NORM_CHUNK).min(len)
         })
     }
@@ -629,27 +622,30 @@ impl SimdCpu {
         &mut self,
         tensors: &[ParamTensor<'_, Self, P, S>],
     ) -> f32 {
-        let grads: alloc::vec::Vec<&[P]> = tensors.iter().map(|t| t.grad()).collect();
-        let total: usize = grads.iter().map(|g| g.len()).sum();
-        let threads = self.thread_count();
-        let level = self.level;
-        if threads <= 1 || total < self.min_parallel {
-            return grads.iter().map(|g| kernel::read_floor(level, g)).sum();
-        }
         use std::sync::atomic::{AtomicU32, Ordering};
-        // A result slot per chunk, as the norm keeps (no lock per piece): a piece's sum goes
-        // to the slot of its first chunk.
-        let mut first = alloc::vec::Vec::with_capacity(grads.len());
-        let mut chunks = 0;
-        for g in &grads {
-            first.push(chunks);
-            chunks += norm::chunk_count(g.len());
+        let level = self.level;
+        let in_order = |ts: &[ParamTensor<'_, Self, P, S>]| -> f32 {
+            ts.iter().map(|t| kernel::read_floor(level, t.grad())).sum()
+        };
+        let mut total = 0;
+        let split = self.norm_split(tensors.iter().map(|t| {
+            total += t.grad().len();
+            t.grad().len()
+        }));
+        let threads = self.threads_for(total);
+        if threads <= 1 {
+            return in_order(tensors);
         }
-        let slots: alloc::vec::Vec<AtomicU32> = (0..chunks).map(|_| AtomicU32::new(0)).collect();
-        self.norm_plan(&grads).run(threads, |(ti, start, end), _| {
-            let x = kernel::read_floor(level, &grads[ti][start..end]);
-            let at = first[ti] + start / norm::NORM_CHUNK;
-            slots[at].store(x.to_bits(), Ordering::Relaxed);
+        // A result slot per unit, as the norm keeps one per chunk (no lock per unit).
+        let slots: Vec<AtomicU32> = split.units.iter().map(|_| AtomicU32::new(0)).collect();
+        split.run(threads, |u, unit| {
+            let x = match unit {
+                Unit::Run { lo, hi } => in_order(&tensors[lo..hi]),
+                Unit::Piece { big, start, end } => {
+                    kernel::read_floor(level, &tensors[split.bigs[big]].grad()[start..end])
+                }
+            };
+            slots[u].store(x.to_bits(), Ordering::Relaxed);
         });
         slots
             .into_iter()

@@ -807,3 +807,63 @@ fn tails_touch_nothing_past_the_tensor() {
     nothing_past_the_tensor::<f16, f16>();
     nothing_past_the_tensor::<f32, bf16>();
 }
+
+/// `step_tensors` called directly (not through an optimizer, which refuses them first) with
+/// buffers of unequal lengths, small and large, among good ones: every level and thread
+/// split steps them as `Cpu` does (the common prefix), and the good ones as usual.
+#[test]
+fn unequal_lengths_in_a_multi_tensor_step_take_the_portable_path() {
+    let cfg = Config::paper(Algorithm::adam(), 1e-3);
+    let k = coeffs(cfg, false, 2, 1.0);
+    let mut rng = Rng(11);
+    // (parameter length, gradient length); with chunk(16), 40 and 70 are cut into pieces.
+    let shapes = [(5, 5), (7, 3), (40, 40), (70, 50), (9, 9), (20, 20)];
+    let params: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| rng.vec(n)).collect();
+    let grads: Vec<Vec<f32>> = shapes.iter().map(|&(_, n)| rng.vec(n)).collect();
+    let run = |mut b: SimdCpu, portable: bool| -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let mut p = params.clone();
+        let mut m: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| vec![0.1; n]).collect();
+        let mut v: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| vec![0.2; n]).collect();
+        let mut steps = vec![1u64; shapes.len()];
+        macro_rules! tensors {
+            ($b:ty) => {
+                p.iter_mut()
+                    .zip(&grads)
+                    .zip(m.iter_mut().zip(v.iter_mut()))
+                    .zip(steps.iter_mut())
+                    .map(|(((p, g), (m, v)), step)| {
+                        let state: sage_core::StateMut<'_, [f32]> = TensorState {
+                            m: Some(&mut m[..]),
+                            v: Some(&mut v[..]),
+                            ibar: None,
+                            step,
+                        };
+                        let mut t = ParamTensor::<$b, f32, f32>::new(&mut p[..], &g[..], state);
+                        t.set_coeffs(k);
+                        t
+                    })
+                    .collect::<Vec<_>>()
+            };
+        }
+        if portable {
+            Cpu.step_tensors(&mut tensors!(Cpu)).unwrap();
+        } else {
+            b.step_tensors(&mut tensors!(SimdCpu)).unwrap();
+        }
+        (p, m)
+    };
+    let want = run(SimdCpu::new(), true);
+    for (name, b) in backends() {
+        let got = run(b, false);
+        for (i, ((p, w), (m, wm))) in got
+            .0
+            .iter()
+            .zip(&want.0)
+            .zip(got.1.iter().zip(&want.1))
+            .enumerate()
+        {
+            assert_same(&format!("{name} tensor {i} param"), p, w);
+            assert_same(&format!("{name} tensor {i} m"), m, wm);
+        }
+    }
+}
