@@ -194,7 +194,7 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
         tensors: &mut T,
         out: &mut [f64],
     ) -> Result<(), Error<B::Error>> {
-        self.check(tensors)?;
+        self.check(tensors, None)?;
         let need = self.partials_len(tensors)?;
         if out.len() != need {
             return Err(Error::NormCount {
@@ -230,12 +230,21 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
         tensors: &mut T,
         given: Option<GlobalNorms<'_>>,
     ) -> Result<StepReport, Error<B::Error>> {
-        let count = self.check(tensors)?;
-        let opt_t = self
-            .step
-            .checked_add(1)
-            .ok_or(Error::StepOverflow { step: self.step })?;
         let cfg = self.config;
+        let next = self.step.checked_add(1);
+        // Without clipping no coefficient depends on the norms: they are set in the checking
+        // pass, and the tensor list is walked once less (it matters for many small tensors).
+        let early = cfg.global_clip.is_none() && cfg.per_tensor_clip.is_none();
+        let mut set = next.filter(|_| early).map(|opt_t| SetCoeffs {
+            cfg: &cfg,
+            groups: self.groups.as_ref(),
+            clip_scale: 1.0,
+            opt_t,
+            memo: None,
+            last: None,
+        });
+        let count = self.check(tensors, set.as_mut())?;
+        let opt_t = next.ok_or(Error::StepOverflow { step: self.step })?;
         let mut report = StepReport {
             outcome: Outcome::Applied,
             step: self.step,
@@ -288,15 +297,17 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
                 report.clip_scale = clip_coefficient(max, norm);
             }
         }
-        let mut v = SetCoeffs {
-            cfg: &cfg,
-            groups: self.groups.as_ref(),
-            clip_scale: report.clip_scale,
-            opt_t,
-            memo: None,
-            last: None,
-        };
-        tensors.visit(&mut v)?;
+        if !early {
+            let mut v = SetCoeffs {
+                cfg: &cfg,
+                groups: self.groups.as_ref(),
+                clip_scale: report.clip_scale,
+                opt_t,
+                memo: None,
+                last: None,
+            };
+            tensors.visit(&mut v)?;
+        }
         let mut apply = Apply {
             backend: &mut self.backend,
             at: 0,
@@ -330,16 +341,19 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
         Ok(report)
     }
 
-    /// Validates every tensor; returns how many there are.
+    /// Validates every tensor (and sets each valid one's coefficients with `set`, if given);
+    /// returns how many there are.
     fn check<'a, T: TensorSet<'a, B> + ?Sized>(
         &self,
         tensors: &mut T,
+        set: Option<&mut SetCoeffs<'_>>,
     ) -> Result<usize, Error<B::Error>> {
         let mut v = Check {
             backend: &self.backend,
             config: &self.config,
             groups: self.groups.as_ref(),
             index: 0,
+            set,
         };
         tensors.visit(&mut v)?;
         Ok(v.index)
@@ -354,21 +368,22 @@ fn param_error<E>(index: usize, name: Option<&str>, problem: ParamProblem) -> Er
     }
 }
 
-/// Every tensor's group, lengths, state and count.
-struct Check<'o, B: Backend> {
+/// Every tensor's group, lengths, state and count; then, if given, its coefficients.
+struct Check<'o, 's, 'c, B: Backend> {
     backend: &'o B,
     config: &'o Config,
     groups: &'o [ParamGroup],
     index: usize,
+    set: Option<&'s mut SetCoeffs<'c>>,
 }
 
-impl<'a, B: Backend> Visit<'a, B> for Check<'_, B> {
+impl<'a, B: Backend> Visit<'a, B> for Check<'_, '_, '_, B> {
     type Error = Error<B::Error>;
     fn tensors<P: Element, S: Element>(
         &mut self,
         ts: &mut [ParamTensor<'a, B, P, S>],
     ) -> Result<(), Self::Error> {
-        for t in ts.iter() {
+        for t in ts.iter_mut() {
             let index = self.index;
             let fail = |problem| param_error(index, t.name, problem);
             let Some(group) = self.groups.get(t.group) else {
@@ -402,6 +417,9 @@ impl<'a, B: Backend> Visit<'a, B> for Check<'_, B> {
                 return Err(fail(ParamProblem::StepOverflow {
                     step: *t.state.step,
                 }));
+            }
+            if let Some(set) = self.set.as_deref_mut() {
+                set.set(t);
             }
             self.index += 1;
         }
@@ -471,6 +489,38 @@ struct SetCoeffs<'o> {
     last: Option<(usize, u64, u32, Coeffs)>,
 }
 
+impl SetCoeffs<'_> {
+    /// Sets one checked tensor's coefficients.
+    fn set<B: Backend, P: Element, S: Element>(&mut self, t: &mut ParamTensor<'_, B, P, S>) {
+        // Checked in `Check`: the count is below u64::MAX.
+        let own_t = *t.state.step + 1;
+        let scalars = match self.memo {
+            Some(s) if s.t == own_t => s,
+            _ => {
+                let s = StepScalars::at(self.cfg, own_t, self.opt_t);
+                self.memo = Some(s);
+                s
+            }
+        };
+        let mut scale = self.clip_scale;
+        if let Some(max) = self.cfg.per_tensor_clip {
+            let own = scale * libm::sqrt(t.sq_norm);
+            scale *= clip_coefficient(max, own);
+        }
+        // Not counted until the backend counts it in this step.
+        t.non_finite = None;
+        let key = (t.group, own_t, (scale as f32).to_bits());
+        t.coeffs = match self.last {
+            Some((g, n, sc, k)) if (g, n, sc) == key => k,
+            _ => {
+                let k = Coeffs::new(self.cfg, &scalars, &self.groups[t.group], scale as f32);
+                self.last = Some((key.0, key.1, key.2, k));
+                k
+            }
+        };
+    }
+}
+
 impl<'a, B: Backend> Visit<'a, B> for SetCoeffs<'_> {
     type Error = Error<B::Error>;
     fn tensors<P: Element, S: Element>(
@@ -478,32 +528,7 @@ impl<'a, B: Backend> Visit<'a, B> for SetCoeffs<'_> {
         ts: &mut [ParamTensor<'a, B, P, S>],
     ) -> Result<(), Self::Error> {
         for t in ts.iter_mut() {
-            // Checked in `Check`: the count is below u64::MAX.
-            let own_t = *t.state.step + 1;
-            let scalars = match self.memo {
-                Some(s) if s.t == own_t => s,
-                _ => {
-                    let s = StepScalars::at(self.cfg, own_t, self.opt_t);
-                    self.memo = Some(s);
-                    s
-                }
-            };
-            let mut scale = self.clip_scale;
-            if let Some(max) = self.cfg.per_tensor_clip {
-                let own = scale * libm::sqrt(t.sq_norm);
-                scale *= clip_coefficient(max, own);
-            }
-            // Not counted until the backend counts it in this step.
-            t.non_finite = None;
-            let key = (t.group, own_t, (scale as f32).to_bits());
-            t.coeffs = match self.last {
-                Some((g, n, sc, k)) if (g, n, sc) == key => k,
-                _ => {
-                    let k = Coeffs::new(self.cfg, &scalars, &self.groups[t.group], scale as f32);
-                    self.last = Some((key.0, key.1, key.2, k));
-                    k
-                }
-            };
+            self.set(t);
         }
         Ok(())
     }
