@@ -6,7 +6,7 @@
 use sage_conformance::suite::{run_suite, Options, Status};
 use sage_conformance::Harness;
 use sage_core::formula::{self, Accumulate};
-use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, ParamTensor};
+use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, Modulation, ParamTensor};
 use sage_cpu::Cpu;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,6 +43,26 @@ enum Bug {
     /// Stops counting non-finite parameters (reports `params_checked: false`) while it is run
     /// as a backend that counts.
     NeverCounts,
+    /// The gradient's scale (clipping) is never applied.
+    IgnoreGradScale,
+    /// No ε under Adam's denominator.
+    IgnoreDenomEps,
+    /// No ε in SAGE's numerator `U + ε`.
+    IgnoreEpsNum,
+    /// AdamW's decoupled weight decay never applied.
+    NoDecoupledDecay,
+    /// L2 weight decay (added to the gradient) never applied.
+    NoL2,
+    /// bf16 parameters stored by truncation instead of rounding to nearest even.
+    Bf16Truncate,
+    /// Nesterov momentum run as heavy ball.
+    NesterovAsHeavyBall,
+    /// Adamax run as Adam.
+    AdamaxAsAdam,
+    /// The `Importance` and `ImportanceOverVariation` modulations swapped.
+    ModulationSwap,
+    /// The first moment kept without its `1 − β1` factor.
+    NoMomentumDampening,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -54,6 +74,27 @@ impl Broken {
         match self.0 {
             Bug::DropBiasCorrection => k.ibar_scale = 1.0,
             Bug::SwapBeta0 => (k.beta0, k.alpha0) = (k.alpha0, k.beta0),
+            Bug::IgnoreGradScale => k.grad_scale = 1.0,
+            Bug::IgnoreDenomEps => k.denom_eps = 0.0,
+            Bug::IgnoreEpsNum => k.eps_num = 0.0,
+            Bug::NoDecoupledDecay => (k.pre_keep, k.post_decay, k.in_step_decay) = (1.0, 0.0, 0.0),
+            Bug::NoL2 => k.l2 = 0.0,
+            Bug::NesterovAsHeavyBall => k.flags &= !sage_core::coeffs::flags::NESTEROV,
+            Bug::AdamaxAsAdam if k.kind == sage_core::coeffs::kind::ADAMAX => {
+                k.kind = sage_core::coeffs::kind::ADAM
+            }
+            Bug::ModulationSwap => {
+                let (a, b) = (
+                    Modulation::Importance as u32,
+                    Modulation::ImportanceOverVariation as u32,
+                );
+                if k.modulation == a {
+                    k.modulation = b
+                } else if k.modulation == b {
+                    k.modulation = a
+                }
+            }
+            Bug::NoMomentumDampening => k.alpha1 = 1.0,
             _ => {}
         }
         k
@@ -207,6 +248,11 @@ impl Backend for Broken {
             } else {
                 formula::apply(&k, theta, grad, m, v, ib)
             };
+            let new = if self.0 == Bug::Bf16Truncate && P::DTYPE == sage_core::DType::Bf16 {
+                f32::from_bits(new.to_bits() & 0xffff_0000)
+            } else {
+                new
+            };
             t.param[i] = P::from_f32(new);
         }
         Ok(())
@@ -286,6 +332,16 @@ fn every_planted_bug_is_caught() {
         Bug::MiscountsNonFinite,
         Bug::CountsFirstChunk,
         Bug::NeverCounts,
+        Bug::IgnoreGradScale,
+        Bug::IgnoreDenomEps,
+        Bug::IgnoreEpsNum,
+        Bug::NoDecoupledDecay,
+        Bug::NoL2,
+        Bug::Bf16Truncate,
+        Bug::NesterovAsHeavyBall,
+        Bug::AdamaxAsAdam,
+        Bug::ModulationSwap,
+        Bug::NoMomentumDampening,
     ];
     // Two at a time: the suite runs whole for each.
     let caught: Vec<(Bug, Vec<String>)> = std::thread::scope(|s| {
