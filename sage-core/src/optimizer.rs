@@ -159,10 +159,13 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
     }
 
     /// One update of every tensor in `tensors` — a slice of one storage pair, or a tuple of
-    /// slices for mixed precisions ([`TensorSet`]). Checks every tensor before touching any;
-    /// computes one norm over all of them when clipping or the guard needs it; skips the whole
-    /// step, changing nothing, if a gradient is not finite and the guard is on; advances every
-    /// stepped tensor's count and the optimizer's count once.
+    /// slices for mixed precisions ([`TensorSet`]). Checks every tensor before touching any
+    /// parameter, state or count; computes one norm over all of them when clipping or the
+    /// guard needs it; skips the whole step, changing no parameter, state or count, if a
+    /// gradient is not finite and the guard is on; advances every stepped tensor's count and
+    /// the optimizer's count once. (The per-step fields of each [`ParamTensor`] — its
+    /// coefficients, gradient norm and non-finite count — may be set even by a step that
+    /// fails or is skipped.)
     ///
     /// Tensors without a gradient at this step are left out of `tensors`: they keep their
     /// parameters, state and count, and global clipping covers the tensors present.

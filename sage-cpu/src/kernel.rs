@@ -155,8 +155,10 @@ unsafe fn prefetch_streams<L: Lanes, P, S, O: Op<L>>(a: Bufs<P, S>) {
     }
 }
 
-/// Runs `op` over `n` elements: whole registers, then the tail through stack buffers so that
-/// the tail takes the same vector code (the padding lanes are computed and discarded).
+/// Runs `op` over `n` elements: whole registers, then the tail — in place with masked loads
+/// and stores where the lanes mask the buffers' types ([`masked_tail`]), otherwise through
+/// stack buffers — so that the tail takes the same vector code (the padding lanes are
+/// computed and discarded).
 /// Returns how many stored parameters are not finite.
 ///
 /// Every stream is prefetched [`PREFETCH_AHEAD`] elements ahead; past the end of this range
@@ -454,8 +456,9 @@ const NORM_BLOCK_ITERS: usize = 8;
 /// is added to two f64 registers, or — when it is not finite (a NaN or ±Inf element, or
 /// finite squares past f32's range, |x| ≳ 1.8e19) — the block is summed again exactly in f64
 /// (NaN and ±Inf then make the result non-finite; finite inputs never overflow). The whole
-/// registers after the last whole block (a short tensor) form one shorter block, the same
-/// way; the last elements (fewer than a register) are added in f64 one by one.
+/// registers after the last whole block (a short tensor) and the last elements (fewer than
+/// a register, loaded masked with zeros after them) form one shorter block, the same way;
+/// where the lanes cannot mask loads of `E`, the last elements are added in f64 one by one.
 ///
 /// The result depends only on `x` (the contract's requirement for a chunk partial). Each f32
 /// lane sums [`NORM_BLOCK_ITERS`] squares, so the relative error is below about
@@ -489,11 +492,12 @@ pub(crate) unsafe fn sq_norm_lanes<L: Lanes, E: Element>(x: &[E]) -> f64 {
         // Register r into accumulator r % NORM_REGS, as in a whole block: each lane still
         // sums at most NORM_BLOCK_ITERS squares.
         let mut acc = [L::splat(0.0); NORM_REGS];
-        for r in 0..=regs {
-            let v = match r < regs {
-                true => load::<L, E>(p.add(i + r * L::N)),
-                false if rem > 0 => load_first::<L, E>(p.add(i + r * L::N), rem),
-                false => break,
+        let last = if rem > 0 { regs + 1 } else { regs };
+        for r in 0..last {
+            let v = if r < regs {
+                load::<L, E>(p.add(i + r * L::N))
+            } else {
+                load_first::<L, E>(p.add(i + r * L::N), rem)
             };
             acc[r % NORM_REGS] = L::add(acc[r % NORM_REGS], L::mul(v, v));
         }

@@ -5,11 +5,11 @@
 //!
 //! - [`Cpu`] ([`portable`]): plain scalar Rust over [`sage_core::formula`]; works without
 //!   `std` or an allocator, and is the fallback every faster path is checked against.
-//! - [`SimdCpu`]: the fused step as AVX2 (+F16C), AVX-512F or NEON vector code, one kernel per
-//!   case with no branch in the loop, f16 and bf16 converted in registers; the [`Level`] is
-//!   detected at run time and can be forced. With `std`, large multi-tensor steps are split
-//!   into cache-line-aligned ranges across a persistent thread pool. Results equal [`Cpu`]'s
-//!   bit for bit.
+//! - [`SimdCpu`]: the fused step as AVX2 (+F16C), AVX-512 (F + BW) or NEON vector code, one
+//!   kernel per case with no branch in the loop, f16 and bf16 converted in registers; the
+//!   [`Level`] is detected at run time and can be forced. With `std`, large multi-tensor steps
+//!   are shared by a persistent thread pool: small tensors in runs stepped whole, large ones
+//!   cut into cache-line-aligned pieces. Results equal [`Cpu`]'s bit for bit.
 //!
 //! An optimizer step is memory-bound: `sage-bench` (this crate's binary) measures each
 //! algorithm against an in-place streaming pass with the same traffic.

@@ -249,11 +249,11 @@ impl SimdCpu {
     /// Runs one job, split across threads when large enough.
     fn run_job<P: Element, S: Element>(&self, job: &Job<'_, P, S>) {
         #[cfg(feature = "std")]
-        if self.threads_for(job.len) > 1 {
+        if let threads @ 2.. = self.threads_for(job.len) {
             let split = Split::new(self.chunk, core::iter::once(job.len), |_, at, len| {
                 aligned_split(job.bufs.p, at, len)
             });
-            split.run(self.threads_for(job.len), |_, unit| {
+            split.run(threads, |_, unit| {
                 let (start, end) = match unit {
                     Unit::Run { .. } => (0, job.len),
                     Unit::Piece { start, end, .. } => (start, end),
@@ -369,8 +369,9 @@ struct Job<'k, P, S> {
     len: usize,
 }
 
-// SAFETY: a `Job` is built from exclusive borrows that outlive it (`run_tensors` holds them),
-// and threads only ever run disjoint element ranges of it.
+// SAFETY: a `Job` is built from exclusive borrows that outlive it (its maker — `run_split`,
+// `step_in_order`, `fused_step` — holds them while it runs), and threads only ever run
+// disjoint element ranges of it.
 unsafe impl<P: Send, S: Send> Sync for Job<'_, P, S> {}
 
 impl<'k, P: Element, S: Element> Job<'k, P, S> {

@@ -2,7 +2,7 @@
 //!
 //! Tensors of at most `chunk` elements (biases, LayerNorms, adapters: most tensors of most
 //! models) are grouped into [`Unit::Run`]s of consecutive tensors, at least `chunk` elements
-//! together; a thread that takes a run does all of each tensor's work itself — sets up its
+//! together (fewer in the last run, and in one a large tensor closes); a thread that takes a run does all of each tensor's work itself — sets up its
 //! kernel call, runs it, records the result in the tensor — while the tensor's description
 //! is in its cache. Larger tensors are cut into [`Unit::Piece`]s of about `chunk` elements;
 //! their calls are set up before the threads start and their results gathered after.
@@ -101,7 +101,8 @@ impl Split {
     }
 }
 
-/// A slice of which threads borrow disjoint parts mutably, one part per [`Unit::Run`].
+/// A slice of which threads borrow disjoint parts mutably: a [`Unit::Run`]'s tensors, or one
+/// large tensor while its jobs are set up and after they ran.
 pub(crate) struct Shared<'s, T> {
     ptr: *mut T,
     len: usize,

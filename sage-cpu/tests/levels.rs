@@ -572,9 +572,9 @@ fn uncovered_layouts_fall_back() {
     }
 }
 
-/// Gradient norms: the SIMD levels sum in f64, the portable backend in f32 blocks (see
-/// `sage_cpu::portable::chunk_partial`), so they agree within the portable sum's stated
-/// error bound, and both are non-finite whenever an element is.
+/// Gradient norms: the SIMD levels and the portable backend sum in different orders and
+/// precisions (see `sage_cpu::portable::chunk_partial` and the kernels' `sq_norm_lanes`), so
+/// they agree within the stated error bound, and both are non-finite whenever an element is.
 #[test]
 fn sq_norms() {
     let mut rng = Rng(5);
@@ -751,8 +751,16 @@ fn nothing_past_the_tensor<P: Element, S: Element>() {
         let mut want = cut(&mut start.clone());
         Cpu.fused_step(want.view_cpu(&g[window.clone()]), &k)
             .unwrap();
+        let want_norm = sage_cpu::portable::sq_norm(&g[window.clone()]);
         for (name, b) in backends() {
             let mut b = b;
+            // The norm's masked tail stops at `n` too: the NaN after it stays out.
+            let norm = b.sq_norm(&g[window.clone()]).unwrap();
+            assert!(
+                (norm - want_norm).abs() <= sage_cpu::portable::NORM_REL_ERROR * want_norm,
+                "{name} {}: n={n}: norm {norm} vs portable {want_norm}",
+                P::DTYPE
+            );
             let mut got = start.clone();
             b.fused_step(
                 TensorMut {
@@ -818,9 +826,15 @@ fn unequal_lengths_in_a_multi_tensor_step_take_the_portable_path() {
     let mut rng = Rng(11);
     // (parameter length, gradient length); with chunk(16), 40 and 70 are cut into pieces.
     let shapes = [(5, 5), (7, 3), (40, 40), (70, 50), (9, 9), (20, 20)];
-    let params: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| rng.vec(n)).collect();
+    let mut params: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| rng.vec(n)).collect();
+    // A NaN parameter in the stepped part of a short-gradient tensor, small and large, and of
+    // a good large one: each tensor's count must say so.
+    for (t, at) in [(1, 1), (3, 10), (2, 30)] {
+        params[t][at] = f32::NAN;
+    }
     let grads: Vec<Vec<f32>> = shapes.iter().map(|&(_, n)| rng.vec(n)).collect();
-    let run = |mut b: SimdCpu, portable: bool| -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    type Out = (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Option<u64>>);
+    let run = |mut b: SimdCpu, portable: bool| -> Out {
         let mut p = params.clone();
         let mut m: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| vec![0.1; n]).collect();
         let mut v: Vec<Vec<f32>> = shapes.iter().map(|&(n, _)| vec![0.2; n]).collect();
@@ -845,12 +859,15 @@ fn unequal_lengths_in_a_multi_tensor_step_take_the_portable_path() {
                     .collect::<Vec<_>>()
             };
         }
-        if portable {
+        let counts = if portable {
             Cpu.step_tensors(&mut tensors!(Cpu)).unwrap();
+            Vec::new()
         } else {
-            b.step_tensors(&mut tensors!(SimdCpu)).unwrap();
-        }
-        (p, m)
+            let mut ts = tensors!(SimdCpu);
+            b.step_tensors(&mut ts).unwrap();
+            ts.iter().map(|t| t.non_finite()).collect()
+        };
+        (p, m, counts)
     };
     let want = run(SimdCpu::new(), true);
     for (name, b) in backends() {
@@ -865,5 +882,13 @@ fn unequal_lengths_in_a_multi_tensor_step_take_the_portable_path() {
             assert_same(&format!("{name} tensor {i} param"), p, w);
             assert_same(&format!("{name} tensor {i} m"), m, wm);
         }
+        let want_counts: Vec<Option<u64>> = want
+            .0
+            .iter()
+            .zip(&shapes)
+            .map(|(p, &(_, ng))| Some(p[..ng].iter().filter(|x| !x.is_finite()).count() as u64))
+            .collect();
+        assert_eq!(got.2, want_counts, "{name}: non-finite counts");
+        assert_eq!(want_counts.iter().flatten().sum::<u64>(), 3);
     }
 }

@@ -84,8 +84,9 @@ pub(crate) trait Lanes: Copy {
         Self::store_f32(x.as_mut_ptr(), v);
         core::ptr::copy_nonoverlapping(x.as_ptr(), p, n);
     }
-    /// Whether the 16-bit `_first` methods are masked instructions too (otherwise they go
-    /// through stack buffers, and tails of f16/bf16 buffers take the kernels' copy path).
+    /// Whether the 16-bit `_first` methods are masked instructions too. The kernels use them
+    /// only then (otherwise tails of f16/bf16 buffers take their copy path); the defaults
+    /// below, through stack buffers, keep the methods correct for any lanes.
     const MASKED_16: bool = false;
     /// As [`load_f32_first`](Self::load_f32_first) for f16 bits.
     #[inline(always)]
