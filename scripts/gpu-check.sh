@@ -5,7 +5,9 @@
 # tests (norm partials on the chunk grid, HostBuffers, gathered norms), then the benchmark
 # (Adam-SAGE f32 and bf16-params/f32-state at 16M, 110M, 350M parameters against a
 # device-to-device copy of the same bytes, in the same run), then torch's fused AdamW on the
-# same tensors when python3 has torch; one table at the end.
+# same tensors when python3 has torch; one table at the end. When the machine has an OpenCL GPU
+# (NVIDIA's driver) and sage-opencl-bench was carried, the OpenCL benchmark runs there too
+# (64M parameters; one tensor, BERT-base's mix, 10,000 small tensors; the norm pass).
 #
 # Run from the repository root, with these built on the development machine first
 # (scripts/gpu-check.sh --build does it there):
@@ -13,13 +15,15 @@
 #   target/release/sage-cuda-gpu-test  sage-cuda's tests/gpu.rs, built as a test binary
 #   target/release/sage-cuda-lib-test  sage-cuda's unit tests (those that need a GPU run there)
 #   target/release/sage-cuda-bench     the benchmark
+#   target/release/sage-opencl-bench   optional: the OpenCL benchmark, run on an OpenCL GPU
 #   target/sage-cuda-ptx/              optional: prebuilt PTX, used only when no libnvrtc is found
 #   target/gpu-libs/libOpenCL.so.1    optional: used only when the machine has no OpenCL loader
 #                                      (sage-conformance links it for its OpenCL backend)
 # and from the tracked tree: conformance/vectors/, bench/torch_adamw.py.
 #
 # Each part runs under `timeout`, so one hang cannot take the whole budget (about 5 minutes
-# at most; typically 2). Full logs go to $OUT (the device tool's folder) or /tmp/sage-gpu-check.
+# at most, 7 with the OpenCL benchmark; typically 2–3). Full logs go to $OUT (the device
+# tool's folder) or /tmp/sage-gpu-check.
 # Exit status: 0 when conformance passes and both performance targets are met, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +31,7 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--build" ]; then
   # On the development machine: the binaries and the PTX fallback this script uses.
   set -e
-  cargo build --release -p sage-conformance-runner -p sage-cuda
+  cargo build --release -p sage-conformance-runner -p sage-cuda -p sage-opencl
   gpu_test=$(cargo test --release -p sage-cuda --test gpu --no-run 2>&1 \
     | grep -o 'target/release/deps/gpu-[0-9a-f]*' | head -1)
   cp "$gpu_test" target/release/sage-cuda-gpu-test
@@ -47,11 +51,12 @@ if [ "${1:-}" = "--build" ]; then
   ocl=$(ldconfig -p | awk '/libOpenCL\.so\.1 .*x86-64/ {print $NF; exit}')
   if [ -n "$ocl" ]; then cp -L "$ocl" target/gpu-libs/libOpenCL.so.1; fi
   strip target/release/sage-conformance target/release/sage-cuda-bench \
-    target/release/sage-cuda-gpu-test target/release/sage-cuda-lib-test 2>/dev/null || true
+    target/release/sage-cuda-gpu-test target/release/sage-cuda-lib-test \
+    target/release/sage-opencl-bench 2>/dev/null || true
   du -ch target/release/sage-conformance target/release/sage-cuda-bench \
-    target/release/sage-cuda-gpu-test target/release/sage-cuda-lib-test target/sage-cuda-ptx \
-    target/gpu-libs 2>/dev/null | tail -1
-  echo "carry: target/release/sage-conformance target/release/sage-cuda-bench target/release/sage-cuda-gpu-test target/release/sage-cuda-lib-test target/sage-cuda-ptx target/gpu-libs"
+    target/release/sage-cuda-gpu-test target/release/sage-cuda-lib-test \
+    target/release/sage-opencl-bench target/sage-cuda-ptx target/gpu-libs 2>/dev/null | tail -1
+  echo "carry: target/release/sage-conformance target/release/sage-cuda-bench target/release/sage-cuda-gpu-test target/release/sage-cuda-lib-test target/release/sage-opencl-bench target/sage-cuda-ptx target/gpu-libs"
   exit 0
 fi
 
@@ -61,6 +66,7 @@ T_CONF=${SAGE_T_CONFORMANCE:-240}
 T_GPUTEST=${SAGE_T_GPUTEST:-60}
 T_BENCH=${SAGE_T_BENCH:-110}
 T_TORCH=${SAGE_T_TORCH:-80}
+T_OPENCL=${SAGE_T_OPENCL_BENCH:-90}
 SIZES=${SAGE_BENCH_SIZES:-16M,110M,350M}
 started=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - started )) s"; }
@@ -157,6 +163,19 @@ bench_rc=$?
 grep -v '^ROW' "$LOG/bench.txt" | tail -40
 echo "bench exit $bench_rc after $(elapsed)"
 [ "$bench_rc" -eq 124 ] && echo "bench TIMED OUT after ${T_BENCH} s"
+
+ocl=target/release/sage-opencl-bench
+if [ -x "$ocl" ] && timeout 20 "$ocl" --list 2>/dev/null | grep -q '\[GPU\]'; then
+  echo "== OpenCL benchmark on the GPU (sage-opencl-bench; limit ${T_OPENCL} s)"
+  timeout 20 "$ocl" --list 2>&1 | grep '\[GPU\]' | head -2
+  timeout "$T_OPENCL" "$ocl" --params 64e6 --reps 5 --precision f32,bf16 >"$LOG/opencl-bench.txt" 2>&1
+  ocl_rc=$?
+  grep -v -E '^\s*$' "$LOG/opencl-bench.txt" | head -90
+  echo "opencl bench exit $ocl_rc after $(elapsed)"
+  [ "$ocl_rc" -eq 124 ] && echo "opencl bench TIMED OUT after ${T_OPENCL} s"
+else
+  echo "== OpenCL benchmark: no sage-opencl-bench carried or no OpenCL GPU here, skipped"
+fi
 
 torch_rc=skipped
 : >"$LOG/torch.txt"
