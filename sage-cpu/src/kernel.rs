@@ -17,7 +17,7 @@
 use core::ptr;
 
 use sage_core::coeffs::{flags, kind};
-use sage_core::{Coeffs, Element, Modulation};
+use sage_core::{Coeffs, DType, Element, Modulation};
 
 use crate::lanes::{load, masked_tail, Access, First, Lanes, Whole};
 
@@ -683,8 +683,16 @@ isa!(
 isa!(
     /// AVX-512F + BW kernels.
     Avx512Isa,
-    crate::lanes::avx512::Avx512,
+    crate::lanes::avx512::Avx512<false>,
     "avx512f,avx512bw,avx2,f16c"
+);
+#[cfg(target_arch = "x86_64")]
+isa!(
+    /// AVX-512F + BW kernels that round bf16 stores with AVX512-BF16 (used only for tensors
+    /// with bf16 storage, where it is the difference).
+    Avx512Bf16Isa,
+    crate::lanes::avx512::Avx512<true>,
+    "avx512f,avx512bw,avx512bf16,avx2,f16c"
 );
 #[cfg(target_arch = "aarch64")]
 isa!(
@@ -702,16 +710,27 @@ pub(crate) struct Present {
     pub ib: bool,
 }
 
+/// Whether a step over storage `P`, `S` takes the AVX512-BF16 kernels when `native_bf16`.
+fn bf16_kernels<P: Element, S: Element>(native_bf16: bool) -> bool {
+    native_bf16 && (P::DTYPE == DType::Bf16 || S::DTYPE == DType::Bf16)
+}
+
 /// The step kernel of `level` for a tensor with coefficients `k` and buffers `has`, or `None`
 /// where the portable path must run it (portable level, or a layout no kernel covers).
+/// `native_bf16`: the CPU has AVX512-BF16 and the backend may use it.
 pub(crate) fn pick<P: Element, S: Element>(
     level: Level,
+    native_bf16: bool,
     k: &Coeffs,
     has: Present,
 ) -> Option<KernelFn<P, S>> {
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => pick_in::<Avx2Isa, P, S>(k, has),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 if bf16_kernels::<P, S>(native_bf16) => {
+            pick_in::<Avx512Bf16Isa, P, S>(k, has)
+        }
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => pick_in::<Avx512Isa, P, S>(k, has),
         #[cfg(target_arch = "aarch64")]
@@ -773,14 +792,20 @@ fn by_modulation<I: Isa, P: Element, S: Element, const K: u32, const SGDV: u32>(
     })
 }
 
-/// The floor kernel of `level` for buffers `has` (`None` on the portable level).
+/// The floor kernel of `level` for buffers `has` (`None` on the portable level), with the
+/// same stores as the step `pick` gives.
 pub(crate) fn pick_floor<P: Element, S: Element>(
     level: Level,
+    native_bf16: bool,
     has: Present,
 ) -> Option<KernelFn<P, S>> {
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => Some(floor_in::<Avx2Isa, P, S>(has)),
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 if bf16_kernels::<P, S>(native_bf16) => {
+            Some(floor_in::<Avx512Bf16Isa, P, S>(has))
+        }
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => Some(floor_in::<Avx512Isa, P, S>(has)),
         #[cfg(target_arch = "aarch64")]

@@ -97,6 +97,20 @@ fn x86_has_avx512() -> bool {
     false
 }
 
+/// Whether the `avx512` level can also use AVX512-BF16 (`vcvtneps2bf16`) for bf16 stores.
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+pub(crate) fn has_avx512_bf16() -> bool {
+    x86_has_avx512() && std::is_x86_feature_detected!("avx512bf16")
+}
+#[cfg(all(target_arch = "x86_64", not(feature = "std")))]
+pub(crate) fn has_avx512_bf16() -> bool {
+    x86_has_avx512() && cfg!(target_feature = "avx512bf16")
+}
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn has_avx512_bf16() -> bool {
+    false
+}
+
 #[cfg(all(target_arch = "aarch64", feature = "std"))]
 fn arm_has_neon() -> bool {
     std::arch::is_aarch64_feature_detected!("neon")

@@ -44,6 +44,8 @@ pub struct SimdCpu {
     threads: usize,
     min_parallel: usize,
     chunk: usize,
+    /// Use AVX512-BF16 for bf16 stores on the `avx512` level (only where the CPU has it).
+    native_bf16: bool,
 }
 
 /// [`SimdCpu::with_level`] was asked for a level this CPU or build lacks.
@@ -78,6 +80,7 @@ impl SimdCpu {
             threads: 0,
             min_parallel: DEFAULT_MIN_PARALLEL,
             chunk: DEFAULT_CHUNK,
+            native_bf16: crate::level::has_avx512_bf16(),
         }
     }
 
@@ -113,6 +116,20 @@ impl SimdCpu {
         self
     }
 
+    /// Whether bf16 stores on the `avx512` level use AVX512-BF16's conversion instruction
+    /// (default: when the CPU has it; same bits either way — subnormal values take the
+    /// integer path, as the instruction flushes them). `false` forces the integer rounding;
+    /// `true` is ignored on a CPU without it.
+    pub fn native_bf16(mut self, on: bool) -> Self {
+        self.native_bf16 = on && crate::level::has_avx512_bf16();
+        self
+    }
+
+    /// Whether bf16 stores use AVX512-BF16 ([`native_bf16`](Self::native_bf16)).
+    pub fn uses_native_bf16(&self) -> bool {
+        self.native_bf16 && self.level == Level::Avx512
+    }
+
     /// The instruction-set level.
     pub fn level(&self) -> Level {
         self.level
@@ -142,9 +159,9 @@ impl SimdCpu {
         &mut self,
         tensors: &mut [ParamTensor<'_, Self, P, S>],
     ) {
-        let level = self.level;
+        let (level, bf16) = (self.level, self.native_bf16);
         self.run_tensors(tensors, |_: &Coeffs, has| {
-            kernel::pick_floor::<P, S>(level, has).unwrap_or(kernel::floor_scalar::<P, S>)
+            kernel::pick_floor::<P, S>(level, bf16, has).unwrap_or(kernel::floor_scalar::<P, S>)
         });
     }
 
@@ -167,8 +184,8 @@ impl SimdCpu {
     fn step_kernel<P: Element, S: Element>(
         &self,
     ) -> impl Fn(&Coeffs, Present) -> KernelFn<P, S> + Sync {
-        let level = self.level;
-        move |k, has| kernel::pick::<P, S>(level, k, has).unwrap_or(portable_kernel::<P, S>)
+        let (level, bf16) = (self.level, self.native_bf16);
+        move |k, has| kernel::pick::<P, S>(level, bf16, k, has).unwrap_or(portable_kernel::<P, S>)
     }
 
     /// Threads a pass over `total` elements uses.

@@ -43,6 +43,13 @@ fn backends() -> Vec<(String, SimdCpu)> {
         out.push((format!("{level}"), one));
         let many = one.threads(3).min_parallel(0).chunk(16);
         out.push((format!("{level}/3 threads"), many));
+        if one.uses_native_bf16() {
+            // Both ways of rounding bf16 stores where the CPU has AVX512-BF16.
+            out.push((
+                format!("{level} without AVX512-BF16"),
+                one.native_bf16(false),
+            ));
+        }
     }
     out
 }

@@ -741,11 +741,15 @@ fn main() -> ExitCode {
     let n: usize = sizes.iter().sum();
     if !args.json {
         println!(
-            "sage-bench: {n} parameters in {} tensors (model bert), level {}, {} reps (best of), \
+            "sage-bench: {n} parameters in {} tensors (model bert), level {}{}, {} reps (best of), \
              threads {:?}; model small: {} tensors of 256-1024 elements, flat: one tensor of \
              the same total",
             sizes.len(),
             args.level,
+            match SimdCpu::with_level(args.level).map(|b| b.uses_native_bf16()) {
+                Ok(true) => " (bf16 stores: AVX512-BF16)",
+                _ => "",
+            },
             args.reps,
             args.threads,
             args.small,

@@ -5,11 +5,12 @@ use core::arch::x86_64::*;
 use super::Lanes;
 
 /// AVX-512 Foundation (which includes the 512-bit f16 conversions) and Byte/Word (masked
-/// 16-bit loads for the tails of f16 and bf16 buffers).
+/// 16-bit loads for the tails of f16 and bf16 buffers). With `BF16`, also AVX512-BF16: bf16
+/// stores round with its one conversion instruction where that gives `half`'s bits.
 #[derive(Clone, Copy)]
-pub(crate) struct Avx512;
+pub(crate) struct Avx512<const BF16: bool>;
 
-impl Lanes for Avx512 {
+impl<const BF16: bool> Lanes for Avx512<BF16> {
     type F = __m512;
     const N: usize = 16;
 
@@ -150,6 +151,10 @@ impl Lanes for Avx512 {
     }
     #[inline(always)]
     unsafe fn store_round_bf16(p: *mut u16, v: __m512) -> __m512 {
+        if let Some(h) = native_bf16::<BF16>(v) {
+            _mm256_storeu_si256(p.cast(), h);
+            return widen_bf16_bits(h);
+        }
         let hi = bf16_bits(v);
         _mm256_storeu_si256(p.cast(), _mm512_cvtepi32_epi16(hi));
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi))
@@ -171,6 +176,10 @@ impl Lanes for Avx512 {
     }
     #[inline(always)]
     unsafe fn store_round_bf16_first(p: *mut u16, v: __m512, n: usize) -> __m512 {
+        if let Some(h) = native_bf16::<BF16>(v) {
+            _mm512_mask_cvtepi32_storeu_epi16(p.cast(), first(n), _mm512_cvtepu16_epi32(h));
+            return widen_bf16_bits(h);
+        }
         let hi = bf16_bits(v);
         _mm512_mask_cvtepi32_storeu_epi16(p.cast(), first(n), hi);
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(hi))
@@ -184,6 +193,37 @@ unsafe fn load_u16_first(p: *const u16, n: usize) -> __m256i {
         ((1u32 << n) - 1) as __mmask32,
         p.cast(),
     ))
+}
+
+/// `v` rounded to bf16 by AVX512-BF16's `vcvtneps2bf16` (nearest even; a NaN becomes the
+/// quiet NaN `half` gives) when `BF16` and no lane is subnormal: the instruction treats
+/// subnormal inputs as zero, where `half::bf16::from_f32` rounds them, so those registers
+/// (rare in training) take the integer path. A normal f32 never rounds to a subnormal bf16
+/// (same exponent range), so the output side needs no check.
+#[inline(always)]
+unsafe fn native_bf16<const BF16: bool>(v: __m512) -> Option<__m256i> {
+    if !BF16 {
+        return None;
+    }
+    let mag = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fff_ffff));
+    // 1 <= mag <= 0x007f_ffff: subnormal (unsigned compare of mag - 1).
+    let sub = _mm512_cmplt_epu32_mask(
+        _mm512_sub_epi32(mag, _mm512_set1_epi32(1)),
+        _mm512_set1_epi32(0x007f_ffff),
+    );
+    if sub != 0 {
+        return None;
+    }
+    Some(core::mem::transmute::<__m256bh, __m256i>(
+        _mm512_cvtneps_pbh(v),
+    ))
+}
+
+/// Stored bf16 bits widened to f32 lanes (as stored: `half::bf16::to_f32` of what
+/// `from_f32` gave, so no quieting is needed).
+#[inline(always)]
+unsafe fn widen_bf16_bits(h: __m256i) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
 }
 
 /// bf16 bits widened to f32 lanes, NaNs quieted as `half::bf16::to_f32` does.
