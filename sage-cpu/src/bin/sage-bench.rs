@@ -20,6 +20,10 @@
 //! each buffer allocated on its own (`small`) or cut from one allocation per stream (`slab`),
 //! against one flat tensor of the same total (`x flat`).
 //!
+//! Each model and precision runs in a process of its own (the binary runs itself with
+//! `SAGE_BENCH_PART` set): a model allocated after another one was freed would get its
+//! buffers from glibc's heap, over which the fused steps run slower (sage-cpu/README.md).
+//!
 //! `--list-tensors` prints the tensor lengths, one per line, and exits (`bench/compare_torch.py`
 //! steps torch's optimizers on the same tensors).
 
@@ -739,7 +743,8 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let n: usize = sizes.iter().sum();
-    if !args.json {
+    // The header once, from the parent (a part's process prints only its rows).
+    if !args.json && std::env::var_os(PART_VAR).is_none() {
         println!(
             "sage-bench: {n} parameters in {} tensors (model bert), level {}{}, {} reps (best of), \
              threads {:?}; model small: {} tensors of 256-1024 elements, flat: one tensor of \
@@ -769,25 +774,61 @@ fn main() -> ExitCode {
             "x flat"
         );
     }
-    for p in &args.precisions {
-        match p.as_str() {
-            "f32" => run_precision::<f32, f32>(&args, &sizes, p),
-            "bf16" => run_precision::<bf16, f32>(&args, &sizes, p),
-            "bf16-state" => run_precision::<bf16, bf16>(&args, &sizes, p),
-            "f16" => run_precision::<f16, f32>(&args, &sizes, p),
-            _ => unreachable!("checked in parse"),
-        }
-    }
+    // Each part in a process of its own: a model allocated after another was freed gets
+    // buffers from glibc's heap (it raises its mmap threshold on the first free), and the
+    // fused steps run up to a third slower over those (sage-cpu/README.md).
+    let mut parts: Vec<(&str, &str)> = args
+        .precisions
+        .iter()
+        .map(|p| ("bert", p.as_str()))
+        .collect();
     if args.small > 0 {
-        for p in &args.precisions {
-            match p.as_str() {
-                "f32" => run_small::<f32, f32>(&args, args.small, p),
-                "bf16" => run_small::<bf16, f32>(&args, args.small, p),
-                "bf16-state" => run_small::<bf16, bf16>(&args, args.small, p),
-                "f16" => run_small::<f16, f32>(&args, args.small, p),
-                _ => unreachable!("checked in parse"),
+        parts.extend(args.precisions.iter().map(|p| ("small", p.as_str())));
+    }
+    if let Ok(part) = std::env::var(PART_VAR) {
+        let Some((what, p)) = part.split_once(':') else {
+            eprintln!("sage-bench: bad {PART_VAR}={part}");
+            return ExitCode::from(64);
+        };
+        run_part(&args, &sizes, what, p);
+        return ExitCode::SUCCESS;
+    }
+    let exe = std::env::current_exe();
+    for (what, p) in parts {
+        let ran = exe.as_ref().ok().and_then(|exe| {
+            std::process::Command::new(exe)
+                .args(std::env::args_os().skip(1))
+                .env(PART_VAR, format!("{what}:{p}"))
+                .status()
+                .ok()
+        });
+        match ran {
+            Some(st) if st.success() => {}
+            // No child process here (or it failed to start): run it in this one.
+            None => run_part(&args, &sizes, what, p),
+            Some(st) => {
+                eprintln!("sage-bench: the {what} {p} part failed: {st}");
+                return ExitCode::FAILURE;
             }
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Set in a part's own process: `bert:PRECISION` or `small:PRECISION`.
+const PART_VAR: &str = "SAGE_BENCH_PART";
+
+/// One model and precision's rows.
+fn run_part(args: &Args, sizes: &[usize], what: &str, p: &str) {
+    match (what, p) {
+        ("bert", "f32") => run_precision::<f32, f32>(args, sizes, p),
+        ("bert", "bf16") => run_precision::<bf16, f32>(args, sizes, p),
+        ("bert", "bf16-state") => run_precision::<bf16, bf16>(args, sizes, p),
+        ("bert", "f16") => run_precision::<f16, f32>(args, sizes, p),
+        (_, "f32") => run_small::<f32, f32>(args, args.small, p),
+        (_, "bf16") => run_small::<bf16, f32>(args, args.small, p),
+        (_, "bf16-state") => run_small::<bf16, bf16>(args, args.small, p),
+        (_, "f16") => run_small::<f16, f32>(args, args.small, p),
+        _ => unreachable!("checked in parse"),
+    }
 }
