@@ -238,14 +238,10 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
         // Without clipping no coefficient depends on the norms: they are set in the checking
         // pass, and the tensor list is walked once less (it matters for many small tensors).
         let early = cfg.global_clip.is_none() && cfg.per_tensor_clip.is_none();
-        let mut set = next.filter(|_| early).map(|opt_t| SetCoeffs {
-            cfg: &cfg,
-            groups: self.groups.as_ref(),
-            clip_scale: 1.0,
-            opt_t,
-            memo: None,
-            last: None,
-        });
+        let groups = self.groups.as_ref();
+        let mut set = next
+            .filter(|_| early)
+            .map(|opt_t| SetCoeffs::new(&cfg, groups, 1.0, opt_t));
         let count = self.check(tensors, set.as_mut())?;
         let opt_t = next.ok_or(Error::StepOverflow { step: self.step })?;
         let mut report = StepReport {
@@ -301,14 +297,7 @@ impl<B: Backend, G: AsRef<[ParamGroup]>> Optimizer<B, G> {
             }
         }
         if !early {
-            let mut v = SetCoeffs {
-                cfg: &cfg,
-                groups: self.groups.as_ref(),
-                clip_scale: report.clip_scale,
-                opt_t,
-                memo: None,
-                last: None,
-            };
+            let mut v = SetCoeffs::new(&cfg, self.groups.as_ref(), report.clip_scale, opt_t);
             tensors.visit(&mut v)?;
         }
         let mut apply = Apply {
@@ -492,7 +481,19 @@ struct SetCoeffs<'o> {
     last: Option<(usize, u64, u32, Coeffs)>,
 }
 
-impl SetCoeffs<'_> {
+impl<'o> SetCoeffs<'o> {
+    /// Coefficients for the optimizer's update `opt_t`, every gradient scaled by `clip_scale`.
+    fn new(cfg: &'o Config, groups: &'o [ParamGroup], clip_scale: f64, opt_t: u64) -> Self {
+        SetCoeffs {
+            cfg,
+            groups,
+            clip_scale,
+            opt_t,
+            memo: None,
+            last: None,
+        }
+    }
+
     /// Sets one checked tensor's coefficients.
     fn set<B: Backend, P: Element, S: Element>(&mut self, t: &mut ParamTensor<'_, B, P, S>) {
         // Checked in `Check`: the count is below u64::MAX.

@@ -207,16 +207,12 @@ impl SimdCpu {
         choose: &(impl Fn(&Coeffs, Present) -> KernelFn<P, S> + Sync),
     ) {
         use std::sync::atomic::{AtomicU64, Ordering};
-        let mut total = 0;
         let split = Split::new(
             self.chunk,
-            tensors.iter().map(|t| {
-                total += t.param().len();
-                t.param().len()
-            }),
+            tensors.iter().map(|t| t.param().len()),
             |ti, at, len| aligned_split(tensors[ti].param().as_ptr(), at, len),
         );
-        let threads = self.threads_for(total);
+        let threads = self.threads_for(split.total);
         if threads <= 1 {
             return step_in_order(tensors, choose);
         }
@@ -580,12 +576,8 @@ impl SimdCpu {
     /// not depend on the thread count or on which thread took which chunk.
     fn sq_norms_split<P: Element, S: Element>(&self, tensors: &mut [ParamTensor<'_, Self, P, S>]) {
         use std::sync::atomic::{AtomicU64, Ordering};
-        let mut total = 0;
-        let split = self.norm_split(tensors.iter().map(|t| {
-            total += t.grad().len();
-            t.grad().len()
-        }));
-        let threads = self.threads_for(total);
+        let split = self.norm_split(tensors);
+        let threads = self.threads_for(split.total);
         if threads <= 1 {
             return self.sq_norms_in_order(tensors);
         }
@@ -625,11 +617,13 @@ impl SimdCpu {
         }
     }
 
-    /// The norm pass's split: large tensors cut on the chunk grid.
-    fn norm_split(&self, lens: impl Iterator<Item = usize>) -> Split {
-        Split::new(self.chunk, lens, |_, at, len| {
-            at.next_multiple_of(norm::NORM_CHUNK).min(len)
-        })
+    /// The norm pass's split of the gradients of `tensors`: large ones cut on the chunk grid.
+    fn norm_split<P: Element, S: Element>(&self, tensors: &[ParamTensor<'_, Self, P, S>]) -> Split {
+        Split::new(
+            self.chunk,
+            tensors.iter().map(|t| t.grad().len()),
+            |_, at, len| at.next_multiple_of(norm::NORM_CHUNK).min(len),
+        )
     }
 
     /// The bandwidth floor of the gradient-norm pass, for benchmarks: every gradient read
@@ -645,12 +639,8 @@ impl SimdCpu {
         let in_order = |ts: &[ParamTensor<'_, Self, P, S>]| -> f32 {
             ts.iter().map(|t| kernel::read_floor(level, t.grad())).sum()
         };
-        let mut total = 0;
-        let split = self.norm_split(tensors.iter().map(|t| {
-            total += t.grad().len();
-            t.grad().len()
-        }));
-        let threads = self.threads_for(total);
+        let split = self.norm_split(tensors);
+        let threads = self.threads_for(split.total);
         if threads <= 1 {
             return in_order(tensors);
         }

@@ -39,6 +39,8 @@ pub(crate) struct Split {
     pub units: Vec<Unit>,
     /// The indices of the tensors cut into pieces (longer than `chunk`), in order.
     pub bigs: Vec<usize>,
+    /// Elements of all tensors together.
+    pub total: usize,
 }
 
 impl Split {
@@ -55,8 +57,10 @@ impl Split {
         // The open run: its first tensor and its elements so far.
         let mut run: Option<(usize, usize)> = None;
         let mut count = 0;
+        let mut total = 0;
         for (ti, len) in lens.enumerate() {
             count = ti + 1;
+            total += len;
             if len <= chunk {
                 let (lo, filled) = run.unwrap_or((ti, 0));
                 if filled + len >= chunk {
@@ -83,7 +87,7 @@ impl Split {
         if let Some((lo, _)) = run {
             units.push(Unit::Run { lo, hi: count });
         }
-        Split { units, bigs }
+        Split { units, bigs, total }
     }
 
     /// Runs `f(unit index, unit)` for every unit on up to `threads` threads (the caller's

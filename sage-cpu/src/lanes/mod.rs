@@ -97,10 +97,7 @@ pub(crate) trait Lanes: Copy {
     /// for `n` elements only).
     #[inline(always)]
     unsafe fn store_round_f16_first(p: *mut u16, v: Self::F, n: usize) -> Self::F {
-        let mut x = [0u16; 16];
-        let r = Self::store_round_f16(x.as_mut_ptr(), v);
-        core::ptr::copy_nonoverlapping(x.as_ptr(), p, n);
-        r
+        store_u16_first(p, n, |x| Self::store_round_f16(x, v))
     }
     /// As [`load_f32_first`](Self::load_f32_first) for bf16 bits.
     #[inline(always)]
@@ -111,10 +108,7 @@ pub(crate) trait Lanes: Copy {
     /// valid for `n` elements only).
     #[inline(always)]
     unsafe fn store_round_bf16_first(p: *mut u16, v: Self::F, n: usize) -> Self::F {
-        let mut x = [0u16; 16];
-        let r = Self::store_round_bf16(x.as_mut_ptr(), v);
-        core::ptr::copy_nonoverlapping(x.as_ptr(), p, n);
-        r
+        store_u16_first(p, n, |x| Self::store_round_bf16(x, v))
     }
     /// Hints that the cache line at `p` will be read soon (never faults).
     #[inline(always)]
@@ -129,6 +123,16 @@ unsafe fn first_u16(p: *const u16, n: usize) -> [u16; 16] {
     let mut x = [0u16; 16];
     core::ptr::copy_nonoverlapping(p, x.as_mut_ptr(), n);
     x
+}
+
+/// A whole-register 16-bit store (`store` writes a register at the pointer it is given) of
+/// which only the first `n` values reach `p`, through a stack buffer.
+#[inline(always)]
+unsafe fn store_u16_first<F>(p: *mut u16, n: usize, store: impl FnOnce(*mut u16) -> F) -> F {
+    let mut x = [0u16; 16];
+    let r = store(x.as_mut_ptr());
+    core::ptr::copy_nonoverlapping(x.as_ptr(), p, n);
+    r
 }
 
 /// Whether `L` runs a tail of buffers of `P` and `S` in place, with masked loads and stores.
