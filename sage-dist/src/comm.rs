@@ -77,8 +77,10 @@ pub trait BufferComm<B: Backend + ?Sized>: Communicator {
     ) -> Result<(), Self::Error>;
 
     /// [`reduce_scatter_sum`](Self::reduce_scatter_sum) of many buffers at once (`counts[i]`
-    /// splits `bufs[i]`). The default calls it once per buffer; MPI packs them into one
-    /// collective.
+    /// splits `bufs[i]`). The default calls it once per buffer, so it refuses a malformed split
+    /// only when it reaches that buffer, and it steps the pairs `zip` makes: a transport that
+    /// can refuse a malformed call whole, before exchanging anything, overrides it (every one
+    /// in this crate does, through the same check). MPI packs them into one collective.
     fn reduce_scatter_sum_many(
         &mut self,
         backend: &mut B,
@@ -102,7 +104,7 @@ pub trait BufferComm<B: Backend + ?Sized>: Communicator {
 
     /// [`all_gather_parts`](Self::all_gather_parts) of many buffers at once (`counts[i]`
     /// splits `bufs[i]`): what a sharded step does after every update. The default calls it
-    /// once per buffer; a transport overrides it to move everything in one collective (MPI
+    /// once per buffer (checking as it goes, as above); a transport overrides it to move everything in one collective (MPI
     /// packs the parts into one `MPI_Allgatherv`, NCCL groups the broadcasts).
     fn all_gather_parts_many<E: Element>(
         &mut self,
@@ -160,6 +162,27 @@ pub(crate) fn check_parts(
         return Err(CommError(format!(
             "parts of {total} elements for a buffer of {len} (rank {rank})"
         )));
+    }
+    Ok(())
+}
+
+/// Checks the arguments of a call over several buffers: one split per buffer, each of which
+/// [`check_parts`] accepts for that buffer's length.
+pub(crate) fn check_parts_many(
+    rank: usize,
+    size: usize,
+    lens: impl ExactSizeIterator<Item = usize>,
+    counts: &[Vec<usize>],
+) -> Result<(), CommError> {
+    if lens.len() != counts.len() {
+        return Err(CommError(format!(
+            "{} buffers, {} splits",
+            lens.len(),
+            counts.len()
+        )));
+    }
+    for (len, c) in lens.zip(counts) {
+        check_parts(rank, size, c, len)?;
     }
     Ok(())
 }
@@ -230,6 +253,22 @@ impl<B: Backend + ?Sized> BufferComm<B> for SelfComm {
         counts: &[usize],
     ) -> Result<(), CommError> {
         check_parts(0, 1, counts, b.len(buf))
+    }
+    fn reduce_scatter_sum_many(
+        &mut self,
+        b: &mut B,
+        bufs: &mut [&mut B::Buf<f32>],
+        counts: &[Vec<usize>],
+    ) -> Result<(), CommError> {
+        check_parts_many(0, 1, bufs.iter().map(|buf| b.len(buf)), counts)
+    }
+    fn all_gather_parts_many<E: Element>(
+        &mut self,
+        b: &mut B,
+        bufs: &mut [&mut B::Buf<E>],
+        counts: &[Vec<usize>],
+    ) -> Result<(), CommError> {
+        check_parts_many(0, 1, bufs.iter().map(|buf| b.len(buf)), counts)
     }
 }
 
@@ -429,17 +468,11 @@ impl<B: HostSlices + ?Sized> BufferComm<B> for ThreadComm {
         bufs: &mut [&mut B::Buf<E>],
         counts: &[Vec<usize>],
     ) -> Result<(), CommError> {
-        if bufs.len() != counts.len() {
-            return Err(CommError(format!(
-                "{} buffers, {} splits",
-                bufs.len(),
-                counts.len()
-            )));
-        }
+        let lens = bufs.iter().map(|b| B::host(b).len());
+        check_parts_many(self.rank, self.size(), lens, counts)?;
         let mut mine = Vec::new();
         for (b, c) in bufs.iter_mut().zip(counts) {
             let b = B::host_mut(b);
-            check_parts(self.rank, self.size(), c, b.len())?;
             let off = offsets(c);
             mine.extend_from_slice(&b[off[self.rank]..off[self.rank + 1]]);
         }
@@ -466,6 +499,20 @@ impl<B: HostSlices + ?Sized> BufferComm<B> for ThreadComm {
         }
         for (i, x) in buf.iter_mut().enumerate() {
             *x = all.iter().fold(0.0, |acc, v| acc + v[i]);
+        }
+        Ok(())
+    }
+    fn reduce_scatter_sum_many(
+        &mut self,
+        backend: &mut B,
+        bufs: &mut [&mut B::Buf<f32>],
+        counts: &[Vec<usize>],
+    ) -> Result<(), CommError> {
+        // Refuse a malformed call whole, before the first buffer is exchanged.
+        let lens = bufs.iter().map(|b| B::host(b).len());
+        check_parts_many(self.rank, self.size(), lens, counts)?;
+        for (b, c) in bufs.iter_mut().zip(counts) {
+            self.reduce_scatter_sum(backend, b, c)?;
         }
         Ok(())
     }

@@ -30,7 +30,9 @@ use mpi::traits::{Communicator as _, CommunicatorCollectives, Equivalence};
 use mpi::Count;
 use sage_core::Element;
 
-use crate::comm::{check_gather, check_parts, offsets, BufferComm, CommError, Communicator};
+use crate::comm::{
+    check_gather, check_parts, check_parts_many, offsets, BufferComm, CommError, Communicator,
+};
 use crate::views::HostSlices;
 
 /// An MPI communicator (usually `universe.world()`). Errors are MPI's default (fatal) plus
@@ -294,16 +296,8 @@ impl<B: HostSlices + ?Sized> BufferComm<B> for MpiComm {
         bufs: &mut [&mut B::Buf<f32>],
         counts: &[Vec<usize>],
     ) -> Result<(), CommError> {
-        if bufs.len() != counts.len() {
-            return Err(CommError(format!(
-                "{} buffers, {} splits",
-                bufs.len(),
-                counts.len()
-            )));
-        }
-        for (b, c) in bufs.iter().zip(counts) {
-            check_parts(self.rank, self.size, c, B::host(b).len())?;
-        }
+        let lens = bufs.iter().map(|b| B::host(b).len());
+        check_parts_many(self.rank, self.size, lens, counts)?;
         if self.size == 1 {
             return Ok(());
         }
@@ -398,16 +392,8 @@ impl<B: HostSlices + ?Sized> BufferComm<B> for MpiComm {
         bufs: &mut [&mut B::Buf<E>],
         counts: &[Vec<usize>],
     ) -> Result<(), CommError> {
-        if bufs.len() != counts.len() {
-            return Err(CommError(format!(
-                "{} buffers, {} splits",
-                bufs.len(),
-                counts.len()
-            )));
-        }
-        for (b, c) in bufs.iter().zip(counts) {
-            check_parts(self.rank, self.size, c, B::host(b).len())?;
-        }
+        let lens = bufs.iter().map(|b| B::host(b).len());
+        check_parts_many(self.rank, self.size, lens, counts)?;
         let (per_rank, at) = packing(counts, self.size);
         let total: usize = per_rank.iter().sum();
         if Count::try_from(total).is_err() {

@@ -26,7 +26,9 @@ use cudarc::nccl::{group_end, group_start, Comm, Id, NcclType, ReduceOp};
 use sage_core::{bf16, f16, Element};
 use sage_cuda::Cuda;
 
-use crate::comm::{check_gather, check_parts, offsets, BufferComm, CommError, Communicator};
+use crate::comm::{
+    check_gather, check_parts, check_parts_many, offsets, BufferComm, CommError, Communicator,
+};
 use crate::views::Views;
 
 /// Runs `f`, turning a panic inside cudarc (a library or symbol that is not there) into an
@@ -312,16 +314,8 @@ impl BufferComm<Cuda> for NcclComm {
         bufs: &mut [&mut CudaSlice<E>],
         counts: &[Vec<usize>],
     ) -> Result<(), CommError> {
-        if bufs.len() != counts.len() {
-            return Err(CommError(format!(
-                "{} buffers, {} splits",
-                bufs.len(),
-                counts.len()
-            )));
-        }
-        for (b, c) in bufs.iter().zip(counts) {
-            check_parts(self.rank(), self.size(), c, b.len())?;
-        }
+        let lens = bufs.iter().map(|b| b.len());
+        check_parts_many(self.rank(), self.size(), lens, counts)?;
         grouped(|| {
             for (b, c) in bufs.iter_mut().zip(counts) {
                 broadcast_any(&self.comm, b, c)?;

@@ -388,3 +388,50 @@ fn partials_out_of_order_are_caught() {
         }
     }
 }
+
+#[test]
+fn malformed_multi_buffer_calls_are_refused_before_any_exchange() {
+    use sage_dist::BufferComm;
+    ThreadComm::run(2, |mut comm| {
+        let (mut a, mut b) = (vec![1f32; 6], vec![2f32; 4]);
+        let before = (a.clone(), b.clone());
+        // Two buffers, one split: every rank refuses alone, so nobody waits on the other.
+        let e = comm
+            .all_gather_parts_many::<f32>(&mut Cpu, &mut [&mut a[..], &mut b[..]], &[vec![3, 3]])
+            .unwrap_err();
+        assert!(e.to_string().contains("2 buffers, 1 splits"), "{e}");
+        // The second buffer's split covers 5 elements of 4.
+        let splits = [vec![3, 3], vec![2, 3]];
+        let e = comm
+            .reduce_scatter_sum_many(&mut Cpu, &mut [&mut a[..], &mut b[..]], &splits)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("parts of 5 elements for a buffer of 4"),
+            "{e}"
+        );
+        assert_eq!((a, b), before, "a refused call wrote into its buffers");
+    });
+}
+
+#[test]
+fn one_rank_refuses_malformed_multi_buffer_calls_too() {
+    use sage_dist::{BufferComm, SelfComm};
+    let (mut a, mut b) = (vec![1f32; 6], vec![2f32; 4]);
+    let mut comm = SelfComm;
+    let e = comm
+        .reduce_scatter_sum_many(&mut Cpu, &mut [&mut a[..], &mut b[..]], &[vec![6]])
+        .unwrap_err();
+    assert!(e.to_string().contains("2 buffers, 1 splits"), "{e}");
+    let e = comm
+        .all_gather_parts_many::<f32>(&mut Cpu, &mut [&mut a[..], &mut b[..]], &[vec![6], vec![5]])
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("parts of 5 elements for a buffer of 4"),
+        "{e}"
+    );
+    assert!(comm
+        .all_gather_parts_many::<f32>(&mut Cpu, &mut [&mut a[..], &mut b[..]], &[vec![6], vec![4]])
+        .is_ok());
+}
