@@ -6,7 +6,10 @@
 use sage_conformance::suite::{run_suite, Options, Status};
 use sage_conformance::Harness;
 use sage_core::formula::{self, Accumulate};
-use sage_core::{ApplyArgs, Backend, Coeffs, Element, Infallible, Modulation, ParamTensor};
+use sage_core::{
+    bf16, f16, ApplyArgs, Backend, Coeffs, DType, Element, Infallible, Modulation, ParamTensor,
+    TensorMut,
+};
 use sage_cpu::Cpu;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -63,6 +66,31 @@ enum Bug {
     ModulationSwap,
     /// The first moment kept without its `1 − β1` factor.
     NoMomentumDampening,
+    /// Subnormal values read as zero and results flushed to zero (FTZ/DAZ), in every buffer.
+    FlushSubnormals,
+    /// I = |θ·g| from θ after AdamW's decoupled decay (torch's order) instead of before.
+    SensitivityAfterDecay,
+    /// The authors' AdamW decay `θ ← θ − η·wd·θ` applied before the update instead of after.
+    DecayBeforeUpdate,
+    /// Adamax's in-step decay `wd·θ` applied outside the modulation s (as a decoupled decay).
+    InStepDecayUnmodulated,
+    /// The second moment accumulates |g| instead of g².
+    SecondMomentAbs,
+    /// A `fused_step` override whose modulation reads Ī from before this step's update.
+    StaleIbar,
+    /// f16 parameters stored by truncation instead of rounding to nearest even.
+    F16Truncate,
+    /// bf16 state stored by truncation instead of rounding to nearest even.
+    Bf16StateTruncate,
+    /// A storage-type-only path: the `fused_step` override uses β2 for β1 when the state is f16.
+    F16StateBeta,
+    /// Counts the non-finite parameters it read, not the ones it stored.
+    CountsBeforeUpdate,
+    /// A `step_tensors` override in batches of 16 that steps each batch's last tensor again
+    /// with the next batch.
+    BatchOverlap,
+    /// The clipping scale applied after L2 decay: `(grad + l2·θ)·scale`.
+    GradScaleAfterL2,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -95,6 +123,13 @@ impl Broken {
                 }
             }
             Bug::NoMomentumDampening => k.alpha1 = 1.0,
+            Bug::DecayBeforeUpdate => {
+                (k.pre_keep, k.post_decay) = (k.pre_keep * (1.0 - k.post_decay), 0.0)
+            }
+            Bug::InStepDecayUnmodulated => {
+                (k.pre_keep, k.in_step_decay) = (1.0 - k.step * k.in_step_decay, 0.0)
+            }
+            Bug::GradScaleAfterL2 => k.l2 *= k.grad_scale,
             _ => {}
         }
         k
@@ -106,6 +141,36 @@ impl Broken {
         } else {
             n
         }
+    }
+    /// A value as this backend reads it (`FlushSubnormals`: subnormals are zero).
+    fn read(&self, x: f32) -> f32 {
+        if self.0 == Bug::FlushSubnormals && x.abs() < f32::MIN_POSITIVE {
+            0.0f32.copysign(x)
+        } else {
+            x
+        }
+    }
+    /// `x` stored as `E`, a parameter or (`state`) a state value.
+    fn store<E: Element>(&self, x: f32, state: bool) -> E {
+        let x = self.read(x);
+        let truncate = match (self.0, E::DTYPE) {
+            (Bug::Bf16Truncate, DType::Bf16) | (Bug::F16Truncate, DType::F16) => !state,
+            (Bug::Bf16StateTruncate, DType::Bf16) => state,
+            _ => false,
+        };
+        if !truncate {
+            return E::from_f32(x);
+        }
+        // Round to nearest, then one step back toward zero where that rounded away from it.
+        let r = E::from_f32(x).to_f32();
+        if r.abs() <= x.abs() || r == 0.0 {
+            return E::from_f32(r);
+        }
+        let down = match E::DTYPE {
+            DType::F16 => f16::from_bits(f16::from_f32(r).to_bits() - 1).to_f32(),
+            _ => bf16::from_bits(bf16::from_f32(r).to_bits() - 1).to_f32(),
+        };
+        E::from_f32(down)
     }
 }
 
@@ -165,13 +230,21 @@ impl Backend for Broken {
         tensors: &mut [ParamTensor<'_, Self, P, S>],
     ) -> Result<(), Infallible> {
         let first = tensors.first().map(|t| *t.coeffs());
-        for t in tensors.iter_mut() {
+        let n_tensors = tensors.len();
+        for (i, t) in tensors.iter_mut().enumerate() {
             let mut k = *t.coeffs();
             if self.0 == Bug::SharedCoeffs {
                 if let Some(f) = first {
                     // The first tensor's scalars, this tensor's group flags.
                     (k.step, k.ibar_scale, k.denom_scale) = (f.step, f.ibar_scale, f.denom_scale);
                 }
+            }
+            // Counted as read, before the update, where that is the bug.
+            let read_bad = (self.0 == Bug::CountsBeforeUpdate)
+                .then(|| t.param().iter().filter(|x| !x.to_f32().is_finite()).count());
+            if self.0 == Bug::BatchOverlap && i % 16 == 15 && i + 1 < n_tensors {
+                // Stepped here, and again below as the next batch's first.
+                self.fused_step(t.view(), &k)?;
             }
             let mut view = t.view();
             if self.0 == Bug::LongTail && view.param.len() > 65_536 {
@@ -195,21 +268,57 @@ impl Backend for Broken {
                 .iter()
                 .filter(|x| !x.to_f32().is_finite())
                 .count();
-            t.set_non_finite(bad as u64);
+            t.set_non_finite(read_bad.unwrap_or(bad) as u64);
         }
         Ok(())
     }
 
     fn fused_step<P: Element, S: Element>(
         &mut self,
-        t: sage_core::TensorMut<'_, Self, P, S>,
+        t: TensorMut<'_, Self, P, S>,
         k: &Coeffs,
     ) -> Result<(), Infallible> {
         let mut k = *k;
-        if self.0 == Bug::Bf16Beta && P::DTYPE == sage_core::DType::Bf16 {
+        if (self.0 == Bug::Bf16Beta && P::DTYPE == DType::Bf16)
+            || (self.0 == Bug::F16StateBeta && S::DTYPE == DType::F16)
+        {
             k.beta1 = k.beta2;
         }
-        sage_core::composed_step(self, t, &k)
+        if self.0 != Bug::StaleIbar {
+            return sage_core::composed_step(self, t, &k);
+        }
+        // Every state buffer advanced from θ before the update, but the update reads the Ī
+        // that was there before.
+        let TensorMut {
+            param,
+            grad,
+            mut m,
+            mut v,
+            ibar,
+        } = t;
+        let stale: Option<Vec<S>> = ibar.as_deref().map(<[S]>::to_vec);
+        let second = if k.kind == sage_core::coeffs::kind::ADAMAX {
+            Accumulate::InfNorm
+        } else {
+            Accumulate::SecondMoment
+        };
+        for (which, buf) in [
+            (Accumulate::Sensitivity, ibar),
+            (Accumulate::Moment, m.as_deref_mut()),
+            (second, v.as_deref_mut()),
+        ] {
+            if let Some(buf) = buf {
+                self.accumulate(which, buf, param, grad, &k)?;
+            }
+        }
+        let args = ApplyArgs {
+            param,
+            grad,
+            m: m.as_deref(),
+            v: v.as_deref(),
+            ibar: stale.as_deref(),
+        };
+        self.apply(args, &k)
     }
 
     fn accumulate<P: Element, S: Element>(
@@ -222,7 +331,22 @@ impl Backend for Broken {
     ) -> Result<(), Infallible> {
         let n = self.stepped(acc.len());
         let k = self.coeffs(k);
-        Cpu.accumulate(which, &mut acc[..n], &param[..n], &grad[..n], &k)
+        for i in 0..n {
+            let a = self.read(acc[i].to_f32());
+            let (theta, grad) = (self.read(param[i].to_f32()), self.read(grad[i].to_f32()));
+            let new = match (self.0, which) {
+                (Bug::SecondMomentAbs, Accumulate::SecondMoment) => {
+                    let g = formula::effective_grad(&k, theta, grad);
+                    formula::ema(a, g.abs(), k.beta2, k.alpha2)
+                }
+                (Bug::SensitivityAfterDecay, Accumulate::Sensitivity) => {
+                    formula::accumulate(&k, which, a, theta * k.pre_keep, grad)
+                }
+                _ => formula::accumulate(&k, which, a, theta, grad),
+            };
+            acc[i] = self.store(new, true);
+        }
+        Ok(())
     }
 
     fn apply<P: Element, S: Element>(
@@ -232,28 +356,38 @@ impl Backend for Broken {
     ) -> Result<(), Infallible> {
         let k = self.coeffs(k);
         let n = self.stepped(t.param.len());
-        let read = |b: Option<&[S]>, i: usize| b.map_or(0.0, |b| b[i].to_f32());
+        let read = |b: Option<&[S]>, i: usize| self.read(b.map_or(0.0, |b| b[i].to_f32()));
         for i in 0..n {
-            let (theta, grad) = (t.param[i].to_f32(), t.grad[i].to_f32());
+            let (theta, grad) = (
+                self.read(t.param[i].to_f32()),
+                self.read(t.grad[i].to_f32()),
+            );
             let (m, v, ib) = (read(t.m, i), read(t.v, i), read(t.ibar, i));
-            let new = if self.0 == Bug::NoAbsInU && k.sage() {
-                let g = formula::effective_grad(&k, theta, grad);
-                let ibar = ib * k.ibar_scale;
-                let u = formula::sensitivity(theta, g) - ibar; // the planted bug
-                let s = (u + k.eps_num) / (ibar + k.eps_den);
-                let mut plain = k;
-                plain.flags &= !sage_core::coeffs::flags::SAGE;
-                plain.step *= s;
-                formula::apply(&plain, theta, grad, m, v, ib)
-            } else {
-                formula::apply(&k, theta, grad, m, v, ib)
+            let g = formula::effective_grad(&k, theta, grad);
+            // A planted modulation, where there is one.
+            let s = match self.0 {
+                Bug::NoAbsInU if k.sage() => {
+                    let ibar = ib * k.ibar_scale;
+                    let u = formula::sensitivity(theta, g) - ibar; // the planted bug
+                    Some((u + k.eps_num) / (ibar + k.eps_den))
+                }
+                Bug::SensitivityAfterDecay if k.sage() => Some(formula::modulation(
+                    &k,
+                    formula::sensitivity(theta * k.pre_keep, g),
+                    ib,
+                )),
+                _ => None,
             };
-            let new = if self.0 == Bug::Bf16Truncate && P::DTYPE == sage_core::DType::Bf16 {
-                f32::from_bits(new.to_bits() & 0xffff_0000)
-            } else {
-                new
+            let new = match s {
+                Some(s) => {
+                    let mut plain = k;
+                    plain.flags &= !sage_core::coeffs::flags::SAGE;
+                    plain.step *= s;
+                    formula::apply(&plain, theta, grad, m, v, ib)
+                }
+                None => formula::apply(&k, theta, grad, m, v, ib),
             };
-            t.param[i] = P::from_f32(new);
+            t.param[i] = self.store(new, false);
         }
         Ok(())
     }
@@ -294,7 +428,11 @@ fn counting_bugs_are_caught_by_the_count_checks() {
     use sage_conformance::checks::contract::{
         non_finite_params_counted, non_finite_params_reported,
     };
-    for bug in [Bug::MiscountsNonFinite, Bug::CountsFirstChunk] {
+    for bug in [
+        Bug::MiscountsNonFinite,
+        Bug::CountsFirstChunk,
+        Bug::CountsBeforeUpdate,
+    ] {
         assert!(
             non_finite_params_reported(&mut Broken(bug)).is_err(),
             "{bug:?}"
@@ -342,6 +480,18 @@ fn every_planted_bug_is_caught() {
         Bug::AdamaxAsAdam,
         Bug::ModulationSwap,
         Bug::NoMomentumDampening,
+        Bug::FlushSubnormals,
+        Bug::SensitivityAfterDecay,
+        Bug::DecayBeforeUpdate,
+        Bug::InStepDecayUnmodulated,
+        Bug::SecondMomentAbs,
+        Bug::StaleIbar,
+        Bug::F16Truncate,
+        Bug::Bf16StateTruncate,
+        Bug::F16StateBeta,
+        Bug::CountsBeforeUpdate,
+        Bug::BatchOverlap,
+        Bug::GradScaleAfterL2,
     ];
     // Two at a time: the suite runs whole for each.
     let caught: Vec<(Bug, Vec<String>)> = std::thread::scope(|s| {

@@ -8,7 +8,13 @@ use sage_core::{
     StepReport,
 };
 
-use super::common::{cases, differential_with, random_grads, random_params, rng, Case, Tol};
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use super::common::{
+    cases, differential_with, group_of, groups, random_grads, random_params, rng, Case, Tol,
+    LENGTHS,
+};
 use crate::failure::{Failure, Worst};
 use crate::harness::Harness;
 use crate::model::{backend_failure, Model};
@@ -530,6 +536,7 @@ pub fn long_tensors<B: Harness>(b: &mut B) -> Result<(), Failure> {
             name: c.name.clone(),
             cfg: c.cfg.global_clip(0.5),
             ill_conditioned: c.ill_conditioned,
+            weight_decay: c.weight_decay,
         };
         c2.name.push_str(" +global clip");
         differential_with::<B, f32, f32>(b, check, &c2, 2, 9000 + i as u64, &lens, 0.02)?;
@@ -558,10 +565,128 @@ pub fn huge_gradients<B: Harness>(b: &mut B) -> Result<(), Failure> {
             name: format!("{} grads ~1e30", c.name),
             cfg: c.cfg.global_clip(1.0),
             ill_conditioned: c.ill_conditioned,
+            weight_decay: c.weight_decay,
         };
         differential_with::<B, f32, f32>(b, check, &c2, 2, 9200 + i as u64, &lens, 1e30)?;
     }
     Ok(())
+}
+
+/// A magnitude of class `class`: 0, subnormal (2⁻¹³⁰..2⁻¹²⁶, at least 17 bits of precision
+/// left), the smallest normals (2⁻¹²⁶..2⁻¹²⁰), or up to `big`.
+fn magnitude(r: &mut StdRng, class: usize, big: f32) -> f32 {
+    let min = f32::MIN_POSITIVE;
+    match class % 4 {
+        0 => 0.0,
+        1 => r.gen_range(min / 16.0..min),
+        2 => r.gen_range(min..min * 64.0),
+        _ => r.gen_range(big / 10.0..big),
+    }
+}
+
+fn random_sign(r: &mut StdRng) -> f32 {
+    if r.gen_bool(0.5) {
+        1.0
+    } else {
+        -1.0
+    }
+}
+
+/// Subnormal parameters, gradients and state (every pairing of zero, subnormal, smallest
+/// normal and ordinary θ and g) under the paper preset, whose ε keeps s well conditioned
+/// for tiny sensitivities: against the float64 oracle with an absolute floor of a few
+/// subnormal steps, so a backend that flushes subnormals to zero (FTZ/DAZ) fails — a flushed
+/// value is 100% off, where the differential checks' floor of 1e-7 hides it.
+///
+/// A value computed from subnormals keeps only their bits, and Adam's `m/(√v + ε)` scales an
+/// absolute error of a few subnormal steps up by ~1e4: each element's gradient keeps its sign
+/// and no group decays, so no step cancels (`m` of opposite terms, `g + wd·θ`) down to those
+/// few steps. The relative tolerance is then 1e-3.
+pub fn subnormals<B: Harness>(b: &mut B) -> Result<(), Failure> {
+    let check = "subnormal values kept (no flush to zero)";
+    let floor = 64.0 * f64::from(f32::from_bits(1));
+    let rel = 1e-3;
+    let mut gs = groups();
+    for g in &mut gs {
+        g.weight_decay = 0.0;
+    }
+    let gof = group_of(LENGTHS.len());
+    let names = [
+        "paper sgd",
+        "paper sgd-momentum",
+        "paper adam",
+        "paper adamw",
+        "paper adamax",
+    ];
+    let mut worst = Worst::default();
+    for (ci, c) in cases()
+        .iter()
+        .filter(|c| names.contains(&c.name.as_str()))
+        .enumerate()
+    {
+        let mut r = rng(9400 + ci as u64);
+        // θ's class cycles fastest, g's next: 16 consecutive elements hold every pairing.
+        let init: Vec<Vec<f32>> = LENGTHS
+            .iter()
+            .map(|&n| {
+                let mut x = |j| magnitude(&mut r, j, 0.1) * random_sign(&mut r);
+                (0..n).map(&mut x).collect()
+            })
+            .collect();
+        let sign: Vec<Vec<f32>> = LENGTHS
+            .iter()
+            .map(|&n| (0..n).map(|_| random_sign(&mut r)).collect())
+            .collect();
+        let mut model = Model::<B, f32, f32>::new(b, &c.cfg, &gs, &init, &gof)?;
+        let wide: Vec<Vec<f64>> = init.iter().map(|x| widen(x)).collect();
+        let storage = Some((DType::F32, DType::F32));
+        let mut oracle = Reference::new(c.cfg, gs.clone(), gof.clone(), &wide, storage);
+        let start = oracle.theta.clone();
+        let mut opt = Optimizer::new(b.clone(), c.cfg, gs.clone())
+            .map_err(|e| Failure::new(check, format!("{}: {e}", c.name)))?;
+        for step in 1..=3 {
+            let grads: Vec<Vec<f32>> = sign
+                .iter()
+                .map(|s| {
+                    let mut g = |j: usize| s[j] * magnitude(&mut r, j / 4, 0.02);
+                    (0..s.len()).map(&mut g).collect()
+                })
+                .collect();
+            let before = [oracle.m.clone(), oracle.v.clone(), oracle.ibar.clone()];
+            model
+                .step(&mut opt, &grads)
+                .map_err(|e| Failure::new(check, format!("{} step {step}: {e}", c.name)))?;
+            oracle.step(&grads.iter().map(|g| widen(g)).collect::<Vec<_>>());
+            let got = model
+                .read_params(b)
+                .map_err(|e| backend_failure(check, e))?;
+            let state = model.read_state(b).map_err(|e| backend_failure(check, e))?;
+            let after = [&oracle.m, &oracle.v, &oracle.ibar];
+            for (ti, t) in got.iter().enumerate() {
+                for (j, &a) in t.iter().enumerate() {
+                    let e = oracle.theta[ti][j];
+                    let abs = floor + 1e-4 * (e - start[ti][j]).abs();
+                    worst.see(a as f64, e, abs, rel, || {
+                        format!("{} step {step} tensor {ti} θ[{j}]", c.name)
+                    });
+                }
+                for (k, name) in ["m", "v", "ibar"].iter().enumerate() {
+                    for (j, &a) in state[ti][k].iter().enumerate() {
+                        // A state value is a sum: its rounding follows its larger term.
+                        let (e, old) = (after[k][ti][j], before[k][ti][j]);
+                        let abs = floor + 1e-5 * e.abs().max(old.abs());
+                        worst.see(a as f64, e, abs, rel, || {
+                            format!("{} step {step} tensor {ti} {name}[{j}]", c.name)
+                        });
+                    }
+                }
+            }
+            if !worst.ok() {
+                return worst.into_result(check);
+            }
+        }
+    }
+    worst.into_result(check)
 }
 
 /// A NaN or ±Inf already in a parameter (not the gradient): the guard cannot see it before the
@@ -597,12 +722,14 @@ fn non_finite_params<B: Harness>(
     let fail = |d: String| Failure::new(check, d);
     let lens = non_finite_lens();
     let last = lens.len() - 1;
-    let cfg = Config::reference(Algorithm::adamw(), 2e-3).global_clip(1.0);
-    let groups = vec![ParamGroup::sage().weight_decay(0.01)];
+    let adamw = Config::reference(Algorithm::adamw(), 2e-3).global_clip(1.0);
+    let sage = vec![ParamGroup::sage().weight_decay(0.01)];
     let gof = vec![0; lens.len()];
     let mut r = rng(9300);
     // (value, tensor, element): in the first chunk of a middle tensor, and only past the first
-    // launch batch and the first CUDA chunk (in its tail) of the last tensor.
+    // launch batch and the first CUDA chunk (in its tail) of the last tensor. A non-finite θ
+    // stays so, whether counted as read or as stored.
+    let mut cases = Vec::new();
     for (bad, tensor, at) in [
         (f32::NAN, 1, 2049),
         (f32::INFINITY, 1, 2049),
@@ -610,16 +737,34 @@ fn non_finite_params<B: Harness>(
     ] {
         let mut init = random_params(&mut r, &lens);
         init[tensor][at] = bad;
+        let grads = random_grads(&mut r, &lens, 0.05);
+        let what = format!("{bad} in θ of tensor {tensor} (element {at})");
+        cases.push((what, adamw, sage.clone(), init, grads, tensor));
+    }
+    // A finite θ that the update itself takes past f32's range (θ = MAX minus a finite
+    // gradient of −MAX/2 at rate 1: +Inf): counted as stored, not as read.
+    let mut init = random_params(&mut r, &lens);
+    let mut grads = random_grads(&mut r, &lens, 0.05);
+    let (tensor, at) = (last, 65_536 + 5);
+    (init[tensor][at], grads[tensor][at]) = (f32::MAX, -f32::MAX / 2.0);
+    cases.push((
+        format!("θ of tensor {tensor} (element {at}) overflowing in the update"),
+        Config::paper(Algorithm::sgd(0.0), 1.0),
+        vec![ParamGroup::plain()],
+        init,
+        grads,
+        tensor,
+    ));
+    for (what, cfg, groups, init, grads, tensor) in cases {
         let mut model = Model::<B, f32, f32>::new(b, &cfg, &groups, &init, &gof)?;
         let mut opt =
             Optimizer::new(b.clone(), cfg, groups.clone()).map_err(|e| fail(e.to_string()))?;
-        let grads = random_grads(&mut r, &lens, 0.05);
         let rep = model
             .step(&mut opt, &grads)
-            .map_err(|e| fail(format!("{bad}: {e}")))?;
+            .map_err(|e| fail(format!("{what}: {e}")))?;
         if !rep.applied() {
             return Err(fail(format!(
-                "{bad} in θ (finite gradients) skipped the step: {rep:?}"
+                "{what} (finite gradients) skipped the step: {rep:?}"
             )));
         }
         if require && !rep.params_checked {
@@ -634,15 +779,16 @@ fn non_finite_params<B: Harness>(
         };
         if rep.non_finite_params != want {
             return Err(fail(format!(
-                "{bad} in θ of tensor {tensor} (element {at}): report says {:?} (counted: {})",
+                "{what}: report says {:?} (counted: {})",
                 rep.non_finite_params, rep.params_checked
             )));
         }
         // The next step from clean parameters reports nothing.
         let mut clean =
             Model::<B, f32, f32>::new(b, &cfg, &groups, &random_params(&mut r, &lens), &gof)?;
+        let clean_grads = random_grads(&mut r, &lens, 0.05);
         let rep = clean
-            .step(&mut opt, &grads)
+            .step(&mut opt, &clean_grads)
             .map_err(|e| fail(format!("clean step: {e}")))?;
         if rep.non_finite_params.is_some() || (require && !rep.params_checked) {
             return Err(fail(format!(
