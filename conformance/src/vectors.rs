@@ -67,8 +67,10 @@ pub struct ScheduleSpec {
     pub kind: String,
     #[serde(default)]
     pub warmup: Option<f64>,
+    /// A number: recorders write `20` or `20.0`, and `-1` (the authors' "no schedule") with a
+    /// constant schedule.
     #[serde(default)]
-    pub t_total: Option<u64>,
+    pub t_total: Option<f64>,
 }
 
 /// One group.
@@ -202,17 +204,32 @@ impl VectorFile {
             p => return Err(format!("unknown preset `{p}`")),
         };
         let schedule = match o.schedule.kind.as_str() {
+            // Whatever else it carries (`t_total: -1`, `warmup: -1`) means nothing here.
             "constant" => Schedule::Constant,
-            "warmup_linear_ppb" => Schedule::WarmupLinearPpb {
-                warmup: o.schedule.warmup.ok_or("schedule.warmup missing")?,
-                t_total: o.schedule.t_total.ok_or("schedule.t_total missing")?,
-            },
+            "warmup_linear_ppb" => {
+                let warmup = o.schedule.warmup.ok_or("schedule.warmup missing")?;
+                let t_total = o.schedule.t_total.ok_or("schedule.t_total missing")?;
+                if !(t_total >= 1.0 && t_total.fract() == 0.0 && t_total < 2f64.powi(53)) {
+                    return Err(format!(
+                        "schedule.t_total: {t_total} is not a whole number of steps >= 1"
+                    ));
+                }
+                Schedule::WarmupLinearPpb {
+                    // The authors' "no warm-up" is -1 (their default): `x < w` never holds
+                    // for a negative w, exactly as for w = 0.
+                    warmup: if warmup < 0.0 { 0.0 } else { warmup },
+                    t_total: t_total as u64,
+                }
+            }
             k => return Err(format!("unknown schedule `{k}`")),
         };
+        // The authors' Adamax has no bias correction anywhere (SAGE.md): a reference file's
+        // flag cannot change its trajectory, whatever the recorder wrote.
+        let reference_adamax = o.preset == "reference" && o.algorithm == "adamax";
         let mut cfg = base
             .beta0(o.beta0)
             .eps(o.eps)
-            .bias_correction(o.bias_correction)
+            .bias_correction(o.bias_correction && !reference_adamax)
             .schedule(schedule);
         cfg.global_clip = o.global_clip;
         cfg.per_tensor_clip = o.per_tensor_clip;
@@ -309,5 +326,81 @@ pub fn replay_worst<B: Harness>(b: &mut B, file: &VectorFile) -> Result<Worst, F
         Ok(worst)
     } else {
         Err(worst.failure(&check))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-tensor reference file of `algorithm` with the given flag and schedule object.
+    fn file(algorithm: &str, bias: bool, schedule: &str) -> VectorFile {
+        let betas = if algorithm == "sgd" {
+            ""
+        } else {
+            r#""betas": [0.9, 0.999],"#
+        };
+        let text = format!(
+            r#"{{"format": "sage-vectors/1", "name": "t", "source": "reference",
+                "optimizer": {{"algorithm": "{algorithm}", "preset": "reference", "lr": 0.002,
+                  {betas} "beta0": 0.75, "eps": 1e-6, "bias_correction": {bias},
+                  "schedule": {schedule}, "per_tensor_clip": null, "global_clip": null}},
+                "groups": [{{"sage": true, "weight_decay": 0.0, "tensors": [0]}}],
+                "tensors": [{{"shape": [1], "init": [0.5]}}],
+                "steps": [], "tolerance": {{"rel": 1e-5, "abs": 1e-7}}}}"#
+        );
+        let f: VectorFile = serde_json::from_str(&text).expect("parses");
+        f.validate().expect("valid");
+        f
+    }
+
+    #[test]
+    fn the_authors_adamax_never_corrects_bias() {
+        let c = file("adamax", true, r#"{"kind": "constant"}"#)
+            .config()
+            .unwrap();
+        assert!(!c.bias_correction && !c.sensitivity.bias_correction);
+        let c = file("adamw", true, r#"{"kind": "constant"}"#)
+            .config()
+            .unwrap();
+        assert!(c.bias_correction && c.sensitivity.bias_correction);
+    }
+
+    #[test]
+    fn schedule_numbers_as_recorders_write_them() {
+        let ppb = |w: f64, t: u64| Schedule::WarmupLinearPpb {
+            warmup: w,
+            t_total: t,
+        };
+        for (json, want) in [
+            (
+                r#"{"kind": "warmup_linear_ppb", "warmup": 0.1, "t_total": 20}"#,
+                ppb(0.1, 20),
+            ),
+            (
+                r#"{"kind": "warmup_linear_ppb", "warmup": 0.1, "t_total": 20.0}"#,
+                ppb(0.1, 20),
+            ),
+            // The authors' default warm-up, -1: none.
+            (
+                r#"{"kind": "warmup_linear_ppb", "warmup": -1, "t_total": 10}"#,
+                ppb(0.0, 10),
+            ),
+            (
+                r#"{"kind": "constant", "warmup": -1, "t_total": -1}"#,
+                Schedule::Constant,
+            ),
+        ] {
+            let c = file("adamw", true, json).config().unwrap();
+            assert_eq!(c.schedule, want, "{json}");
+        }
+        for bad in [
+            r#"{"kind": "warmup_linear_ppb", "warmup": 0.1, "t_total": 20.5}"#,
+            r#"{"kind": "warmup_linear_ppb", "warmup": 0.1, "t_total": 0}"#,
+            r#"{"kind": "warmup_linear_ppb", "warmup": 0.1}"#,
+        ] {
+            let e = file("adamw", true, bad).config().unwrap_err();
+            assert!(e.contains("t_total"), "{bad}: {e}");
+        }
     }
 }
