@@ -100,7 +100,7 @@ impl Broken {
     fn coeffs(&self, k: &Coeffs) -> Coeffs {
         let mut k = *k;
         match self.0 {
-            Bug::DropBiasCorrection => k.ibar_scale = 1.0,
+            Bug::DropBiasCorrection => k.ibar_div = 1.0,
             Bug::SwapBeta0 => (k.beta0, k.alpha0) = (k.alpha0, k.beta0),
             Bug::IgnoreGradScale => k.grad_scale = 1.0,
             Bug::IgnoreDenomEps => k.denom_eps = 0.0,
@@ -236,7 +236,7 @@ impl Backend for Broken {
             if self.0 == Bug::SharedCoeffs {
                 if let Some(f) = first {
                     // The first tensor's scalars, this tensor's group flags.
-                    (k.step, k.ibar_scale, k.denom_scale) = (f.step, f.ibar_scale, f.denom_scale);
+                    (k.step, k.ibar_div, k.denom_scale) = (f.step, f.ibar_div, f.denom_scale);
                 }
             }
             // Counted as read, before the update, where that is the bug.
@@ -367,7 +367,7 @@ impl Backend for Broken {
             // A planted modulation, where there is one.
             let s = match self.0 {
                 Bug::NoAbsInU if k.sage() => {
-                    let ibar = ib * k.ibar_scale;
+                    let ibar = formula::corrected_ibar(&k, ib);
                     let u = formula::sensitivity(theta, g) - ibar; // the planted bug
                     Some((u + k.eps_num) / (ibar + k.eps_den))
                 }

@@ -8,7 +8,7 @@
 //!   **next** update would compute (the tensor's own `t = step + 1`, its count in its
 //!   [`TensorState`]; the optimizer's count drives the schedule under
 //!   `ScheduleCount::Optimizer`), through `sage_core::formula` — Ī advanced
-//!   by this `|θ·g|` and rounded to its storage type, `Ī' = Ī·ibar_scale(t)`, `U = |I − Ī'|`,
+//!   by this `|θ·g|` and rounded to its storage type, `Ī' = Ī/(1 − β0^t)`, `U = |I − Ī'|`,
 //!   `s` by the configured modulation. Clipping is not applied unless a `grad_scale` (the
 //!   clipping coefficient) is given. The share of elements with `s > 1` (rate raised: low,
 //!   unstable sensitivity) and `s < 1` (rate lowered) follows.
@@ -277,7 +277,7 @@ pub fn diagnose<B: HostBuffers, P: Element, S: Element>(
         len: ibar.len(),
         t,
         ibar: Summary::of(&ibar_f),
-        ibar_scale: scalars.ibar_scale,
+        ibar_scale: 1.0 / scalars.bc0,
         u: None,
         s: None,
         share: None,
@@ -312,7 +312,7 @@ pub fn diagnose<B: HostBuffers, P: Element, S: Element>(
             ))
             .to_f32();
             let i = formula::sensitivity(th, formula::effective_grad(&k, th, gr));
-            u.push((i - next * k.ibar_scale).abs());
+            u.push((i - formula::corrected_ibar(&k, next)).abs());
             s.push(formula::modulation(&k, i, next));
         }
         let finite = s.iter().filter(|x| x.is_finite()).count().max(1) as f64;

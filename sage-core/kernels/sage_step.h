@@ -42,7 +42,7 @@ typedef struct {
     SAGE_U32 kind, flags, modulation, reserved;
     float grad_scale, l2;
     float beta1, alpha1, beta2, alpha2, beta0, alpha0;
-    float momentum, ibar_scale, eps_num, eps_den;
+    float momentum, ibar_div, eps_num, eps_den;
     float step, denom_scale, denom_eps, inf_eps;
     float in_step_decay, pre_keep, post_decay, reserved2;
 } sage_coeffs;
@@ -73,7 +73,7 @@ SAGE_FN float sage_accumulate(const sage_coeffs k, int which, float acc, float t
 }
 
 SAGE_FN float sage_modulation(const sage_coeffs k, float i, float ibar) {
-    float ib = ibar * k.ibar_scale;
+    float ib = ibar / k.ibar_div;
     float u = fabsf(i - ib);
     switch (k.modulation) {
     case SAGE_MOD_SAGE: return (u + k.eps_num) / (ib + k.eps_den);

@@ -54,10 +54,16 @@ pub fn accumulate(k: &Coeffs, which: Accumulate, acc: f32, theta: f32, grad: f32
     }
 }
 
+/// The bias-corrected moving average `Ī' = Ī / (1 − β0^t)` of a stored `ibar`.
+#[inline(always)]
+pub fn corrected_ibar(k: &Coeffs, ibar: f32) -> f32 {
+    ibar / k.ibar_div
+}
+
 /// The learning-rate modulation from the sensitivity `i` and the stored moving average `ibar`.
 #[inline(always)]
 pub fn modulation(k: &Coeffs, i: f32, ibar: f32) -> f32 {
-    let ib = ibar * k.ibar_scale;
+    let ib = corrected_ibar(k, ibar);
     let u = Float::abs(i - ib);
     match k.modulation {
         m if m == Modulation::Sage as u32 => (u + k.eps_num) / (ib + k.eps_den),

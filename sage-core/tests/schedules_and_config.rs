@@ -101,7 +101,7 @@ fn reference_adamw_coefficients() {
     assert_eq!(k.kind, kind::ADAM);
     assert!(k.sage());
     assert_eq!(k.step, (1e-3 * bc2.sqrt() / bc1) as f32);
-    assert_eq!(k.ibar_scale, (1.0 / (1.0 - 0.75f64.powi(2))) as f32);
+    assert_eq!(k.ibar_div, (1.0 - 0.75f64.powi(2)) as f32);
     assert_eq!(k.post_decay, (2e-3 * 0.5 * 0.01) as f32); // base rate, times the group's scale
     assert_eq!((k.l2, k.pre_keep, k.grad_scale), (0.0, 1.0, 0.25));
     assert_eq!(k.alpha2, (1.0 - 0.999f64) as f32);

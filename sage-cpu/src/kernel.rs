@@ -17,7 +17,7 @@
 use core::ptr;
 
 use sage_core::coeffs::{flags, kind};
-use sage_core::{Coeffs, DType, Element, Modulation};
+use sage_core::{Coeffs, Element, Modulation};
 
 use crate::lanes::{load, masked_tail, Access, First, Lanes, Whole};
 
@@ -265,7 +265,10 @@ pub(crate) struct StepOp<L: Lanes, const K: u32, const SAGE: bool, const MODU: u
     b0: L::F,
     a0: L::F,
     mom: L::F,
-    ibs: L::F,
+    ibd: L::F,
+    ibr: L::F,
+    ib_lo: L::F,
+    ib_hi: L::F,
     en: L::F,
     ed: L::F,
     step: L::F,
@@ -293,7 +296,15 @@ impl<L: Lanes, const K: u32, const SAGE: bool, const MODU: u32, const SGDV: u32>
             b0: L::splat(k.beta0),
             a0: L::splat(k.alpha0),
             mom: L::splat(k.momentum),
-            ibs: L::splat(k.ibar_scale),
+            ibd: L::splat(k.ibar_div),
+            ibr: L::splat(1.0 / k.ibar_div),
+            // A divisor this small (β0 within 2^-20 of 1) could take q past f32's range: divide.
+            ib_lo: L::splat(if k.ibar_div >= MIN_FUSED_DIVISOR {
+                QUOTIENT_LO
+            } else {
+                f32::INFINITY
+            }),
+            ib_hi: L::splat(QUOTIENT_HI),
             en: L::splat(k.eps_num),
             ed: L::splat(k.eps_den),
             step: L::splat(k.step),
@@ -306,7 +317,32 @@ impl<L: Lanes, const K: u32, const SAGE: bool, const MODU: u32, const SGDV: u32>
             one: L::splat(1.0),
         }
     }
+
+    /// `Ī' = Ī / ibar_div` with the division's bits but no divide (one fewer in a step that
+    /// has three: 25% of an Adam-SAGE step's time where it is compute-bound). `q = Ī·(1/d)`
+    /// is within an ulp of the quotient, and `q + (Ī − q·d)·(1/d)`, its remainder exact by
+    /// FMA, rounds to it (Markstein's theorem; the tests check it against the division over
+    /// every mantissa). The remainder is exact only away from underflow and `q` finite only
+    /// away from overflow: a vector with a lane outside `{0} ∪ [QUOTIENT_LO, QUOTIENT_HI]`
+    /// (or NaN) divides.
+    #[inline(always)]
+    pub unsafe fn corrected_ibar(&self, ibar: L::F) -> L::F {
+        if L::all_zero_or_in(ibar, self.ib_lo, self.ib_hi) {
+            let q = L::mul(ibar, self.ibr);
+            L::fmadd(L::fnmadd(q, self.ibd, ibar), self.ibr, q)
+        } else {
+            L::div(ibar, self.ibd)
+        }
+    }
 }
+
+/// Smallest Ī (besides 0) divided by reciprocal and correction: 2^-90, far above where the
+/// remainder `Ī − q·d` (a multiple of about Ī·2^-46) could underflow.
+const QUOTIENT_LO: f32 = f32::from_bits((127 - 90) << 23);
+/// Largest Ī divided by reciprocal and correction: 2^100, so that `q ≤ 2^120` stays finite.
+const QUOTIENT_HI: f32 = f32::from_bits((127 + 100) << 23);
+/// Smallest divisor `1 − β0^t` for the reciprocal path (2^-20).
+const MIN_FUSED_DIVISOR: f32 = f32::from_bits((127 - 20) << 23);
 
 impl<L: Lanes, const K: u32, const SAGE: bool, const MODU: u32, const SGDV: u32> Op<L>
     for StepOp<L, K, SAGE, MODU, SGDV>
@@ -349,7 +385,7 @@ impl<L: Lanes, const K: u32, const SAGE: bool, const MODU: u32, const SGDV: u32>
             let i = L::abs(L::mul(th, g));
             let old = a.load::<S>(b.ib);
             let ibar = a.store_round::<S>(b.ib, L::add(L::mul(self.b0, old), L::mul(self.a0, i)));
-            let ib = L::mul(ibar, self.ibs);
+            let ib = self.corrected_ibar(ibar);
             let u = L::abs(L::sub(i, ib));
             let s = if MODU == Modulation::Sage as u32 {
                 L::div(L::add(u, self.en), L::add(ib, self.ed))
@@ -590,6 +626,9 @@ pub(crate) unsafe fn read_lanes<L: Lanes, E: Element>(x: &[E]) -> f32 {
 
 /// An instruction set's kernel entry points.
 pub(crate) trait Isa {
+    /// [`StepOp::corrected_ibar`] over `x` (whole registers), in place, for divisor `d`.
+    #[cfg(test)]
+    fn corrected_ibar() -> unsafe fn(&mut [f32], f32);
     fn step<
         P: Element,
         S: Element,
@@ -611,6 +650,23 @@ macro_rules! isa {
         $(#[$meta])*
         pub(crate) struct $isa;
         impl Isa for $isa {
+            #[cfg(test)]
+            fn corrected_ibar() -> unsafe fn(&mut [f32], f32) {
+                #[target_feature(enable = $features)]
+                unsafe fn run(x: &mut [f32], d: f32) {
+                    type L = $lanes;
+                    let k = Coeffs {
+                        ibar_div: d,
+                        ..Coeffs::default()
+                    };
+                    let op = StepOp::<L, { kind::ADAM }, true, 0, 0>::new(&k);
+                    for c in x.chunks_exact_mut(<L as Lanes>::N) {
+                        let v = op.corrected_ibar(<L as Lanes>::load_f32(c.as_ptr()));
+                        <L as Lanes>::store_f32(c.as_mut_ptr(), v);
+                    }
+                }
+                run
+            }
             fn step<
                 P: Element,
                 S: Element,
@@ -674,17 +730,17 @@ macro_rules! isa {
 
 #[cfg(target_arch = "x86_64")]
 isa!(
-    /// AVX2 + F16C kernels.
+    /// AVX2 + FMA + F16C kernels.
     Avx2Isa,
     crate::lanes::avx2::Avx2,
-    "avx2,f16c"
+    "avx2,fma,f16c"
 );
 #[cfg(target_arch = "x86_64")]
 isa!(
     /// AVX-512F + BW kernels.
     Avx512Isa,
     crate::lanes::avx512::Avx512<false>,
-    "avx512f,avx512bw,avx2,f16c"
+    "avx512f,avx512bw,avx2,fma,f16c"
 );
 #[cfg(target_arch = "x86_64")]
 isa!(
@@ -692,7 +748,7 @@ isa!(
     /// with bf16 storage, where it is the difference).
     Avx512Bf16Isa,
     crate::lanes::avx512::Avx512<true>,
-    "avx512f,avx512bw,avx512bf16,avx2,f16c"
+    "avx512f,avx512bw,avx512bf16,avx2,fma,f16c"
 );
 #[cfg(target_arch = "aarch64")]
 isa!(
@@ -711,7 +767,9 @@ pub(crate) struct Present {
 }
 
 /// Whether a step over storage `P`, `S` takes the AVX512-BF16 kernels when `native_bf16`.
+#[cfg(target_arch = "x86_64")]
 fn bf16_kernels<P: Element, S: Element>(native_bf16: bool) -> bool {
+    use sage_core::DType;
     native_bf16 && (P::DTYPE == DType::Bf16 || S::DTYPE == DType::Bf16)
 }
 
@@ -724,6 +782,9 @@ pub(crate) fn pick<P: Element, S: Element>(
     k: &Coeffs,
     has: Present,
 ) -> Option<KernelFn<P, S>> {
+    // AVX512-BF16 is x86-64's only.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = native_bf16;
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => pick_in::<Avx2Isa, P, S>(k, has),
@@ -799,6 +860,9 @@ pub(crate) fn pick_floor<P: Element, S: Element>(
     native_bf16: bool,
     has: Present,
 ) -> Option<KernelFn<P, S>> {
+    // AVX512-BF16 is x86-64's only.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = native_bf16;
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => Some(floor_in::<Avx2Isa, P, S>(has)),
@@ -889,4 +953,77 @@ pub(crate) unsafe fn floor_scalar<P: Element, S: Element>(
         *t.p = P::from_f32((*t.p).to_f32() + g);
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reciprocal-and-correction division equals `formula::corrected_ibar`'s division bit
+    /// for bit: every mantissa in [1, 2) for divisors the bias correction takes, and values
+    /// at and past the edges of the fused range (0, subnormals, 2^-90, 2^100, ±Inf, NaN).
+    #[test]
+    fn reciprocal_division_has_the_division_bits() {
+        type Divide = unsafe fn(&mut [f32], f32);
+        let mut isas: Vec<(&str, Divide)> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Level::Avx2.is_available() {
+                isas.push(("avx2", Avx2Isa::corrected_ibar()));
+            }
+            if Level::Avx512.is_available() {
+                isas.push(("avx512", Avx512Isa::corrected_ibar()));
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        if Level::Neon.is_available() {
+            isas.push(("neon", NeonIsa::corrected_ibar()));
+        }
+        // Under emulation (aarch64 in CI) a sample of the mantissas.
+        let stride = if cfg!(target_arch = "x86_64") { 1 } else { 61 };
+        let mut xs: Vec<f32> = (0..1u32 << 23)
+            .step_by(stride)
+            .map(|m| f32::from_bits((127 << 23) | m))
+            .collect();
+        let edges = [
+            0.0,
+            f32::from_bits(1),
+            f32::MIN_POSITIVE,
+            QUOTIENT_LO,
+            QUOTIENT_LO * 0.75,
+            QUOTIENT_HI,
+            QUOTIENT_HI * 1.5,
+            f32::MAX,
+            f32::INFINITY,
+            f32::NAN,
+            -1.0,
+        ];
+        for e in -149..=127 {
+            xs.push(2f32.powi(e) * 1.618_034);
+        }
+        xs.extend(edges);
+        while !xs.len().is_multiple_of(16) {
+            xs.push(1.0);
+        }
+        let mut divisors: Vec<f32> = [(0.85f64, 1), (0.85, 2), (0.85, 7), (0.75, 3), (0.999, 1)]
+            .iter()
+            .map(|&(b, t)| (1.0 - b.powi(t)) as f32)
+            .collect();
+        divisors.extend([1.0, 2f32.powi(-19), 2f32.powi(-21)]);
+        for (name, f) in isas {
+            for &d in &divisors {
+                let k = Coeffs {
+                    ibar_div: d,
+                    ..Coeffs::default()
+                };
+                let mut got = xs.clone();
+                // SAFETY: `is_available` checked the CPU has the instruction set.
+                unsafe { f(&mut got, d) };
+                for (x, g) in xs.iter().zip(&got) {
+                    let want = sage_core::formula::corrected_ibar(&k, *x);
+                    assert_eq!(g.to_bits(), want.to_bits(), "{name}: {x:e} / {d:e}");
+                }
+            }
+        }
+    }
 }

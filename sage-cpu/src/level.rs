@@ -11,7 +11,7 @@ use core::fmt;
 pub enum Level {
     /// Scalar Rust ([`crate::portable`]): every CPU.
     Portable,
-    /// x86-64 AVX2 with F16C (8 lanes).
+    /// x86-64 AVX2 with FMA and F16C (8 lanes; every AVX2 CPU since Haswell and Zen 1).
     Avx2,
     /// x86-64 AVX-512 Foundation and Byte/Word (16 lanes; every AVX-512 CPU since Skylake-SP).
     Avx512,
@@ -71,11 +71,17 @@ impl fmt::Display for Level {
 
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 fn x86_has_avx2() -> bool {
-    std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c")
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
 }
 #[cfg(all(target_arch = "x86_64", not(feature = "std")))]
 fn x86_has_avx2() -> bool {
-    cfg!(all(target_feature = "avx2", target_feature = "f16c"))
+    cfg!(all(
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))
 }
 #[cfg(not(target_arch = "x86_64"))]
 fn x86_has_avx2() -> bool {

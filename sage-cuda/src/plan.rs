@@ -95,7 +95,7 @@ pub fn coeffs_bytes(k: &Coeffs) -> [u8; COEFFS_BYTES] {
         k.beta0.to_bits(),
         k.alpha0.to_bits(),
         k.momentum.to_bits(),
-        k.ibar_scale.to_bits(),
+        k.ibar_div.to_bits(),
         k.eps_num.to_bits(),
         k.eps_den.to_bits(),
         k.step.to_bits(),

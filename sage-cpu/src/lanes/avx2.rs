@@ -33,6 +33,24 @@ impl Lanes for Avx2 {
         _mm256_div_ps(a, b)
     }
     #[inline(always)]
+    unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn fnmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fnmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn all_zero_or_in(a: __m256, lo: __m256, hi: __m256) -> bool {
+        // Ordered compares: a NaN lane is in no range.
+        let within = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_GE_OQ>(a, lo),
+            _mm256_cmp_ps::<_CMP_LE_OQ>(a, hi),
+        );
+        let zero = _mm256_cmp_ps::<_CMP_EQ_OQ>(a, _mm256_setzero_ps());
+        _mm256_movemask_ps(_mm256_or_ps(within, zero)) == 0xFF
+    }
+    #[inline(always)]
     unsafe fn sqrt(a: __m256) -> __m256 {
         _mm256_sqrt_ps(a)
     }

@@ -35,6 +35,22 @@ impl<const BF16: bool> Lanes for Avx512<BF16> {
         _mm512_div_ps(a, b)
     }
     #[inline(always)]
+    unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn fnmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fnmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn all_zero_or_in(a: __m512, lo: __m512, hi: __m512) -> bool {
+        // Ordered compares: a NaN lane is in no range.
+        let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, lo);
+        let within = _mm512_mask_cmp_ps_mask::<_CMP_LE_OQ>(ge, a, hi);
+        let zero = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(a, _mm512_setzero_ps());
+        within | zero == 0xFFFF
+    }
+    #[inline(always)]
     unsafe fn sqrt(a: __m512) -> __m512 {
         _mm512_sqrt_ps(a)
     }

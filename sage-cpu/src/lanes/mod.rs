@@ -5,7 +5,9 @@
 //! `unsafe`: it may only run on a CPU with the instruction set, inside a function compiled
 //! with its `#[target_feature]`s (so the intrinsics inline), and pointer arguments must be
 //! valid for [`Lanes::N`] elements. Arithmetic is plain IEEE mul/add/sub/div/sqrt, never
-//! fused, so a lane computes exactly what [`sage_core::formula`] computes for one element.
+//! fused, so a lane computes exactly what [`sage_core::formula`] computes for one element;
+//! the one fused sequence ([`crate::kernel`]'s division by a per-step constant) rounds to
+//! exactly the quotient the formula's division gives.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
@@ -27,6 +29,12 @@ pub(crate) trait Lanes: Copy {
     unsafe fn sub(a: Self::F, b: Self::F) -> Self::F;
     unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
     unsafe fn div(a: Self::F, b: Self::F) -> Self::F;
+    /// `a·b + c`, rounded once.
+    unsafe fn fmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    /// `c − a·b`, rounded once.
+    unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    /// Whether every lane is 0 or in `[lo, hi]` (false for a NaN lane).
+    unsafe fn all_zero_or_in(a: Self::F, lo: Self::F, hi: Self::F) -> bool;
     unsafe fn sqrt(a: Self::F) -> Self::F;
     unsafe fn abs(a: Self::F) -> Self::F;
     /// `f32::max` per lane: a NaN operand yields the other operand.

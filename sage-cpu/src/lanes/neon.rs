@@ -35,6 +35,20 @@ impl Lanes for Neon {
         vdivq_f32(a, b)
     }
     #[inline(always)]
+    unsafe fn fmadd(a: float32x4_t, b: float32x4_t, c: float32x4_t) -> float32x4_t {
+        vfmaq_f32(c, a, b)
+    }
+    #[inline(always)]
+    unsafe fn fnmadd(a: float32x4_t, b: float32x4_t, c: float32x4_t) -> float32x4_t {
+        vfmsq_f32(c, a, b)
+    }
+    #[inline(always)]
+    unsafe fn all_zero_or_in(a: float32x4_t, lo: float32x4_t, hi: float32x4_t) -> bool {
+        // Ordered compares: a NaN lane is in no range.
+        let within = vandq_u32(vcgeq_f32(a, lo), vcleq_f32(a, hi));
+        vminvq_u32(vorrq_u32(within, vceqzq_f32(a))) == u32::MAX
+    }
+    #[inline(always)]
     unsafe fn sqrt(a: float32x4_t) -> float32x4_t {
         vsqrtq_f32(a)
     }
