@@ -145,7 +145,8 @@ pub struct TensorDiagnostics {
     pub len: usize,
     /// The tensor's next update `t` (its count plus one): what the bias corrections use.
     pub t: u64,
-    /// The stored Ī (not bias-corrected; multiply by `ibar_scale` for Ī').
+    /// The stored Ī (not bias-corrected; Ī' = Ī·`ibar_scale`, which the step computes as a
+    /// division by `1 − β0^t` in f32).
     pub ibar: Summary,
     /// `1/(1 − β0^t)` of the next update, or 1 without bias correction.
     pub ibar_scale: f64,

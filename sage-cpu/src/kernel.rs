@@ -5,7 +5,8 @@
 //! loop has no branches: one kernel per instruction set x storage types x algorithm x SAGE on
 //! or off x modulation (x SGD momentum variant). Each kernel does, lane by lane, the operations
 //! of `sage_core::formula::step` in the same order, so it agrees with the portable path bit for
-//! bit. Buffer layouts the cases do not cover (say, a SAGE tensor without `ibar`) return `None`
+//! bit (Ī's bias correction, a division there, is a reciprocal and one FMA correction here:
+//! the same bits, [`StepOp::corrected_ibar`]). Buffer layouts the cases do not cover (say, a SAGE tensor without `ibar`) return `None`
 //! and run on the portable path.
 
 // Targets with no vector level (say, a Cortex-M) use only the portable pieces.
@@ -323,8 +324,8 @@ impl<L: Lanes, const K: u32, const SAGE: bool, const MODU: u32, const SGDV: u32>
     /// is within an ulp of the quotient, and `q + (Ī − q·d)·(1/d)`, its remainder exact by
     /// FMA, rounds to it (Markstein's theorem; the tests check it against the division over
     /// every mantissa). The remainder is exact only away from underflow and `q` finite only
-    /// away from overflow: a vector with a lane outside `{0} ∪ [QUOTIENT_LO, QUOTIENT_HI]`
-    /// (or NaN) divides.
+    /// away from overflow, and −0 would come out +0: a vector with a lane outside
+    /// `{+0} ∪ [QUOTIENT_LO, QUOTIENT_HI]` (or NaN) divides.
     #[inline(always)]
     pub unsafe fn corrected_ibar(&self, ibar: L::F) -> L::F {
         if L::all_zero_or_in(ibar, self.ib_lo, self.ib_hi) {
@@ -960,8 +961,9 @@ mod tests {
     use super::*;
 
     /// The reciprocal-and-correction division equals `formula::corrected_ibar`'s division bit
-    /// for bit: every mantissa in [1, 2) for divisors the bias correction takes, and values
-    /// at and past the edges of the fused range (0, subnormals, 2^-90, 2^100, ±Inf, NaN).
+    /// for bit: every mantissa in [1, 2) for divisors the bias correction takes; the edges of
+    /// the fused range each in a register of its own (so the fused path, not the fallback,
+    /// meets them: +0, 2^-90, 2^100) and past them (−0, subnormals, ±Inf, NaN, negatives).
     #[test]
     fn reciprocal_division_has_the_division_bits() {
         type Divide = unsafe fn(&mut [f32], f32);
@@ -974,42 +976,75 @@ mod tests {
             if Level::Avx512.is_available() {
                 isas.push(("avx512", Avx512Isa::corrected_ibar()));
             }
+            if crate::level::has_avx512_bf16() {
+                isas.push(("avx512/bf16", Avx512Bf16Isa::corrected_ibar()));
+            }
         }
         #[cfg(target_arch = "aarch64")]
         if Level::Neon.is_available() {
             isas.push(("neon", NeonIsa::corrected_ibar()));
         }
-        // Under emulation (aarch64 in CI) a sample of the mantissas.
+        assert!(
+            !isas.is_empty() || !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")),
+            "no vector level on this machine: nothing here checks the fused division"
+        );
+        const W: usize = 16; // a register of the widest level
+                             // Under emulation (aarch64 in CI) a sample of the mantissas.
         let stride = if cfg!(target_arch = "x86_64") { 1 } else { 61 };
         let mut xs: Vec<f32> = (0..1u32 << 23)
             .step_by(stride)
             .map(|m| f32::from_bits((127 << 23) | m))
             .collect();
-        let edges = [
+        xs.resize(xs.len().next_multiple_of(W), 1.0);
+        let next_up = |x: f32| f32::from_bits(x.to_bits() + 1);
+        let next_down = |x: f32| f32::from_bits(x.to_bits() - 1);
+        let mut edges = vec![
             0.0,
+            -0.0,
             f32::from_bits(1),
             f32::MIN_POSITIVE,
             QUOTIENT_LO,
-            QUOTIENT_LO * 0.75,
+            next_down(QUOTIENT_LO),
+            next_up(QUOTIENT_LO),
             QUOTIENT_HI,
-            QUOTIENT_HI * 1.5,
+            next_up(QUOTIENT_HI),
+            next_down(QUOTIENT_HI),
             f32::MAX,
             f32::INFINITY,
+            f32::NEG_INFINITY,
             f32::NAN,
             -1.0,
         ];
-        for e in -149..=127 {
-            xs.push(2f32.powi(e) * 1.618_034);
+        edges.extend((-149..=127).map(|e| 2f32.powi(e) * 1.618_034));
+        for e in edges {
+            // Alone in a register, and beside ordinary values.
+            xs.extend([e; W]);
+            xs.extend((0..W).map(|j| if j == 5 { e } else { 1.25 + j as f32 }));
         }
-        xs.extend(edges);
-        while !xs.len().is_multiple_of(16) {
-            xs.push(1.0);
-        }
-        let mut divisors: Vec<f32> = [(0.85f64, 1), (0.85, 2), (0.85, 7), (0.75, 3), (0.999, 1)]
-            .iter()
-            .map(|&(b, t)| (1.0 - b.powi(t)) as f32)
-            .collect();
-        divisors.extend([1.0, 2f32.powi(-19), 2f32.powi(-21)]);
+        let mut divisors: Vec<f32> = [
+            (0.85f64, 1),
+            (0.85, 2),
+            (0.85, 7),
+            (0.75, 3),
+            (0.9, 1),
+            (0.9, 13),
+            (0.99, 1),
+            (0.999, 1),
+            (0.999_99, 1),
+            (0.5, 40),
+        ]
+        .iter()
+        .map(|&(b, t)| (1.0 - b.powi(t)) as f32)
+        .collect();
+        // A power of two (exact reciprocal); the smallest divisor on the fused path, and one
+        // past it (always divides); the mantissas next to 1.
+        divisors.extend([
+            1.0,
+            MIN_FUSED_DIVISOR,
+            next_down(MIN_FUSED_DIVISOR),
+            next_down(1.0),
+            next_down(next_down(1.0)),
+        ]);
         for (name, f) in isas {
             for &d in &divisors {
                 let k = Coeffs {

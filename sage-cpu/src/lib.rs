@@ -5,7 +5,7 @@
 //!
 //! - [`Cpu`] ([`portable`]): plain scalar Rust over [`sage_core::formula`]; works without
 //!   `std` or an allocator, and is the fallback every faster path is checked against.
-//! - [`SimdCpu`]: the fused step as AVX2 (+F16C), AVX-512 (F + BW) or NEON vector code, one
+//! - [`SimdCpu`]: the fused step as AVX2 (+FMA, F16C), AVX-512 (F + BW) or NEON vector code, one
 //!   kernel per case with no branch in the loop, f16 and bf16 converted in registers; the
 //!   [`Level`] is detected at run time and can be forced. With `std`, large multi-tensor steps
 //!   are shared by a persistent thread pool: small tensors in runs stepped whole, large ones

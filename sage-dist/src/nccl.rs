@@ -298,6 +298,25 @@ impl BufferComm<Cuda> for NcclComm {
         })
     }
 
+    fn reduce_scatter_sum_many(
+        &mut self,
+        backend: &mut Cuda,
+        bufs: &mut [&mut CudaSlice<f32>],
+        counts: &[Vec<usize>],
+    ) -> Result<(), CommError> {
+        // Refuse a malformed call whole, before the first buffer is reduced.
+        check_parts_many(
+            self.rank(),
+            self.size(),
+            bufs.iter().map(|b| b.len()),
+            counts,
+        )?;
+        for (b, c) in bufs.iter_mut().zip(counts) {
+            self.reduce_scatter_sum(backend, b, c)?;
+        }
+        Ok(())
+    }
+
     fn all_gather_parts<E: Element>(
         &mut self,
         _: &mut Cuda,

@@ -6,7 +6,7 @@
 use sage_checkpoint::{load, save_optimizer, ConfigCheck, Entry, EntryMut};
 use sage_core::{Config, DType, Element, Optimizer, ParamGroup};
 
-use super::common::{cases, group_of, groups, random_grads, random_params, rng, Case, Tol};
+use super::common::{case_groups, cases, group_of, random_grads, random_params, rng, Case, Tol};
 use crate::failure::{Failure, Worst};
 use crate::harness::Harness;
 use crate::model::{backend_failure, Model};
@@ -152,7 +152,7 @@ pub fn resume_from_checkpoint_typed<B: Harness, P: Element, S: Element>(
         let mut r = rng(400 + ci as u64);
         let lens = super::common::LENGTHS;
         let init = random_params(&mut r, &lens);
-        let gs = groups();
+        let gs = case_groups(case);
         let gof = group_of(lens.len());
         let grads: Vec<_> = (0..STEPS)
             .map(|_| random_grads(&mut r, &lens, 0.02))
@@ -269,7 +269,7 @@ where
         let mut r = rng(500 + ci as u64);
         let lens = super::common::LENGTHS;
         let init = random_params(&mut r, &lens);
-        let gs = groups();
+        let gs = case_groups(case);
         let gof = group_of(lens.len());
         let grads: Vec<_> = (0..STEPS)
             .map(|_| random_grads(&mut r, &lens, 0.02))

@@ -21,6 +21,13 @@ pub fn groups() -> Vec<ParamGroup> {
     ]
 }
 
+/// [`groups`] with the first group's weight decay set to `case`'s.
+pub fn case_groups(case: &Case) -> Vec<ParamGroup> {
+    let mut gs = groups();
+    gs[0].weight_decay = case.weight_decay;
+    gs
+}
+
 /// Parameters: uniform in ±0.1, about 5% exactly zero (the reference preset never moves those).
 pub fn random_params(rng: &mut StdRng, lens: &[usize]) -> Vec<Vec<f32>> {
     lens.iter()
@@ -305,8 +312,7 @@ pub fn differential_with<B: Harness, P: Element, S: Element>(
 ) -> Result<(), Failure> {
     let mut r = rng(seed);
     let init = random_params(&mut r, lens);
-    let mut groups = groups();
-    groups[0].weight_decay = case.weight_decay;
+    let mut groups = case_groups(case);
     if S::DTYPE == DType::F16 {
         // sage-core keeps no Ī (nor v) in f16: SAGE off, the rest as usual.
         for g in &mut groups {

@@ -4,7 +4,9 @@
 
 use sage_core::{composed_step, Config, Element, Optimizer, TensorMut};
 
-use super::common::{cases, group_of, groups, random_grads, random_params, rng, Case, LENGTHS};
+use super::common::{
+    case_groups, cases, group_of, random_grads, random_params, rng, Case, LENGTHS,
+};
 use crate::failure::{Failure, Worst};
 use crate::harness::Harness;
 use crate::model::{backend_failure, Model};
@@ -75,7 +77,7 @@ pub fn fused_matches_composed_typed<B: Harness, P: Element, S: Element>(
     for (ci, case) in cases().iter().enumerate() {
         let mut r = rng(100 + ci as u64);
         let init = random_params(&mut r, &LENGTHS);
-        let gs = groups();
+        let gs = case_groups(case);
         let gof = group_of(LENGTHS.len());
         let mut fused = Model::<B, P, S>::new(b, &case.cfg, &gs, &init, &gof)?;
         let mut composed = Model::<B, P, S>::new(b, &case.cfg, &gs, &init, &gof)?;
@@ -133,7 +135,7 @@ pub fn multi_matches_single_typed<B: Harness, P: Element, S: Element>(
     for (ci, case) in cases_without_global_clip().iter().enumerate() {
         let mut r = rng(200 + ci as u64);
         let init = random_params(&mut r, &LENGTHS);
-        let gs = groups();
+        let gs = case_groups(case);
         let gof = group_of(LENGTHS.len());
         let mut multi = Model::<B, P, S>::new(b, &case.cfg, &gs, &init, &gof)?;
         let mut single = Model::<B, P, S>::new(b, &case.cfg, &gs, &init, &gof)?;
@@ -184,7 +186,7 @@ pub fn resume_matches_uninterrupted_typed<B: Harness, P: Element, S: Element>(
     for (ci, case) in cases().iter().enumerate() {
         let mut r = rng(300 + ci as u64);
         let init = random_params(&mut r, &LENGTHS);
-        let gs = groups();
+        let gs = case_groups(case);
         let gof = group_of(LENGTHS.len());
         let grads: Vec<_> = (0..5)
             .map(|_| random_grads(&mut r, &LENGTHS, 0.02))

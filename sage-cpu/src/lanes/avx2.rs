@@ -1,10 +1,10 @@
-//! AVX2 (+F16C): 8 lanes.
+//! AVX2 (+FMA, F16C): 8 lanes.
 
 use core::arch::x86_64::*;
 
 use super::Lanes;
 
-/// AVX2 with F16C.
+/// AVX2 with FMA and F16C.
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2;
 
@@ -47,8 +47,9 @@ impl Lanes for Avx2 {
             _mm256_cmp_ps::<_CMP_GE_OQ>(a, lo),
             _mm256_cmp_ps::<_CMP_LE_OQ>(a, hi),
         );
-        let zero = _mm256_cmp_ps::<_CMP_EQ_OQ>(a, _mm256_setzero_ps());
-        _mm256_movemask_ps(_mm256_or_ps(within, zero)) == 0xFF
+        // +0 by its bits: −0 compares equal to 0 but is not on the fused path.
+        let zero = _mm256_cmpeq_epi32(_mm256_castps_si256(a), _mm256_setzero_si256());
+        _mm256_movemask_ps(_mm256_or_ps(within, _mm256_castsi256_ps(zero))) == 0xFF
     }
     #[inline(always)]
     unsafe fn sqrt(a: __m256) -> __m256 {

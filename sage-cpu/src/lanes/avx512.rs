@@ -47,7 +47,8 @@ impl<const BF16: bool> Lanes for Avx512<BF16> {
         // Ordered compares: a NaN lane is in no range.
         let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(a, lo);
         let within = _mm512_mask_cmp_ps_mask::<_CMP_LE_OQ>(ge, a, hi);
-        let zero = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(a, _mm512_setzero_ps());
+        // +0 by its bits: −0 compares equal to 0 but is not on the fused path.
+        let zero = _mm512_cmpeq_epi32_mask(_mm512_castps_si512(a), _mm512_setzero_si512());
         within | zero == 0xFFFF
     }
     #[inline(always)]

@@ -33,7 +33,7 @@ pub(crate) trait Lanes: Copy {
     unsafe fn fmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
     /// `c − a·b`, rounded once.
     unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
-    /// Whether every lane is 0 or in `[lo, hi]` (false for a NaN lane).
+    /// Whether every lane is +0 (not −0) or in `[lo, hi]` (false for a NaN lane).
     unsafe fn all_zero_or_in(a: Self::F, lo: Self::F, hi: Self::F) -> bool;
     unsafe fn sqrt(a: Self::F) -> Self::F;
     unsafe fn abs(a: Self::F) -> Self::F;

@@ -46,7 +46,9 @@ impl Lanes for Neon {
     unsafe fn all_zero_or_in(a: float32x4_t, lo: float32x4_t, hi: float32x4_t) -> bool {
         // Ordered compares: a NaN lane is in no range.
         let within = vandq_u32(vcgeq_f32(a, lo), vcleq_f32(a, hi));
-        vminvq_u32(vorrq_u32(within, vceqzq_f32(a))) == u32::MAX
+        // +0 by its bits: −0 compares equal to 0 but is not on the fused path.
+        let zero = vceqzq_u32(vreinterpretq_u32_f32(a));
+        vminvq_u32(vorrq_u32(within, zero)) == u32::MAX
     }
     #[inline(always)]
     unsafe fn sqrt(a: float32x4_t) -> float32x4_t {

@@ -57,7 +57,7 @@ static void run(const char* name, unsigned kind, unsigned flags, bool hm, bool h
     sage_coeffs k = {};
     k.kind = kind; k.flags = flags; k.modulation = SAGE_MOD_SAGE;
     k.grad_scale = 0.75f; k.l2 = 0.01f; k.beta1 = 0.9f; k.alpha1 = 0.1f; k.beta2 = 0.999f; k.alpha2 = 0.001f;
-    k.beta0 = 0.8f; k.alpha0 = 0.2f; k.momentum = 0.9f; k.ibar_scale = 1.25f; k.eps_num = 1e-6f; k.eps_den = 1e-6f;
+    k.beta0 = 0.8f; k.alpha0 = 0.2f; k.momentum = 0.9f; k.ibar_div = 0.8f; k.eps_num = 1e-6f; k.eps_den = 1e-6f;
     k.step = 1e-3f; k.denom_scale = 1.1f; k.denom_eps = 1e-8f; k.inf_eps = 1e-8f; k.pre_keep = 0.999f; k.post_decay = 1e-5f;
     for (int mode = 0; mode < 2; ++mode) {  // 0: multi-tensor, 1: one tensor at a time
         for (size_t off : offs) {
