@@ -206,6 +206,8 @@ impl VectorFile {
         let schedule = match o.schedule.kind.as_str() {
             // Whatever else it carries (`t_total: -1`, `warmup: -1`) means nothing here.
             "constant" => Schedule::Constant,
+            // The authors' optimizers schedule only when `t_total != -1`.
+            "warmup_linear_ppb" if o.schedule.t_total == Some(-1.0) => Schedule::Constant,
             "warmup_linear_ppb" => {
                 let warmup = o.schedule.warmup.ok_or("schedule.warmup missing")?;
                 let t_total = o.schedule.t_total.ok_or("schedule.t_total missing")?;
@@ -388,6 +390,11 @@ mod tests {
             ),
             (
                 r#"{"kind": "constant", "warmup": -1, "t_total": -1}"#,
+                Schedule::Constant,
+            ),
+            // Their "no schedule": t_total -1, whatever the kind says.
+            (
+                r#"{"kind": "warmup_linear_ppb", "warmup": 0.1, "t_total": -1}"#,
                 Schedule::Constant,
             ),
         ] {
