@@ -168,21 +168,41 @@ pub(crate) fn check_parts(
 
 /// Checks the arguments of a call over several buffers: one split per buffer, each of which
 /// [`check_parts`] accepts for that buffer's length.
-pub(crate) fn check_parts_many(
+pub(crate) fn check_parts_many<B: Backend + ?Sized, E: Element>(
     rank: usize,
     size: usize,
-    lens: impl ExactSizeIterator<Item = usize>,
+    backend: &B,
+    bufs: &[&mut B::Buf<E>],
     counts: &[Vec<usize>],
 ) -> Result<(), CommError> {
-    if lens.len() != counts.len() {
+    if bufs.len() != counts.len() {
         return Err(CommError(format!(
             "{} buffers, {} splits",
-            lens.len(),
+            bufs.len(),
             counts.len()
         )));
     }
-    for (len, c) in lens.zip(counts) {
-        check_parts(rank, size, c, len)?;
+    for (b, c) in bufs.iter().zip(counts) {
+        check_parts(rank, size, c, backend.len(b))?;
+    }
+    Ok(())
+}
+
+/// [`BufferComm::reduce_scatter_sum`] buffer by buffer, after refusing a malformed call whole
+/// (the default method checks each buffer only when it reaches it).
+pub(crate) fn reduce_scatter_each<B, C>(
+    comm: &mut C,
+    backend: &mut B,
+    bufs: &mut [&mut B::Buf<f32>],
+    counts: &[Vec<usize>],
+) -> Result<(), CommError>
+where
+    B: Backend + ?Sized,
+    C: BufferComm<B, Error = CommError> + ?Sized,
+{
+    check_parts_many(comm.rank(), comm.size(), backend, bufs, counts)?;
+    for (b, c) in bufs.iter_mut().zip(counts) {
+        comm.reduce_scatter_sum(backend, b, c)?;
     }
     Ok(())
 }
@@ -260,7 +280,7 @@ impl<B: Backend + ?Sized> BufferComm<B> for SelfComm {
         bufs: &mut [&mut B::Buf<f32>],
         counts: &[Vec<usize>],
     ) -> Result<(), CommError> {
-        check_parts_many(0, 1, bufs.iter().map(|buf| b.len(buf)), counts)
+        check_parts_many(0, 1, b, bufs, counts)
     }
     fn all_gather_parts_many<E: Element>(
         &mut self,
@@ -268,7 +288,7 @@ impl<B: Backend + ?Sized> BufferComm<B> for SelfComm {
         bufs: &mut [&mut B::Buf<E>],
         counts: &[Vec<usize>],
     ) -> Result<(), CommError> {
-        check_parts_many(0, 1, bufs.iter().map(|buf| b.len(buf)), counts)
+        check_parts_many(0, 1, b, bufs, counts)
     }
 }
 
@@ -464,12 +484,11 @@ impl Communicator for ThreadComm {
 impl<B: HostSlices + ?Sized> BufferComm<B> for ThreadComm {
     fn all_gather_parts_many<E: Element>(
         &mut self,
-        _: &mut B,
+        backend: &mut B,
         bufs: &mut [&mut B::Buf<E>],
         counts: &[Vec<usize>],
     ) -> Result<(), CommError> {
-        let lens = bufs.iter().map(|b| B::host(b).len());
-        check_parts_many(self.rank, self.size(), lens, counts)?;
+        check_parts_many(self.rank, self.size(), backend, bufs, counts)?;
         let mut mine = Vec::new();
         for (b, c) in bufs.iter_mut().zip(counts) {
             let b = B::host_mut(b);
@@ -508,13 +527,7 @@ impl<B: HostSlices + ?Sized> BufferComm<B> for ThreadComm {
         bufs: &mut [&mut B::Buf<f32>],
         counts: &[Vec<usize>],
     ) -> Result<(), CommError> {
-        // Refuse a malformed call whole, before the first buffer is exchanged.
-        let lens = bufs.iter().map(|b| B::host(b).len());
-        check_parts_many(self.rank, self.size(), lens, counts)?;
-        for (b, c) in bufs.iter_mut().zip(counts) {
-            self.reduce_scatter_sum(backend, b, c)?;
-        }
-        Ok(())
+        reduce_scatter_each(self, backend, bufs, counts)
     }
     fn reduce_scatter_sum(
         &mut self,

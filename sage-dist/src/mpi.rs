@@ -296,8 +296,7 @@ impl<B: HostSlices + ?Sized> BufferComm<B> for MpiComm {
         bufs: &mut [&mut B::Buf<f32>],
         counts: &[Vec<usize>],
     ) -> Result<(), CommError> {
-        let lens = bufs.iter().map(|b| B::host(b).len());
-        check_parts_many(self.rank, self.size, lens, counts)?;
+        check_parts_many(self.rank, self.size, backend, bufs, counts)?;
         if self.size == 1 {
             return Ok(());
         }
@@ -392,8 +391,7 @@ impl<B: HostSlices + ?Sized> BufferComm<B> for MpiComm {
         bufs: &mut [&mut B::Buf<E>],
         counts: &[Vec<usize>],
     ) -> Result<(), CommError> {
-        let lens = bufs.iter().map(|b| B::host(b).len());
-        check_parts_many(self.rank, self.size, lens, counts)?;
+        check_parts_many(self.rank, self.size, backend, bufs, counts)?;
         let (per_rank, at) = packing(counts, self.size);
         let total: usize = per_rank.iter().sum();
         if Count::try_from(total).is_err() {

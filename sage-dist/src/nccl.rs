@@ -27,7 +27,8 @@ use sage_core::{bf16, f16, Element};
 use sage_cuda::Cuda;
 
 use crate::comm::{
-    check_gather, check_parts, check_parts_many, offsets, BufferComm, CommError, Communicator,
+    check_gather, check_parts, check_parts_many, offsets, reduce_scatter_each, BufferComm,
+    CommError, Communicator,
 };
 use crate::views::Views;
 
@@ -304,17 +305,7 @@ impl BufferComm<Cuda> for NcclComm {
         bufs: &mut [&mut CudaSlice<f32>],
         counts: &[Vec<usize>],
     ) -> Result<(), CommError> {
-        // Refuse a malformed call whole, before the first buffer is reduced.
-        check_parts_many(
-            self.rank(),
-            self.size(),
-            bufs.iter().map(|b| b.len()),
-            counts,
-        )?;
-        for (b, c) in bufs.iter_mut().zip(counts) {
-            self.reduce_scatter_sum(backend, b, c)?;
-        }
-        Ok(())
+        reduce_scatter_each(self, backend, bufs, counts)
     }
 
     fn all_gather_parts<E: Element>(
@@ -329,12 +320,11 @@ impl BufferComm<Cuda> for NcclComm {
 
     fn all_gather_parts_many<E: Element>(
         &mut self,
-        _: &mut Cuda,
+        backend: &mut Cuda,
         bufs: &mut [&mut CudaSlice<E>],
         counts: &[Vec<usize>],
     ) -> Result<(), CommError> {
-        let lens = bufs.iter().map(|b| b.len());
-        check_parts_many(self.rank(), self.size(), lens, counts)?;
+        check_parts_many(self.rank(), self.size(), backend, bufs, counts)?;
         grouped(|| {
             for (b, c) in bufs.iter_mut().zip(counts) {
                 broadcast_any(&self.comm, b, c)?;
