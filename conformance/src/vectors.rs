@@ -67,8 +67,7 @@ pub struct ScheduleSpec {
     pub kind: String,
     #[serde(default)]
     pub warmup: Option<f64>,
-    /// A number: recorders write `20` or `20.0`, and `-1` (the authors' "no schedule") with a
-    /// constant schedule.
+    /// A number: recorders write `20` or `20.0`, and `-1` for the authors' "no schedule".
     #[serde(default)]
     pub t_total: Option<f64>,
 }
